@@ -220,7 +220,13 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str) -> No
         dotted = f"{prefix}{key}"
         if field is None:
             valid = _all_keys(model, prefix)
-            near = difflib.get_close_matches(dotted, _all_keys(ReelforgeConfig), n=1, cutoff=0.6)
+            # Match the whole dotted path the user typed, so a misspelled section
+            # ("trian.max_steps") still finds its key ("train.max_steps").
+            typed = dotted
+            while isinstance(value, dict) and len(value) == 1:
+                (child, value), = value.items()
+                typed = f"{typed}.{child}"
+            near = difflib.get_close_matches(typed, _all_keys(ReelforgeConfig), n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}?" if near else f"valid keys here: {', '.join(valid)}"
             raise ConfigError(f"{dotted}: unknown key; {hint}")
         annotation = field.annotation
