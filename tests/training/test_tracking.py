@@ -1,0 +1,190 @@
+"""training/tracking.py against a real MLflow SQLite store with local artifacts (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from training.config import MlflowSection
+from training.tracking import (
+    MAX_PARAM_VALUE_CHARS,
+    TAG_CONFIG_HASH,
+    TAG_GIT_COMMIT,
+    TAG_MANIFEST_SHA256,
+    Tracker,
+    prompt_slug,
+    resolve_tracking_uri,
+    restart_lost_s,
+    run_tags,
+)
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory) -> Path:
+    # one store per module: creating a SQLite store runs MLflow's schema migrations (seconds)
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(autouse=True)
+def no_env_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _client(tracker: Tracker):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.tracking_uri)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    assert resolve_tracking_uri(MlflowSection(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(MlflowSection(), tmp_path) == "http://127.0.0.1:5999"
+    explicit = MlflowSection(tracking_uri=f"sqlite:///{tmp_path}/other.db")
+    assert resolve_tracking_uri(explicit, tmp_path) == explicit.tracking_uri
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ValueError, match="mlflow.tracking_uri"):
+        resolve_tracking_uri(MlflowSection(), None)
+
+
+def test_other_ranks_are_no_ops(tmp_path):
+    tracker = Tracker(MlflowSection(), tmp_path, rank=1)
+    assert tracker.start_or_resume(run_name="x") is None
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    assert tracker.log_sample_video(b"x", "p", step=1) is None
+    tracker.end()
+    assert list(tmp_path.iterdir()) == []  # nothing written: no store, no artifacts
+
+
+@pytest.mark.slow
+def test_resume_continues_same_run_and_never_logs_a_step_twice(out_dir):
+    cfg = MlflowSection(experiment="resume")
+    first = Tracker(cfg, out_dir)
+    run_id = first.start_or_resume(run_name="tiny")
+    for step in range(0, 10):
+        first.log_metrics({"loss": 1.0 / (step + 1), "lr": 1e-4}, step=step)
+    first.log_metrics({"eval/loss": 0.5}, step=5)
+    first.end("FAILED")  # the crash
+
+    second = Tracker(cfg, out_dir)
+    assert second.start_or_resume(run_id) == run_id
+    assert second.last_logged_step == 9
+    assert _client(second).get_run(run_id).info.status == "RUNNING"
+    # the resumed worker replays steps 6..9 from its checkpoint at step 6, then goes on
+    for step in range(6, 15):
+        second.log_metrics({"loss": 100.0 + step, "lr": 1e-4}, step=step)
+        if step == 10:
+            second.log_metrics({"eval/loss": 0.25}, step=step)
+    second.end()
+
+    client = _client(second)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert [s for s, _ in loss] == list(range(15))
+    # replayed steps kept their first values; new steps have the resumed run's values
+    assert dict(loss)[9] == pytest.approx(0.1) and dict(loss)[10] == 110.0
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval/loss")) == [5, 10]
+    wall = client.get_metric_history(run_id, "goodput/wall_s")
+    assert sorted(m.step for m in wall) == list(range(15))
+
+
+@pytest.mark.slow
+def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, caplog):
+    from infra.config import flatten, load_config
+
+    cfg = load_config(None, ["train.lr=0.0003", "registry.model_name=fox"])
+    flat = flatten(cfg) | {"notes": "x" * (MAX_PARAM_VALUE_CHARS + 500)}
+    tracker = Tracker(MlflowSection(experiment="params"), out_dir)
+    run_id = tracker.start_or_resume(run_name="params")
+    tracker.log_params(flat)
+    tracker.end()
+
+    params = _client(tracker).get_run(run_id).data.params
+    assert params["train.lr"] == "0.0003"
+    assert params["registry.model_name"] == "fox"
+    assert params["mlflow.tracking_uri"] == "None"
+    assert set(flatten(cfg)) <= set(params)
+    assert len(params["notes"]) == MAX_PARAM_VALUE_CHARS and params["notes"].endswith(f"[{MAX_PARAM_VALUE_CHARS + 500} chars]")
+
+    resumed = Tracker(MlflowSection(experiment="params"), out_dir)
+    resumed.start_or_resume(run_id)
+    with caplog.at_level(logging.WARNING, logger="training.tracking"):
+        resumed.log_params(flat | {"train.lr": "0.001", "train.new_key": 3})
+    resumed.end()
+    params = _client(resumed).get_run(run_id).data.params
+    assert params["train.lr"] == "0.0003" and params["train.new_key"] == "3"
+    assert "train.lr: '0.0003' -> '0.001'" in caplog.text
+
+
+@pytest.mark.slow
+def test_tags_samples_and_artifacts_land_under_out(out_dir, tmp_path):
+    manifest = tmp_path / "shards" / "manifest.parquet"
+    manifest.parent.mkdir()
+    manifest.write_bytes(b"PAR1 not really parquet, any bytes hash the same way")
+    tags = run_tags("0123456789abcdef", manifest.parent)
+    assert tags[TAG_CONFIG_HASH] == "0123456789abcdef"
+    assert tags[TAG_MANIFEST_SHA256] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert tags[TAG_GIT_COMMIT] == head.stdout.strip()
+
+    tracker = Tracker(MlflowSection(experiment="artifacts"), out_dir)
+    run_id = tracker.start_or_resume(run_name="art", tags=tags)
+    mp4 = b"\x00\x00\x00\x18ftypmp42 fake-but-opaque bytes"
+    path = tracker.log_sample_video(mp4, "A red fox, in snow!", step=100)
+    assert path == "samples/step-000100/a-red-fox-in-snow.mp4"
+    (tmp_path / "state.json").write_text('{"step": 100}')
+    tracker.log_artifact(tmp_path / "state.json", "checkpoints")
+    tracker.end()
+
+    client = _client(tracker)
+    assert client.get_run(run_id).data.tags[TAG_MANIFEST_SHA256] == tags[TAG_MANIFEST_SHA256]
+    local = client.download_artifacts(run_id, path, str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == mp4
+    # the embedded default keeps artifacts beside the store, under <out>/mlartifacts
+    assert list((out_dir / "mlartifacts").rglob("a-red-fox-in-snow.mp4"))
+    assert list((out_dir / "mlartifacts").rglob("state.json"))
+
+
+@pytest.mark.slow
+def test_goodput_counts_checkpoint_time_and_restart_gap(out_dir):
+    cfg = MlflowSection(experiment="goodput")
+    tracker = Tracker(cfg, out_dir)
+    run_id = tracker.start_or_resume(run_name="goodput")
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+        time.sleep(0.02)
+    with tracker.checkpoint_timer():
+        time.sleep(0.1)
+    tracker.log_metrics({"loss": 1.0}, step=4)
+    tracker.end("FAILED")
+    time.sleep(0.3)  # the outage: nothing trains
+
+    resumed = Tracker(cfg, out_dir)
+    resumed.start_or_resume(run_id)
+    resumed.log_metrics({"loss": 1.0}, step=5)
+    resumed.end()
+    metrics = _client(resumed).get_run(run_id).data.metrics
+    assert metrics["goodput/checkpoint_s"] >= 0.1
+    assert metrics["goodput/restart_s"] >= 0.25
+    lost = metrics["goodput/checkpoint_s"] + metrics["goodput/restart_s"]
+    assert metrics["goodput/fraction"] == pytest.approx(1 - lost / metrics["goodput/wall_s"], abs=0.05)
+
+
+def test_restart_lost_subtracts_steps_trained_in_the_gap():
+    # 100 s gap, 20 new steps at 2 s/step were real work: 60 s lost
+    assert restart_lost_s(1000.0, 50, 1100.0, 70, 2.0) == pytest.approx(60.0)
+    assert restart_lost_s(1000.0, 50, 1010.0, 70, 2.0) == 0.0
+
+
+def test_prompt_slug():
+    assert prompt_slug("A red fox, in snow!") == "a-red-fox-in-snow"
+    assert prompt_slug("???") == "prompt"
+    assert len(prompt_slug("word " * 40)) <= 60

@@ -1,0 +1,387 @@
+"""MLflow tracking for training runs: one small `Tracker`, active on rank 0 only.
+
+Every other rank gets the same object with every method a no-op, so the loop calls it
+unconditionally. The store is `mlflow.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else
+SQLite + local artifacts under the run's output folder (`sqlite:///<out>/mlflow.db`,
+artifacts in `<out>/mlartifacts`), so a laptop run needs no server.
+
+    tracker = Tracker(cfg.mlflow, out_dir, rank=rank)
+    run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(cfg, data_dir))
+    tracker.log_params(flatten(cfg))
+    tracker.log_metrics({"loss": 0.31, "clips_per_s": 12.0}, step=100)   # a step is logged at most once
+    with tracker.checkpoint_timer():                                       # counted as goodput loss
+        save_checkpoint(...)
+    tracker.log_sample_video(mp4_bytes, "a red fox in snow", step=100)     # samples/step-000100/a-red-fox-in-snow.mp4
+    tracker.end("FINISHED")
+
+Resume continues the SAME run (its id travels in `trainer_state.json`). Steps replayed
+between the last checkpoint and the crash were logged already; `log_metrics` drops any step
+at or below the last one logged for that key, read back from the run's history on resume.
+
+Goodput: every metrics call also logs `goodput/wall_s` (since the run started, across
+restarts), `goodput/checkpoint_s` (time inside `checkpoint_timer`), `goodput/restart_s`
+(from the last metric logged before a crash to the first new step after the resume, less
+the steps that gap legitimately trained) and `goodput/fraction` = 1 - lost / wall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from training.config import MlflowSection
+
+logger = logging.getLogger(__name__)
+
+# MLflow's own limits (mlflow.utils.validation): longer values are rejected, not truncated.
+MAX_PARAM_VALUE_CHARS = 6000
+MAX_KEY_CHARS = 250
+PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+
+# Tag keys other tools read: MLflow's UI shows `mlflow.source.git.commit` on the run page.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_CONFIG_HASH = "reelforge.config_hash"
+TAG_MANIFEST_SHA256 = "reelforge.data_manifest_sha256"
+TAG_GIT_DIRTY = "reelforge.git_dirty"
+
+GOODPUT_KEYS = ("goodput/wall_s", "goodput/checkpoint_s", "goodput/restart_s", "goodput/fraction")
+
+
+def resolve_tracking_uri(cfg: MlflowSection, out_dir: str | Path | None) -> str:
+    """`mlflow.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else a SQLite store in `out_dir`."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        return env_uri
+    if out_dir is None:
+        raise ValueError("no MLflow tracking store: set mlflow.tracking_uri or MLFLOW_TRACKING_URI, or give the run's output folder")
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def default_artifact_location(tracking_uri: str, out_dir: str | Path | None) -> str | None:
+    """`<out>/mlartifacts` for the embedded SQLite default; a server or database store picks its own."""
+    if out_dir is None or not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(out_dir).resolve() / "mlartifacts").as_uri()
+
+
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        # another process (a second driver, a restarted worker) created it in between
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+# --- tags --------------------------------------------------------------------------------
+
+
+def git_commit(repo_dir: str | Path | None = None) -> tuple[str, bool] | None:
+    """(HEAD commit, tracked files modified?) of the checkout holding the code, or None outside one."""
+    repo_dir = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo_dir, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit, bool(dirty)) if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file or a pyarrow-filesystem URI (s3://, gs://), streamed in 1 MiB reads."""
+    import pyarrow.fs
+
+    digest = hashlib.sha256()
+    if "://" in path:
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    else:
+        filesystem, inner = pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+    with filesystem.open_input_stream(inner) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_tags(config_hash: str, data_dir: str | Path | None = None) -> dict[str, str]:
+    """Tags that pin what a run trained: code commit, resolved config, exact data (manifest hash)."""
+    tags = {TAG_CONFIG_HASH: config_hash}
+    commit = git_commit()
+    if commit is not None:
+        tags[TAG_GIT_COMMIT] = commit[0]
+        tags[TAG_GIT_DIRTY] = str(commit[1]).lower()
+    if data_dir is not None:
+        manifest = f"{str(data_dir).rstrip('/')}/manifest.parquet"
+        try:
+            tags[TAG_MANIFEST_SHA256] = file_sha256(manifest)
+        except (OSError, FileNotFoundError) as exc:
+            logger.warning("no data manifest hash: %s unreadable (%s)", manifest, exc)
+    return tags
+
+
+def prompt_slug(prompt: str, max_chars: int = 60) -> str:
+    """`"A red fox, in snow!"` -> `"a-red-fox-in-snow"`: a file name that still says what was asked."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_chars].rstrip("-")
+    return slug or "prompt"
+
+
+# --- goodput -----------------------------------------------------------------------------
+
+
+def restart_lost_s(last_log_time_s: float, last_step: int, now_s: float, new_step: int, step_time_s: float) -> float:
+    """Wall time a crash cost: the gap from the last metric logged before it to the first new step
+    after the resume, minus the time the `new_step - last_step` steps in that gap would normally take."""
+    gap_s = now_s - last_log_time_s
+    return max(0.0, gap_s - max(0, new_step - last_step) * step_time_s)
+
+
+def _step_time_s(history: list[Any]) -> float:
+    """Seconds per step between the last two logged points of one metric history (0 if unknown)."""
+    points = sorted(history, key=lambda m: (m.step, m.timestamp))[-2:]
+    if len(points) < 2 or points[1].step <= points[0].step:
+        return 0.0
+    return max(0.0, (points[1].timestamp - points[0].timestamp) / 1000 / (points[1].step - points[0].step))
+
+
+# --- the tracker -------------------------------------------------------------------------
+
+
+class Tracker:
+    """Rank-0 MLflow run: start or resume, params, metrics once per step, artifacts, samples, end.
+
+    On any rank but 0 every method returns at once (`run_id` stays None)."""
+
+    def __init__(self, cfg: MlflowSection, out_dir: str | Path | None, *, rank: int = 0) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.active = rank == 0
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self._client: Any = None
+        # per metric key: the last step already in the run (resume skips anything at or below it)
+        self._last_step: dict[str, int] = {}
+        self._pending: list[Any] = []  # async log_batch operations not yet confirmed
+        self._checkpoint_s = 0.0
+        self._restart_s = 0.0
+        self._run_start_s = time.time()
+        # set on resume, consumed by the first genuinely new step
+        self._resume_gap: tuple[float, int, float] | None = None
+
+    # -- lifecycle --
+
+    def start_or_resume(
+        self, run_id: str | None = None, run_name: str | None = None, tags: dict[str, str] | None = None
+    ) -> str | None:
+        """Start a new run, or continue run `run_id` (same id, status back to RUNNING). Returns the id."""
+        if not self.active:
+            return None
+        from mlflow import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(self.cfg, self.out_dir)
+        self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        if run_id is None:
+            experiment_id = get_or_create_experiment(
+                self._client, self.cfg.experiment, default_artifact_location(self.tracking_uri, self.out_dir)
+            )
+            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+            self.run_id = run.info.run_id
+            self._run_start_s = run.info.start_time / 1000
+            logger.info("MLflow run %s started in %s (experiment %s)", self.run_id, self.tracking_uri, self.cfg.experiment)
+            return self.run_id
+        run = self._client.get_run(run_id)  # raises with MLflow's message if the id is unknown to this store
+        self.run_id = run_id
+        self._run_start_s = run.info.start_time / 1000
+        self._client.update_run(run_id, status="RUNNING")
+        if tags:
+            self.set_tags(tags)
+        self._read_history(run)
+        logger.info("MLflow run %s resumed in %s; last logged step %d", run_id, self.tracking_uri, self.last_logged_step)
+        return run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush pending metrics and mark the run FINISHED, FAILED or KILLED."""
+        if not self.active or self.run_id is None:
+            return
+        self.flush()
+        self._client.set_terminated(self.run_id, status=status)
+        logger.info("MLflow run %s ended: %s", self.run_id, status)
+
+    def flush(self) -> None:
+        """Block until every asynchronously logged batch has landed (raises if one failed)."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
+
+    @property
+    def last_logged_step(self) -> int:
+        """Highest step logged for any metric so far (-1 before the first)."""
+        return max(self._last_step.values(), default=-1)
+
+    # -- params, tags --
+
+    def log_params(self, flat_config: dict[str, Any]) -> None:
+        """Log `{"train.lr": 1e-4, ...}`. Values over MLflow's limit are cut (the full config is an
+        artifact); on resume, params already logged are left alone and changed ones are reported."""
+        if not self.active or self.run_id is None:
+            return
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        params, changed = [], []
+        for key, value in flat_config.items():
+            key = key[:MAX_KEY_CHARS]
+            text = "None" if value is None else str(value)
+            if len(text) > MAX_PARAM_VALUE_CHARS:
+                suffix = f"...[{len(text)} chars]"
+                text = text[: MAX_PARAM_VALUE_CHARS - len(suffix)] + suffix
+            if key in existing:
+                # MLflow params are immutable; a resumed run with a changed setting keeps the first value
+                if existing[key] != text:
+                    changed.append(f"{key}: {existing[key]!r} -> {text!r}")
+                continue
+            params.append(Param(key, text))
+        for start in range(0, len(params), PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
+        if changed:
+            logger.warning("resumed run %s keeps its first params; changed now: %s", self.run_id, "; ".join(changed))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if not self.active or self.run_id is None or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k[:MAX_KEY_CHARS], str(v)) for k, v in tags.items()])
+
+    # -- metrics --
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log `metrics` at `step`, plus the goodput metrics. A key whose step is at or below the last
+        one logged for it is dropped: a resumed run replays steps the crashed one logged already.
+
+        Logging is asynchronous so a slow tracking server never stalls the training step;
+        `flush()`/`end()` wait for it."""
+        if not self.active or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now_s = time.time()
+        if self._resume_gap is not None and step > self.last_logged_step:
+            last_log_time_s, last_step, step_time_s = self._resume_gap
+            self._restart_s += restart_lost_s(last_log_time_s, last_step, now_s, step, step_time_s)
+            self._resume_gap = None
+        values = dict(metrics)
+        values.update(self.goodput(now_s))
+        timestamp_ms = int(now_s * 1000)
+        batch = []
+        for key, value in values.items():
+            if step <= self._last_step.get(key, -1):
+                continue
+            self._last_step[key] = step
+            batch.append(Metric(key[:MAX_KEY_CHARS], float(value), timestamp_ms, step))
+        self._pending = [op for op in self._pending if not _finished(op)]
+        for start in range(0, len(batch), METRICS_PER_BATCH):
+            self._pending.append(
+                self._client.log_batch(self.run_id, metrics=batch[start : start + METRICS_PER_BATCH], synchronous=False)
+            )
+
+    # -- goodput --
+
+    @contextlib.contextmanager
+    def checkpoint_timer(self) -> Iterator[None]:
+        """Wrap a checkpoint save: its wall time counts as lost for goodput (also usable on other ranks)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._checkpoint_s += time.perf_counter() - start
+
+    def goodput(self, now_s: float | None = None) -> dict[str, float]:
+        """Goodput metrics so far: wall time since the run started, time lost to saves and restarts."""
+        wall_s = max(1e-9, (time.time() if now_s is None else now_s) - self._run_start_s)
+        lost_s = self._checkpoint_s + self._restart_s
+        return {
+            "goodput/wall_s": wall_s,
+            "goodput/checkpoint_s": self._checkpoint_s,
+            "goodput/restart_s": self._restart_s,
+            "goodput/fraction": max(0.0, 1.0 - lost_s / wall_s),
+        }
+
+    # -- artifacts --
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self._client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_sample_video(self, mp4: bytes, prompt: str, step: int) -> str | None:
+        """Store one generated sample as `samples/step-{step:06d}/{prompt slug}.mp4`; returns that path."""
+        if not self.active or self.run_id is None:
+            return None
+        artifact_dir = f"samples/step-{step:06d}"
+        name = f"{prompt_slug(prompt)}.mp4"
+        with tempfile.TemporaryDirectory(prefix="reelforge-sample-") as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(mp4)
+            self._client.log_artifact(self.run_id, str(local), artifact_dir)
+        return f"{artifact_dir}/{name}"
+
+    # -- internals --
+
+    def _read_history(self, run: Any) -> None:
+        """Per key, the last step already logged; goodput totals and the crash gap to account for."""
+        self.flush()
+        last_time_s, step_time_s = 0.0, 0.0
+        for key in run.data.metrics:
+            history = self._client.get_metric_history(self.run_id, key)
+            if not history:
+                continue
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            self._last_step[key] = last.step
+            last_time_s = max(last_time_s, last.timestamp / 1000)
+            if key not in GOODPUT_KEYS:
+                step_time_s = max(step_time_s, _step_time_s(history))
+        self._checkpoint_s = run.data.metrics.get("goodput/checkpoint_s", 0.0)
+        self._restart_s = run.data.metrics.get("goodput/restart_s", 0.0)
+        if self._last_step:
+            self._resume_gap = (last_time_s, self.last_logged_step, step_time_s)
+
+
+def _finished(operation: Any) -> bool:
+    """True once an async batch has landed or failed. A failure is logged, not raised: a tracking
+    server hiccup must not kill hours of training (`flush()` at the end still raises)."""
+    # RunOperations exposes only wait(); its futures tell whether waiting would block
+    if not all(future.done() for future in getattr(operation, "_operation_futures", [])):
+        return False
+    try:
+        operation.wait()
+    except Exception as exc:  # noqa: BLE001 - MlflowException wrapping whatever the store raised
+        logger.error("MLflow metrics batch failed: %s", exc)
+    return True
