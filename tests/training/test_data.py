@@ -1,0 +1,169 @@
+"""training/data.py on real shards (PyAV-encoded H.264 in WebDataset tars + manifest.parquet)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.training.conftest import uniform_clips, write_shards
+from training.config import ModelSection
+from training.data import (
+    ClipBatches,
+    DataPosition,
+    TextEmbeddingCache,
+    assign_bucket,
+    bucket_batch_sizes,
+    make_loader,
+    read_clip_index,
+    slot_plan,
+    usable_clips,
+)
+
+MIXED_MODEL = ModelSection(fps=8, num_frames=8, size="32x32", buckets=["4x32x32", "8x48x32"])
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    """Mixed durations and aspect ratios, one undecodable clip and one too short for any bucket."""
+    clips = []
+    for i in range(18):
+        kind = i % 3
+        clips.append(
+            {
+                "num_frames": [12, 5, 10][kind],
+                "fps": [8.0, 8.0, 16.0][kind],  # kind 2: a 16 fps source, resampled to 8
+                "width": [32, 32, 48][kind],
+                "height": 32,
+                "caption": f"clip {i}",
+            }
+        )
+    # 20 frames at 16 fps = 10 at 8 fps: fits 8x48x32; the other wide ones (5 at 8 fps) only 4x32x32
+    clips[2]["num_frames"] = 20
+    clips[5]["num_frames"] = 20
+    clips[8]["num_frames"] = 20
+    clips.append({"num_frames": 3, "fps": 8.0, "width": 32, "height": 32, "caption": "too short"})
+    clips.append({"num_frames": 12, "fps": 8.0, "width": 32, "height": 32, "caption": "broken", "bad": True})
+    return write_shards(tmp_path_factory.mktemp("mixed"), clips, clips_per_shard=5)
+
+
+def test_read_clip_index_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="no such shard folder"):
+        read_clip_index(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no _SUCCESS"):
+        read_clip_index(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "_SUCCESS").write_text("")
+    with pytest.raises(ValueError, match="no shard-"):
+        read_clip_index(str(tmp_path / "empty"))
+    unfinished = write_shards(tmp_path / "unfinished", uniform_clips(2), success=False)
+    with pytest.raises(ValueError, match=f"{unfinished}: no _SUCCESS"):
+        read_clip_index(str(unfinished))
+
+
+def test_buckets_pick_aspect_then_frames_and_keep_pixels_per_batch():
+    shapes = MIXED_MODEL.bucket_shapes()
+    assert shapes == [(8, 32, 32), (4, 32, 32), (8, 48, 32)]
+    assert assign_bucket(12, 8.0, 32, 32, shapes, 8.0) == (8, 32, 32)
+    assert assign_bucket(5, 8.0, 32, 32, shapes, 8.0) == (4, 32, 32)
+    assert assign_bucket(20, 16.0, 48, 32, shapes, 8.0) == (8, 48, 32)
+    assert assign_bucket(3, 8.0, 32, 32, shapes, 8.0) is None
+    sizes = bucket_batch_sizes(shapes, 4)
+    assert sizes == {(8, 32, 32): 4, (4, 32, 32): 8, (8, 48, 32): 3}
+
+
+def test_slot_plan_gives_each_clip_to_exactly_one_reader(tiny_shards):
+    index = read_clip_index(str(tiny_shards))
+    for num_slots in (1, 3, 4, 6, 16):  # fewer and more readers than the 4 shards
+        owned = Counter()
+        for slot in range(num_slots):
+            for shard, keep in slot_plan(index, seed=3, epoch=1, slot=slot, num_slots=num_slots):
+                members = [i for i, s in enumerate(index.shard_of) if s == shard]
+                owned.update(members if keep is None else keep)
+        assert owned == Counter(range(len(index))), num_slots
+
+
+def _take(loaders, num_batches):
+    """Round-robin batches from each rank's loader, like ranks stepping together."""
+    batches = []
+    iters = [iter(loader) for loader in loaders]
+    for _ in range(num_batches):
+        for it in iters:
+            batches.append(next(it))
+    return batches
+
+
+def test_bucketed_batches_have_one_shape_and_cover_the_epoch_once(mixed_shards):
+    index = read_clip_index(str(mixed_shards))
+    usable = set(usable_clips(index, MIXED_MODEL).nonzero()[0].tolist())
+    assert len(usable) == len(index) - 1  # only the 3-frame clip fits no bucket (the broken one is found on decode)
+    loaders = [
+        make_loader(ClipBatches(index, MIXED_MODEL, batch_size=2, seed=0, rank=rank, world_size=2), data_workers=2)
+        for rank in range(2)
+    ]
+    batches = _take(loaders, 16)  # ~ 3 epochs of 18 usable clips
+    seen = Counter()
+    skipped = Counter()
+    sizes = bucket_batch_sizes(MIXED_MODEL.bucket_shapes(), 2)
+    for batch in batches:
+        frames = batch["frames"]
+        assert frames.dtype == torch.uint8
+        b, t, h, w, c = frames.shape  # one shape per batch: no padding, no mixing
+        assert (t, w, h) in sizes and b == sizes[(t, w, h)] and c == 3
+        seen.update(zip(batch["epochs"], batch["indices"]))
+        seen.update(zip(batch["skipped_epochs"], batch["skipped_indices"]))
+        skipped.update(batch["skipped"])
+    assert max(seen.values()) == 1  # no clip twice in any epoch
+    assert {i for e, i in seen if e == 0} == set(range(len(index)))  # epoch 0: every clip, bad ones as skipped
+    assert skipped["decode_error"] >= 1 and skipped["too_short"] >= 1
+
+
+def test_resume_at_another_world_size_finishes_the_epoch_exactly_once(tiny_shards):
+    index = read_clip_index(str(tiny_shards))
+    model = ModelSection(fps=8, num_frames=8, size="32x32")
+    position = DataPosition(len(index))
+    trained = []
+    # 2 ranks x 2 loader workers train 2 steps of batch 2, then "crash"
+    loaders = [make_loader(ClipBatches(index, model, 2, 0, rank, 2, position), 2) for rank in range(2)]
+    for batch in _take(loaders, 2):
+        position.mark(batch["epochs"], batch["indices"])
+        trained += list(zip(batch["epochs"], batch["indices"]))
+    state = DataPosition.from_state_dict(position.state_dict(), len(index))
+    assert state.count(0) == 8
+    # resume with 3 ranks x 1 loader worker until epoch 0 is complete
+    loaders = [make_loader(ClipBatches(index, model, 2, 0, rank, 3, state), 1) for rank in range(3)]
+    for batch in itertools.islice(itertools.chain.from_iterable(_take(loaders, 1) for _ in range(4)), 12):
+        state.mark(batch["epochs"], batch["indices"])
+        trained += list(zip(batch["epochs"], batch["indices"]))
+    epoch0 = Counter(i for e, i in trained if e == 0)
+    assert set(epoch0) == set(range(len(index))) and max(epoch0.values()) == 1
+    assert state.epoch >= 1
+
+
+def test_data_position_round_trips_and_rejects_another_dataset():
+    position = DataPosition(10)
+    position.mark([0] * 10, list(range(10)))
+    position.mark([1, 1, 2], [3, 7, 7])
+    other = DataPosition(10)
+    other.mark([1], [4])
+    position.merge(other)
+    state = position.state_dict()
+    assert state["epoch"] == 1 and set(state["consumed"]) == {"1", "2"}
+    restored = DataPosition.from_state_dict(state, 10)
+    assert restored.epoch == 1 and restored.count(1) == 3 and restored.is_consumed(2, 7)
+    assert not restored.is_consumed(2, 3)
+    with pytest.raises(ValueError, match="over 10 clips but the dataset has 11"):
+        DataPosition.from_state_dict(state, 11)
+
+
+def test_text_embeddings_are_computed_once_per_caption():
+    from model.text_encoders import load_text_encoder
+
+    cache = TextEmbeddingCache(load_text_encoder("minilm"), max_entries=8)
+    text, mask = cache.embed(["a red fox", "a blue whale swimming slowly", "a red fox"])
+    assert text.shape[0] == 3 and mask.shape == text.shape[:2]
+    assert torch.equal(text[0], text[2]) and cache.misses == 2 and cache.hits == 1
+    again, _ = cache.embed(["a blue whale swimming slowly"])
+    assert cache.misses == 2 and torch.equal(again[0, : mask[1].sum()], text[1, : mask[1].sum()])
