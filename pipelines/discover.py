@@ -7,7 +7,8 @@ laptop folder and a bucket. Rules:
 * A file named explicitly is a source whatever its extension: the operator asked for it, and
   if it is not a video the probe stage rejects it with a reason.
 * Folders and globs keep only files with a video extension (`VIDEO_EXTENSIONS`, case
-  insensitive). Sidecars (`.txt`, `.json`, `.srt`) are never sources, and names starting with
+  insensitive; generous on purpose: `.m4a` and `.ogg` are MP4/Ogg containers that may hold
+  video, and one that does not is rejected by probe with "no video stream", which is worth seeing). Sidecars (`.txt`, `.json`, `.srt`) are never sources, and names starting with
   "." are skipped (editor swap files, macOS `._clip.mp4` resource forks).
 * A SRC that does not exist is an error naming it (a typo must not silently shrink a run);
   a folder or glob without videos only logs a warning, but no videos at all is an error.
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = frozenset(
     {
         "3g2", "3gp", "amv", "asf", "avi", "dv", "f4v", "flv", "gif", "h264", "hevc", "ivf", "m1v",
-        "m2t", "m2ts", "m2v", "m4v", "mj2", "mjpeg", "mkv", "mov", "mp4", "mpe", "mpeg", "mpg", "mts",
+        "m2t", "m2ts", "m2v", "m4a", "m4v", "mj2", "mjpeg", "mkv", "mov", "mp4", "mpe", "mpeg", "mpg", "mts",
         "mxf", "nut", "ogg", "ogm", "ogv", "qt", "rm", "rmvb", "ts", "vob", "webm", "wmv", "y4m",
     }
 )  # fmt: skip

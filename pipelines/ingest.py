@@ -1,0 +1,227 @@
+"""`reelforge ingest SRC... --out DIR`: raw footage → scene-split, filtered, captioned WebDataset shards.
+
+The job only wires stages into a Ray Data plan and sets their resources:
+
+    discover (driver)                         SRC args → sources not yet done in --out
+    → from_items → map(probe_row)             size, sha256, stream facts, or a probe reject
+    → materialize → preflight (driver)        H.264 encoder, codecs that cannot be decoded here
+    → probe rejects: work results (driver)    recorded so a rerun skips them too
+    → map(ProcessSource, actors, 1 CPU each)  scenes → clips → filters → captions → mp4, written
+                                              per source to --out/_work (atomic, resumable)
+    → pack (driver)                           dedup, shards, manifest/rejects/sources, stats, report, _SUCCESS
+
+Why the processor's clips are written by the actor that made them instead of flowing on as
+rows: a source's clips must land all together or not at all (resume after SIGKILL), and only
+the task that produced them knows when the last one is out. It also keeps video bytes out of
+the object store: what streams back to the driver is one small summary row per source.
+See pipelines/shards.py for the commit protocol and docs/data-format.md for the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash
+from infra.logs import setup_logging
+from pipelines.discover import SourceFile, discover_sources
+from pipelines.probe import preflight, probe_source
+from pipelines.process import IngestSettings, SourceProcessor
+from pipelines.report import write_report
+from pipelines.shards import (
+    SUCCESS,
+    OutputDir,
+    PackResult,
+    check_config,
+    clear_success,
+    committed_keys,
+    mark_success,
+    pack,
+    remove_temp_files,
+    work_keys,
+    write_source_result,
+    write_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_settings(cfg: ReelforgeConfig) -> IngestSettings:
+    """The sections that decide what a clip is (plus the pipeline version): one output folder
+    holds one setting of them. `shards` is not among them: shard size changes packing, never clips."""
+    return IngestSettings.from_config(cfg)
+
+
+# --- stages as Ray sees them --------------------------------------------------------------
+
+
+def probe_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Discovery row → probe row (probe facts plus the source key, size and mtime)."""
+    return row | probe_source(row["uri"])
+
+
+class ProcessSource:
+    """Actor: run SourceProcessor on one probed source and write its work result."""
+
+    def __init__(self, settings: IngestSettings, out: OutputDir) -> None:
+        setup_logging()
+        self.processor = SourceProcessor(settings)
+        self.out = out
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        source = dict(row)
+        try:
+            return write_source_result(self.out, source, self.processor(source))
+        except Exception as exc:  # bad input never stops the job: the source becomes a reject row
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.exception("reject %s: processing failed", source["uri"])
+            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": reason}, [])
+
+
+# --- the job ------------------------------------------------------------------------------
+
+
+def run_ingest(cfg: ReelforgeConfig, sources: list[SourceFile], out: OutputDir, num_workers: int | None = None) -> dict[str, Any]:
+    """Process every source not yet done in `out`, then pack and commit; returns stats.json."""
+    start = time.monotonic()
+    remove_temp_files(out)
+    done = committed_keys(out) | work_keys(out)
+    todo = [source for source in sources if source.source_key not in done]
+    logger.info("%d sources, %d already done in %s, %d to process", len(sources), len(sources) - len(todo), out.uri, len(todo))
+    if not todo and not (work_keys(out) - committed_keys(out)) and out.exists(SUCCESS):
+        logger.info("nothing new to ingest; %s is unchanged", out.uri)
+        return _read_stats(out)
+    clear_success(out)
+    if todo:
+        _process(cfg, todo, out, num_workers)
+    dedup_hamming = cfg.filters.dedup_hamming if cfg.filters.mode == "filter" else None
+    result: PackResult = pack(out, dedup_hamming, cfg.shards.target_mb)
+    stats = write_stats(out, result, time.monotonic() - start, config_hash(ingest_settings(cfg)), _versions())
+    write_report(out, cfg.filters, stats)
+    mark_success(out)
+    return stats
+
+
+def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None) -> None:
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS, when set, points this at a cluster
+    workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # One source per block: sources are the unit of work and of resume.
+    items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
+    # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
+    probed = items.map(probe_row, num_cpus=0.5).materialize()
+    for line in preflight(probed.select_columns(["codec"]).iter_rows()):
+        logger.info("preflight: %s", line)
+
+    for row in probed.filter(lambda r: r["reject_stage"] is not None).iter_rows():
+        write_source_result(out, dict(row), [])
+    good = probed.filter(lambda r: r["reject_stage"] is None)
+    num_good = good.count()
+    results = good.map(
+        ProcessSource,
+        fn_constructor_args=(ingest_settings(cfg), out),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        num_cpus=1,
+    )
+    for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
+        if summary["rejected"]:
+            logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+
+
+def _read_stats(out: OutputDir) -> dict[str, Any]:
+    import json
+
+    from pipelines.shards import STATS
+
+    return json.loads(out.read_bytes(STATS))
+
+
+def _versions() -> dict[str, str]:
+    import av
+    import pyarrow
+    import ray
+    import scenedetect
+    import webdataset
+
+    from infra import __version__
+
+    return {
+        "reelforge": __version__,
+        "ray": ray.__version__,
+        "av": av.__version__,
+        "scenedetect": scenedetect.__version__,
+        "pyarrow": pyarrow.__version__,
+        "webdataset": getattr(webdataset, "__version__", "unknown"),
+        "python": sys.version.split()[0],
+    }
+
+
+def summary_table(stats: dict[str, Any]) -> str:
+    """The end-of-run markdown table: this run and the whole output folder."""
+    run = stats["last_run"]
+    rows = [
+        ("sources ok / rejected", f"{run['sources'] - run['sources_rejected']} / {run['sources_rejected']}",
+         f"{stats['sources']['ok']} / {stats['sources']['rejected']}"),
+        ("clips kept", str(run["clips_kept"]), str(stats["clips"]["kept"])),
+    ]  # fmt: skip
+    stages = sorted(set(run["rejected_by_stage"]) | set(stats["clips"]["rejected_by_stage"]) | set(stats["sources_rejected_by_stage"]))
+    total_by_stage = {s: stats["clips"]["rejected_by_stage"].get(s, 0) + stats["sources_rejected_by_stage"].get(s, 0) for s in stages}
+    for stage in stages:
+        rows.append((f"rejected: {stage}", str(run["rejected_by_stage"].get(stage, 0)), str(total_by_stage[stage])))
+    rows += [
+        ("hours in (source)", f"{run['source_seconds'] / 3600:.3f}", f"{stats['source_seconds'] / 3600:.3f}"),
+        ("hours out (clips)", f"{run['clip_seconds'] / 3600:.3f}", f"{stats['clip_seconds'] / 3600:.3f}"),
+        ("wall time (s)", f"{run['wall_s']:.1f}", ""),
+        ("source s per wall s", str(run["source_seconds_per_wall_s"]), ""),
+        ("shards", str(len(run["new_shards"])), str(len(stats["shards"]))),
+    ]
+    lines = ["| | this run | output total |", "|---|---:|---:|"]
+    lines += [f"| {name} | {this} | {total} |" for name, this, total in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reelforge ingest",
+        description="Scene-split, filter, caption and shard raw footage into WebDataset tars.",
+    )
+    parser.add_argument("src", nargs="+", metavar="SRC", help="files, folders, globs or file:// s3:// gs:// URIs")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder or URI (shards, manifest, report)")
+    parser.add_argument(
+        "--new-output",
+        action="store_true",
+        help="delete this command's files in --out first (shards, tables, report, _work/); other files stay",
+    )
+    parser.add_argument("--workers", type=int, default=None, metavar="N", help="max processing actors (default: cluster CPUs)")
+    add_config_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    cfg = config_from_args(args)
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"ingest: --workers must be >= 1, got {args.workers}")
+    try:
+        sources = discover_sources(args.src)
+        out = OutputDir(args.out)
+        check_config(out, ingest_settings(cfg).model_dump(mode="json"), config_hash(ingest_settings(cfg)), args.new_output)
+    except ValueError as exc:
+        raise SystemExit(f"ingest: {exc}") from None
+    stats = run_ingest(cfg, sources, out, args.workers)
+    print(summary_table(stats))
+    if stats["sources"]["ok"] == 0:
+        logger.error("no source was processed successfully; see %s", out.path("rejects.parquet"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The output folder protocol on real footage run through the real SourceProcessor (no Ray):
+atomic per-source work results, deterministic packing, crash recovery, incremental appends."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset
+
+from pipelines.discover import discover_sources
+from pipelines.footage import FootageSpec, varied_shots, write_video
+from pipelines.probe import probe_source
+from pipelines.process import IngestSettings, SourceProcessor
+from pipelines.shards import (
+    CONFIG,
+    MANIFEST,
+    REJECTS,
+    SOURCES,
+    OutputDir,
+    check_config,
+    committed_keys,
+    pack,
+    work_keys,
+    write_source_result,
+)
+from infra.config import load_config
+
+# Tiny clips so each source yields a few kept clips in well under a second.
+OVERRIDES = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64", "filters.dedup_hamming=0"]
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, list[dict]]]:
+    """{name: (probe row + discovery facts, processor rows)} for three sources and an exact copy."""
+    src = tmp_path_factory.mktemp("footage")
+    for i, (container, codec) in enumerate([("mp4", "libx264"), ("avi", "mpeg4"), ("mkv", "libx264")]):
+        shots = varied_shots([("moving", 2.5), ("moving", 2.5), ("moving", 2.5)], offset=5 * i)
+        write_video(FootageSpec(f"v{i}", container, codec, 160, 120, Fraction(12), shots), src / f"v{i}.{container}")
+    shutil.copy(src / "v0.mp4", src / "v0_copy.mp4")
+    processor = SourceProcessor(IngestSettings.from_config(load_config(None, OVERRIDES)))
+    result = {}
+    for source in discover_sources([str(src)]):
+        row = source.as_row() | probe_source(source.uri)
+        result[Path(source.uri).stem] = (row, processor(row))
+    return result
+
+
+def _write(out: OutputDir, processed: dict, names: list[str]) -> None:
+    for name in names:
+        source, rows = copy.deepcopy(processed[name])
+        write_source_result(out, source, iter(rows))
+
+
+def _shard_bytes(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.glob("shard-*.tar"))}
+
+
+def test_pack_writes_deterministic_webdataset_shards(tmp_path: Path, processed: dict) -> None:
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    _write(out, processed, ["v0", "v1", "v2"])
+    assert len(work_keys(out)) == 3
+    result = pack(out, dedup_hamming=None, target_mb=0.05)
+
+    manifest = pq.read_table(out.path(MANIFEST)).to_pylist()
+    kept = [r for name in ("v0", "v1", "v2") for r in processed[name][1] if r["status"] == "kept"]
+    assert result.clips_kept == len(manifest) == len(kept) > 3
+    assert len(result.shards) > 1, "target_mb=0.05 must split the clips over several shards"
+    # Order: by source sha256, then clip start.
+    assert [r["id"] for r in manifest] == [r["id"] for r in sorted(kept, key=lambda r: (r["source_sha256"], r["start_s"]))]
+
+    samples = list(webdataset.WebDataset(sorted(str(p) for p in (tmp_path / "out").glob("shard-*.tar")), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [r["id"] for r in manifest]
+    by_id = {r["id"]: r for r in kept}
+    for sample, row in zip(samples, manifest):
+        assert sample["mp4"] == by_id[row["id"]]["mp4"]
+        assert sample["txt"].decode() == row["caption"]
+        metadata = json.loads(sample["json"])
+        assert metadata["phash"] == row["phash"] and metadata["start_s"] == row["start_s"]
+        assert "status" not in metadata and "thumbnail" not in metadata
+    with tarfile.open(out.path(result.shards[0])) as tar:
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in tar.getmembers()} == {(0, 0, 0, 0o644)}
+    # Committed: work results are gone, every source is recorded.
+    assert work_keys(out) == set() and len(committed_keys(out)) == 3
+    rejects = pq.read_table(out.path(REJECTS)).to_pylist()
+    assert len(rejects) == sum(1 for n in ("v0", "v1", "v2") for r in processed[n][1] if r["status"] == "rejected")
+
+    # Same work results packed elsewhere give byte-identical shards.
+    again = OutputDir(str(tmp_path / "again"))
+    again.make_dirs()
+    _write(again, processed, ["v2", "v0", "v1"])
+    pack(again, dedup_hamming=None, target_mb=0.05)
+    assert _shard_bytes(tmp_path / "again") == _shard_bytes(tmp_path / "out")
+
+
+def test_interrupted_pack_is_redone_identically(tmp_path: Path, processed: dict) -> None:
+    reference = OutputDir(str(tmp_path / "reference"))
+    reference.make_dirs()
+    _write(reference, processed, ["v0", "v1"])
+    pack(reference, dedup_hamming=None, target_mb=0.05)
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    _write(out, processed, ["v0", "v1"])
+    saved = tmp_path / "saved"
+    shutil.copytree(tmp_path / "out" / "_work", saved)
+    pack(out, dedup_hamming=None, target_mb=0.05)
+    # A crash after the shards and manifest were written but before sources.parquet (the commit):
+    (tmp_path / "out" / SOURCES).unlink()
+    shutil.rmtree(tmp_path / "out" / "_work")
+    shutil.copytree(saved, tmp_path / "out" / "_work")
+    (tmp_path / "out" / "shard-000042.tar").write_bytes(b"partial")
+    (tmp_path / "out" / "shard-000001.tar.tmp-abc").write_bytes(b"partial")
+
+    pack(out, dedup_hamming=None, target_mb=0.05)
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "reference")
+    ids = pq.read_table(out.path(MANIFEST), columns=["id"]).column("id").to_pylist()
+    assert ids == pq.read_table(reference.path(MANIFEST), columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids))
+
+
+def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, processed: dict) -> None:
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    _write(out, processed, ["v0"])
+    first = pack(out, dedup_hamming=0, target_mb=0.05)
+    before = _shard_bytes(tmp_path / "out")
+
+    _write(out, processed, ["v0_copy", "v1"])
+    second = pack(out, dedup_hamming=0, target_mb=0.05)
+    assert _shard_bytes(tmp_path / "out").items() >= before.items(), "committed shards must not change"
+    numbers = [int(name[6:12]) for name in first.shards + second.shards]
+    assert numbers == list(range(len(numbers))), "new shards continue the numbering"
+    rejects = pq.read_table(out.path(REJECTS)).to_pylist()
+    copy_rejects = [r for r in rejects if r["uri"].endswith("v0_copy.mp4") and r["stage"] == "dedup"]
+    assert len(copy_rejects) == first.clips_kept
+    assert all("same source content" in r["reason"] for r in copy_rejects)
+    manifest_ids = pq.read_table(out.path(MANIFEST), columns=["id"]).column("id").to_pylist()
+    assert len(manifest_ids) == len(set(manifest_ids)) == first.clips_kept + second.clips_kept
+
+
+def test_failed_source_leaves_no_work_result(tmp_path: Path, processed: dict) -> None:
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    source, rows = copy.deepcopy(processed["v0"])
+
+    def dies_midway():
+        yield rows[0]
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        write_source_result(out, source, dies_midway())
+    assert work_keys(out) == set()
+    assert out.list("_work") == []
+
+
+def test_config_record_refuses_mixing_and_new_output_clears_only_ours(tmp_path: Path) -> None:
+    out = OutputDir(str(tmp_path))
+    check_config(out, {"clips": {"fps": 8}}, "aaaa", new_output=False)
+    (tmp_path / "shard-000000.tar").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("mine")
+    check_config(out, {"clips": {"fps": 8}}, "aaaa", new_output=False)  # same config: fine
+    with pytest.raises(ValueError, match=r"clips\.fps 8 -> 12"):
+        check_config(out, {"clips": {"fps": 12}}, "bbbb", new_output=False)
+    check_config(out, {"clips": {"fps": 12}}, "bbbb", new_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_work", "notes.txt"]
+    assert json.loads(out.read_bytes(CONFIG))["config_hash"] == "bbbb"
