@@ -36,6 +36,14 @@ class ClipsConfig(Section):
     size: str = "256x256"
     # Frames dropped at each end of a scene, so fades and dissolves stay out of clips.
     trim_seconds: float = Field(default=0.1, ge=0)
+    # x264 constant rate factor: 18 is visually lossless, 23 is x264's default, +6 halves the size.
+    crf: int = Field(default=20, ge=0, le=51)
+    # x264 speed/size trade-off; veryfast keeps encoding well under decode cost on CPU workers.
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "veryfast"
+    # Width of the JPEG thumbnail each clip row carries for report.html.
+    thumbnail_width: int = Field(default=128, ge=16, le=1024)
 
     @field_validator("size")
     @classmethod
@@ -66,8 +74,32 @@ class ClipsConfig(Section):
 
 
 class FiltersConfig(Section):
+    """Bounds on the scores in pipelines.filters.FILTERS; None disables a bound."""
+
     # "filter" drops clips that fail a threshold; "score" keeps every clip and only records scores.
     mode: Literal["filter", "score"] = "filter"
+    # Mean |frame difference| of luma, 0-255, at 64 px wide. Under 0.2 is a still image with
+    # codec noise; over 40 is mostly strobing or shaky, unusable footage.
+    min_motion: float | None = Field(default=0.2, ge=0)
+    max_motion: float | None = Field(default=40.0, ge=0)
+    # Mean luma 0-255: black frames and blown-out white are not training material.
+    min_brightness: float | None = Field(default=16.0, ge=0, le=255)
+    max_brightness: float | None = Field(default=240.0, ge=0, le=255)
+    # Variance of the Laplacian at clip size; out-of-focus footage scores in the single digits.
+    min_sharpness: float | None = Field(default=10.0, ge=0)
+    # Fraction of consecutive frames that are identical: frozen video, slideshows.
+    max_static_fraction: float | None = Field(default=0.9, ge=0, le=1)
+    # Clips whose 64-bit perceptual hashes differ in at most this many bits are near duplicates
+    # (the ingest job keeps the first one seen in a run). None disables the check.
+    dedup_hamming: int | None = Field(default=4, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "FiltersConfig":
+        for low, high in (("min_motion", "max_motion"), ("min_brightness", "max_brightness")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value is not None and high_value is not None and low_value > high_value:
+                raise ValueError(f"filters.{low} ({low_value}) must not exceed filters.{high} ({high_value})")
+        return self
 
 
 class ShardsConfig(Section):
@@ -75,6 +107,12 @@ class ShardsConfig(Section):
 
 
 class CaptionConfig(Section):
+    # none: empty caption; sidecar: .txt/.json/.srt next to the source; metadata: a sentence
+    # built from measured properties; vlm/openai: model captioners (not available yet).
     backend: Literal["none", "sidecar", "metadata", "vlm", "openai"] = "metadata"
     endpoint: str | None = None
     model: str | None = None
+    # Sidecar extensions tried in order next to `clip.mp4`: `clip.srt`, `clip.txt`, `clip.json`.
+    sidecar_extensions: tuple[str, ...] = (".srt", ".txt", ".json")
+    # Key holding the caption in a .json sidecar.
+    sidecar_json_key: str = "caption"

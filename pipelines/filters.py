@@ -1,0 +1,136 @@
+"""Clip quality scores on frames already in memory, and the thresholds that reject clips.
+
+A filter is one function `(ClipPixels) -> float` plus the `FiltersConfig` fields bounding it,
+registered in the FILTERS dict literal below; adding a filter is one function and one entry
+(plus its threshold fields in FiltersConfig). Every clip row carries `score_<name>` for every
+filter, also when `filters.mode="score"` keeps everything.
+
+Scores work on small grayscale copies where the property survives downscaling (motion,
+stillness, brightness) and on the clip-size frames only for sharpness, so scoring costs a
+fraction of the encode.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from pipelines.config import FiltersConfig
+
+SMALL_WIDTH = 64  # px; motion and stillness are visible at this size and 16x cheaper than 256
+STATIC_DIFF = 0.5  # mean |Δ| (0-255) under which two consecutive frames count as identical
+SHARPNESS_SAMPLES = 4  # frames; Laplacian variance is stable across a shot
+
+
+class ClipPixels:
+    """One clip's frames plus lazily computed views the filters share."""
+
+    def __init__(self, rgb: np.ndarray):
+        if rgb.ndim != 4 or rgb.shape[0] == 0:
+            raise ValueError(f"ClipPixels needs (T, H, W, 3) frames with T >= 1, got shape {rgb.shape}")
+        self.rgb = rgb  # (T, H, W, 3) uint8
+
+    @functools.cached_property
+    def gray(self) -> np.ndarray:
+        """(T, H, W) uint8 luma (BT.601, as cv2 computes it)."""
+        return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in self.rgb])
+
+    @functools.cached_property
+    def gray_small(self) -> np.ndarray:
+        """(T, h, w) float32 luma at SMALL_WIDTH wide."""
+        _, height, width = self.gray.shape
+        if width <= SMALL_WIDTH:
+            return self.gray.astype(np.float32)
+        size = (SMALL_WIDTH, max(1, round(height * SMALL_WIDTH / width)))
+        return np.stack([cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in self.gray]).astype(np.float32)
+
+    @functools.cached_property
+    def frame_diffs(self) -> np.ndarray:
+        """(T-1,) mean absolute difference between consecutive small gray frames, 0-255."""
+        small = self.gray_small
+        if len(small) < 2:
+            return np.zeros(0, np.float32)
+        return np.abs(np.diff(small, axis=0)).mean(axis=(1, 2))
+
+    def sample_indices(self, count: int) -> np.ndarray:
+        return np.unique(np.linspace(0, len(self.rgb) - 1, num=min(count, len(self.rgb))).round().astype(int))
+
+
+def motion_score(pixels: ClipPixels) -> float:
+    """Mean absolute luma change between consecutive frames (0-255): 0 for a still image."""
+    diffs = pixels.frame_diffs
+    return float(diffs.mean()) if len(diffs) else 0.0
+
+
+def brightness_score(pixels: ClipPixels) -> float:
+    """Mean luma (0-255)."""
+    return float(pixels.gray_small.mean())
+
+
+def sharpness_score(pixels: ClipPixels) -> float:
+    """Variance of the Laplacian at clip size, averaged over a few frames: low means blurred."""
+    return float(np.mean([cv2.Laplacian(pixels.gray[i], cv2.CV_64F).var() for i in pixels.sample_indices(SHARPNESS_SAMPLES)]))
+
+
+def static_score(pixels: ClipPixels) -> float:
+    """Fraction of consecutive frame pairs that are near-identical (frozen or still footage)."""
+    diffs = pixels.frame_diffs
+    return float((diffs < STATIC_DIFF).mean()) if len(diffs) else 1.0
+
+
+# name -> (score function, FiltersConfig field of the lower bound, field of the upper bound)
+FILTERS: dict[str, tuple[Callable[[ClipPixels], float], str | None, str | None]] = {
+    "motion": (motion_score, "min_motion", "max_motion"),
+    "brightness": (brightness_score, "min_brightness", "max_brightness"),
+    "sharpness": (sharpness_score, "min_sharpness", None),
+    "static": (static_score, None, "max_static_fraction"),
+}
+
+
+@dataclass(frozen=True)
+class FilterVerdict:
+    scores: dict[str, float]  # filter name -> score
+    failed: str | None = None  # first filter (in FILTERS order) out of bounds
+    score: float | None = None
+    threshold: float | None = None
+    reason: str | None = None
+
+
+def score_clip(pixels: ClipPixels) -> dict[str, float]:
+    return {name: function(pixels) for name, (function, _, _) in FILTERS.items()}
+
+
+def judge(scores: dict[str, float], cfg: FiltersConfig) -> FilterVerdict:
+    """The first failed bound, or a pass; in `score` mode always a pass."""
+    if cfg.mode == "score":
+        return FilterVerdict(scores)
+    for name, (_, min_field, max_field) in FILTERS.items():
+        score = scores[name]
+        low = getattr(cfg, min_field) if min_field else None
+        if low is not None and score < low:
+            return FilterVerdict(scores, name, score, low, f"{name} {score:.3g} below filters.{min_field} {low:g}")
+        high = getattr(cfg, max_field) if max_field else None
+        if high is not None and score > high:
+            return FilterVerdict(scores, name, score, high, f"{name} {score:.3g} above filters.{max_field} {high:g}")
+    return FilterVerdict(scores)
+
+
+def perceptual_hash(pixels: ClipPixels, samples: int = 3) -> str:
+    """64-bit dHash (16 hex digits) of the mean of a few sampled frames, for near-duplicate checks.
+
+    dHash compares neighbouring cells of a 9x8 luma thumbnail, so it survives re-encoding,
+    rescaling and small brightness changes; averaging sampled frames makes it a clip hash.
+    """
+    mean = pixels.gray[pixels.sample_indices(samples)].astype(np.float32).mean(axis=0)  # (H, W)
+    cells = cv2.resize(mean, (9, 8), interpolation=cv2.INTER_AREA)  # (8, 9)
+    bits = (cells[:, 1:] > cells[:, :-1]).flatten()  # (64,)
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def hamming(hash_a: str, hash_b: str) -> int:
+    """Bits that differ between two perceptual hashes (0 = same picture)."""
+    return (int(hash_a, 16) ^ int(hash_b, 16)).bit_count()

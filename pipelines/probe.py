@@ -1,0 +1,233 @@
+"""Probe one source video: identity (size, sha256) and stream facts, or a reject reason.
+
+`probe_source(uri)` is the first stage of ingestion. It never raises for bad input: a file
+that is empty, not a container, audio only, undecodable or missing comes back as the same
+row with `reject_stage="probe"` and a human `reject_reason`, so the job can write it to
+rejects.parquet and move on.
+
+Sources are local paths or any URI pyarrow understands (`s3://`, `gs://`, `file://`);
+`open_source` is the one place that turns a URI into something PyAV can read.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from fractions import Fraction
+from typing import Any, BinaryIO, Iterable
+
+import av
+import numpy as np
+import pyarrow.fs as pafs
+
+logger = logging.getLogger(__name__)
+
+HASH_CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to stream at disk speed, small enough for any worker
+
+# Every probe row has exactly these keys (Arrow schema stability across good and bad sources).
+PROBE_FIELDS = (
+    "uri",
+    "size_bytes",
+    "sha256",
+    "duration_s",
+    "fps",
+    "num_frames",
+    "width",
+    "height",
+    "codec",
+    "pix_fmt",
+    "rotation",
+    "has_audio",
+    "container",
+    "reject_stage",
+    "reject_reason",
+)
+
+# Preferred H.264 encoders, best first: libx264 is deterministic with threads=1; the others
+# are what a build without GPL x264 (openh264) or a GPU node (nvenc/qsv/amf) may have.
+H264_ENCODERS = ("libx264", "libopenh264", "h264_nvenc", "h264_qsv", "h264_amf", "h264_v4l2m2m")
+
+
+def resolve_filesystem(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a pyarrow-filesystem URI."""
+    if filesystem is not None:
+        return filesystem, uri
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def open_source(uri: str, filesystem: pafs.FileSystem | None = None) -> str | BinaryIO:
+    """Something `av.open` accepts: a plain path for local files (FFmpeg reads those fastest),
+    otherwise a seekable pyarrow input file (MP4 moov atoms may sit at the end)."""
+    fs, path = resolve_filesystem(uri, filesystem)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    return fs.open_input_file(path)
+
+
+def empty_probe_row(uri: str) -> dict[str, Any]:
+    return {field: None for field in PROBE_FIELDS} | {"uri": uri}
+
+
+def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[str, Any]:
+    """A probe row for `uri`: size, sha256 and stream facts, or `reject_stage="probe"` with a reason."""
+    row = empty_probe_row(uri)
+    try:
+        fs, path = resolve_filesystem(uri, filesystem)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError) as exc:
+        return _reject(row, f"cannot open source ({one_line(exc)})")
+    if info.type == pafs.FileType.NotFound:
+        return _reject(row, "file not found")
+    if info.type != pafs.FileType.File:
+        return _reject(row, f"not a file ({info.type.name})")
+    row["size_bytes"] = int(info.size)
+    if info.size == 0:
+        return _reject(row, "empty file")
+    try:
+        row["sha256"] = sha256_of(fs, path)
+    except OSError as exc:
+        return _reject(row, f"cannot read source ({one_line(exc)})")
+    try:
+        handle = open_source(path, fs)
+        with av.open(handle, mode="r", metadata_errors="ignore") as container:
+            return _probe_container(container, row)
+    except av.error.FFmpegError as exc:
+        return _reject(row, f"not a video container ({one_line(exc)})")
+    except (OSError, ValueError, RuntimeError) as exc:
+        return _reject(row, f"cannot probe source ({one_line(exc)})")
+
+
+def sha256_of(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _probe_container(container: av.container.InputContainer, row: dict[str, Any]) -> dict[str, Any]:
+    row["container"] = container.format.name
+    row["has_audio"] = len(container.streams.audio) > 0
+    if not container.streams.video:
+        return _reject(row, "no video stream (audio only)" if row["has_audio"] else "no video stream")
+    stream = container.streams.video[0]
+    codec_name = stream.codec.name if stream.codec is not None else "unknown"
+    row["codec"] = codec_name
+    if stream.codec_context is None or not can_decode(codec_name):
+        return _reject(row, f"codec {codec_name} cannot be decoded here")
+    row["width"] = stream.codec_context.width
+    row["height"] = stream.codec_context.height
+    row["pix_fmt"] = stream.codec_context.pix_fmt
+    fps = stream.average_rate or stream.guessed_rate or stream.base_rate
+    row["fps"] = float(fps) if fps else None
+    row["duration_s"] = _duration_s(container, stream)
+
+    # Decode the first frame: a header can promise a stream whose data never decodes.
+    first = _first_frame(container, stream)
+    if isinstance(first, str):
+        return _reject(row, first)
+    row["rotation"] = int(first.rotation) % 360
+    row["width"] = row["width"] or first.width
+    row["height"] = row["height"] or first.height
+    row["pix_fmt"] = row["pix_fmt"] or first.format.name
+    if row["fps"] is None:
+        row["fps"] = 25.0
+        logger.warning("%s: no frame rate in the container; assuming 25 fps", row["uri"])
+    if stream.frames:
+        row["num_frames"] = int(stream.frames)
+    elif row["duration_s"] is not None:
+        # MKV/WebM and raw streams do not count frames; estimate from duration and rate.
+        row["num_frames"] = max(1, round(row["duration_s"] * row["fps"]))
+    return row
+
+
+def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> av.VideoFrame | str:
+    try:
+        for frame in container.decode(stream):
+            return frame
+    except av.error.FFmpegError as exc:
+        return f"zero decodable frames ({one_line(exc)})"
+    return "zero decodable frames"
+
+
+def _duration_s(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
+def _reject(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    row["reject_stage"] = "probe"
+    row["reject_reason"] = reason
+    logger.info("reject %s: %s", row["uri"], reason)
+    return row
+
+
+def one_line(exc: BaseException) -> str:
+    # FFmpeg errors repeat the file name; the row already carries the uri.
+    text = exc.strerror if isinstance(exc, av.error.FFmpegError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+# --- preflight: what this machine can do, checked once on the driver --------------------
+
+
+@functools.lru_cache(maxsize=1)
+def h264_encoder() -> str:
+    """The H.264 encoder clips are written with: the first of H264_ENCODERS that opens and
+    encodes a frame here (listing a codec is not enough: nvenc is listed on CPU machines)."""
+    for name in H264_ENCODERS:
+        if _encoder_works(name):
+            return name
+    raise RuntimeError(
+        f"no working H.264 encoder in this FFmpeg build (tried {', '.join(H264_ENCODERS)}); "
+        "install PyAV wheels from PyPI, which ship libx264"
+    )
+
+
+def _encoder_works(name: str) -> bool:
+    try:
+        codec = av.codec.Codec(name, "w")
+    except (av.error.FFmpegError, ValueError):
+        return False
+    try:
+        context = av.codec.CodecContext.create(codec)
+        context.width, context.height, context.pix_fmt = 64, 64, "yuv420p"
+        context.time_base = Fraction(1, 24)
+        context.open()
+        frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
+        frame.pts = 0
+        context.encode(frame)
+        context.encode(None)
+        return True
+    except (av.error.FFmpegError, ValueError, RuntimeError) as exc:
+        logger.debug("encoder %s listed but unusable: %s", name, exc)
+        return False
+
+
+def can_decode(codec_name: str) -> bool:
+    try:
+        av.codec.Codec(codec_name, "r")
+        return True
+    except (av.error.FFmpegError, ValueError):
+        return False
+
+
+def preflight(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Human lines for the job's log before any worker starts: the H.264 encoder in use and the
+    probed source codecs this machine cannot decode. Raises RuntimeError if no H.264 encoder works."""
+    lines = [f"H.264 encoder: {h264_encoder()}"]
+    undecodable: dict[str, int] = {}
+    for row in rows:
+        codec = row.get("codec")
+        if codec and not can_decode(codec):
+            undecodable[codec] = undecodable.get(codec, 0) + 1
+    for codec, count in sorted(undecodable.items()):
+        lines.append(f"cannot decode codec {codec} here ({count} source{'s' if count > 1 else ''} will be rejected)")
+    return lines

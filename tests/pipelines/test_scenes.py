@@ -1,0 +1,107 @@
+"""Cut detection on our own decoded frames agrees with PySceneDetect and with the footage truth."""
+
+from __future__ import annotations
+
+import av
+import pytest
+import scenedetect
+from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
+
+from pipelines.config import ScenesConfig
+from pipelines.decode import FrameConverter, FrameGeometry, iter_frames
+from pipelines.footage import standard_specs, write_video
+from pipelines.probe import probe_source
+from pipelines.scenes import CutTracker, cut_times, detector_threshold, scene_spans
+
+# Files whose hard cuts the ContentDetector at its default threshold finds (several codecs and
+# containers). Not here: the 60 fps and VFR files, where PySceneDetect itself misses a cut.
+HARD_CUT_FILES = (
+    "cuts_h264_320x240_25fps",
+    "fades_mpeg4_320x240_24fps",
+    "cinepak_160x120_30fps",
+    "vp9_256x144_2997fps",
+    "h264_1920x1080_30fps",
+    "odd_mpeg4_321x241_25fps",
+    "rotated90_h264_320x240_30fps",
+)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    specs = {spec.name: spec for spec in standard_specs()}
+    return {name: write_video(specs[name], out / specs[name].filename) for name in HARD_CUT_FILES}
+
+
+def _detect_frames(path) -> tuple[float, list]:
+    row = probe_source(str(path))
+    geometry = FrameGeometry(row["width"], row["height"], 0, 64, 64, detect_width=256)
+    converter = FrameConverter(geometry)
+    with av.open(str(path)) as container:
+        frames = [(t, converter.detect_frame(f)) for t, f in iter_frames(container, row["fps"])]
+    return row["fps"], frames
+
+
+def _reference_cuts(path, detector) -> list[float]:
+    return [start.seconds for start, _ in scenedetect.detect(str(path), detector)[1:]]
+
+
+@pytest.mark.parametrize("name", HARD_CUT_FILES)
+def test_content_cuts_match_pyscenedetect_and_truth(videos, name):
+    video = videos[name]
+    fps, frames = _detect_frames(video.path)
+    # PySceneDetect's ContentDetector() default min_scene_len is 15 frames.
+    cfg = ScenesConfig(detector="content", min_scene_seconds=15 / fps)
+    ours = cut_times(cfg, fps, frames)
+    reference = _reference_cuts(video.path, ContentDetector())
+    frame = 1 / fps + 1e-3
+    assert len(ours) == len(reference), (ours, reference)
+    assert ours == pytest.approx(reference, abs=frame)
+    for truth in video.cut_times_s:
+        assert min(abs(truth - cut) for cut in ours) <= frame, (truth, ours)
+
+
+@pytest.mark.parametrize(
+    "name, detector, reference",
+    [
+        ("cuts_h264_320x240_25fps", "adaptive", AdaptiveDetector(min_scene_len=13)),
+        ("fades_mpeg4_320x240_24fps", "threshold", ThresholdDetector(min_scene_len=12)),
+    ],
+)
+def test_other_detectors_match_pyscenedetect(videos, name, detector, reference):
+    fps, frames = _detect_frames(videos[name].path)
+    cfg = ScenesConfig(detector=detector, min_scene_seconds=0.5)
+    ours = cut_times(cfg, fps, frames)
+    expected = _reference_cuts(videos[name].path, reference)
+    assert expected, "the reference must find something for this comparison to mean anything"
+    assert ours == pytest.approx(expected, abs=1 / fps + 1e-3)
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive", "threshold"])
+def test_no_cut_is_reported_before_the_settled_time(videos, detector):
+    """The clip builder commits frames older than settled_before(); a later cut must never land there."""
+    fps, frames = _detect_frames(videos["fades_mpeg4_320x240_24fps"].path)
+    tracker = CutTracker(ScenesConfig(detector=detector, min_scene_seconds=0.5), fps)
+    settled = 0.0
+    found = []
+    for time_s, bgr in frames:
+        for cut in tracker.push(time_s, bgr):
+            assert cut >= settled, (cut, settled)
+            found.append(cut)
+        settled = max(settled, tracker.settled_before(time_s))
+    for cut in tracker.finish():
+        assert cut >= settled
+        found.append(cut)
+    assert found
+
+
+def test_thresholds_default_to_the_detectors_own():
+    assert detector_threshold(ScenesConfig(detector="content")) == 27.0
+    assert detector_threshold(ScenesConfig(detector="adaptive")) == 3.0
+    assert detector_threshold(ScenesConfig(detector="threshold")) == 12.0
+    assert detector_threshold(ScenesConfig(detector="content", threshold=40)) == 40.0
+
+
+def test_scene_spans_cover_the_source():
+    assert scene_spans([2.0, 5.0, 9.9, 12.0], end_s=10.0) == [(0.0, 2.0), (2.0, 5.0), (5.0, 9.9), (9.9, 10.0)]
+    assert scene_spans([], end_s=3.0) == [(0.0, 3.0)]
