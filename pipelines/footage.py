@@ -11,7 +11,9 @@ API (all deterministic: the same spec gives the same pixels, and byte-identical 
         .caption is a true sentence, e.g. "a red circle moving right on a dark blue background"
     FootageSpec(name, container, codec, width, height, fps, shots, pix_fmt=None,
                 audio=False, rotation=0, vfr=False, sidecar="none")
+    varied_shots([(kind, duration_s), ...], offset=0)   shots that change colour/shape/direction/background
     write_video(spec, path) -> GeneratedVideo            encode one file (+ its .srt/.txt sidecar)
+    render_frames(spec) -> Iterator[(pts, rgb)]          the drawn frames, without encoding
     standard_specs() / demo_specs() -> list[FootageSpec] the catalogues, without encoding
     standard_suite(out_dir) / demo_suite(out_dir) -> list[GeneratedVideo]
     bad_files(out_dir) -> dict[str, Path]                empty, truncated, not a video, audio only, zero frames
@@ -28,8 +30,9 @@ they stay under ~9 and ~10: PySceneDetect's ContentDetector finds every hard cut
 Conventions:
 - `width`/`height` are the coded (stored) size. `rotation` is the display rotation in
   degrees counter-clockwise, as PyAV's `VideoFrame.rotation` and ffprobe's display-matrix
-  `rotation` report it; a player shows `np.rot90(stored, rotation // 90)`. Frames of a
-  rotated file are drawn in display orientation, so captions are true for what a viewer sees.
+  `rotation` report it (PyAV reads 270 back as -90); a player shows
+  `np.rot90(stored, rotation // 90)`. Frames of a rotated file are drawn in display
+  orientation, so captions are true for what a viewer sees.
 - A boundary between shots is a hard cut unless both sides are dark there (fade_out or
   black followed by fade_in or black). Those dips to black are `soft_cut_*`: no pixel
   jumps there, yet HSV detectors (PySceneDetect's ContentDetector) usually split within
@@ -46,6 +49,7 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -109,6 +113,9 @@ CODEC_OPTIONS: dict[str, dict[str, str]] = {
 # Bits per pixel per frame for encoders driven by bit rate (mpeg4 family, vp9, theora):
 # generous, so a decoded frame stays within a few levels of what was drawn.
 BITS_PER_PIXEL = 0.5
+# Bit-exact muxing: Matroska/WebM otherwise write a random segment UID and a date, and
+# every muxer stamps the libavformat version, so files would differ run to run.
+MUXER_OPTIONS = {"fflags": "+bitexact"}
 AUDIO_RATE = 44_100
 AUDIO_TONE_HZ = 440.0
 
@@ -325,7 +332,8 @@ def _plan(spec: FootageSpec) -> tuple[list[int], list[int], list[Fraction]]:
         count = shot_of.count(k)
         if count < (2 if shot.kind in ("fade_out", "fade_in") else 1):
             raise ValueError(
-                f"{spec.name}: shot {k} ({shot.kind}, {shot.duration_s}s) gets {count} frame(s) at {float(spec.fps):g} fps"
+                f"{spec.name}: shot {k} ({shot.kind}, {shot.duration_s}s) gets {count} frame(s) "
+                f"at {float(spec.fps):g} fps"
             )
     return pts, shot_of, boundaries
 
@@ -381,7 +389,7 @@ def _paint_shape(img: np.ndarray, shot: Shot, cy: float, cx: float) -> None:
     img[y0:y1, x0:x1][mask] = COLORS[shot.color]
 
 
-def render_frames(spec: FootageSpec):
+def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (pts, rgb (H, W, 3) uint8 in coded orientation) for every frame of `spec`.
 
     Frozen shots (static, black) yield the same array object again, so the caller may
@@ -481,7 +489,7 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
     tb = _time_base(spec)
     end_tick = pts_list[-1] + ((2 if len(pts_list) % 2 else 4) if spec.vfr else 1)
     try:
-        with av.open(str(path), "w") as container:
+        with av.open(str(path), "w", options=MUXER_OPTIONS) as container:
             video = _add_video_stream(container, spec)
             audio = _AudioTrack(container) if spec.audio else None
             last_img, last_frame = None, None
@@ -506,15 +514,15 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
         ) from exc
 
     frame_times = [float(p * tb) for p in pts_list]
-    first_frame = [shot_of.index(k) for k in range(len(spec.shots))]
-    shot_frames = [(first, first_frame[k + 1] if k + 1 < len(first_frame) else len(pts_list)) for k, first in enumerate(first_frame)]
     duration_s = float(end_tick * tb)
-    shot_spans = [
-        (frame_times[first], frame_times[stop] if stop < len(frame_times) else duration_s) for first, stop in shot_frames
-    ]
-    is_soft = [spec.shots[k - 1].kind in _DARK_END and spec.shots[k].kind in _DARK_START for k in range(1, len(spec.shots))]
-    cut_frames = [first_frame[k] for k in range(1, len(spec.shots)) if not is_soft[k - 1]]
-    soft_cut_frames = [first_frame[k] for k in range(1, len(spec.shots)) if is_soft[k - 1]]
+    # Shot k covers frames [first[k], first[k + 1]); the last one runs to the end of the file.
+    first = [shot_of.index(k) for k in range(len(spec.shots))]
+    shot_frames = list(zip(first, first[1:] + [len(pts_list)]))
+    shot_spans = [(frame_times[a], frame_times[b] if b < len(pts_list) else duration_s) for a, b in shot_frames]
+    boundaries = range(1, len(spec.shots))
+    soft = {k for k in boundaries if spec.shots[k - 1].kind in _DARK_END and spec.shots[k].kind in _DARK_START}
+    cut_frames = [first[k] for k in boundaries if k not in soft]
+    soft_cut_frames = [first[k] for k in boundaries if k in soft]
     fades = [span for shot, span in zip(spec.shots, shot_spans) if shot.kind in ("fade_out", "fade_in")]
     sidecar = _write_sidecar(spec, path, shot_spans)
     video = GeneratedVideo(
@@ -694,14 +702,14 @@ def bad_files(out_dir: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     paths["not_video"].write_bytes(b"this is not a video, just text and noise\n" + rng.bytes(4096))
 
-    with av.open(str(paths["audio_only"]), "w", format="mp4") as container:
+    with av.open(str(paths["audio_only"]), "w", format="mp4", options=MUXER_OPTIONS) as container:
         track = _AudioTrack(container)
         track.encode_until(1.0)
         track.encode_until(None)
 
     # AVI writes its stream header even with no packets; MP4/MKV/WebM drop an empty track
     # or fail to open, which would not test "a video stream with zero frames".
-    with av.open(str(paths["zero_frames"]), "w") as container:
+    with av.open(str(paths["zero_frames"]), "w", options=MUXER_OPTIONS) as container:
         stream = container.add_stream("mpeg4", rate=25)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
         container.start_encoding()
