@@ -1,0 +1,185 @@
+"""model/pipeline.py end to end on a real bundle: a tiny random DiT + the lossless pixel autoencoder +
+the offline MiniLM, saved with save_bundle and loaded with load_bundle.
+
+With the pixel autoencoder every conditioning frame must come back bit-for-bit, so the tests
+compare exactly. Inputs are real files (PNG via PIL, MP4 via PyAV); reference frames are read
+back with the same reader the pipeline uses, because H.264 is lossy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.bundle import load_bundle, save_bundle
+from model.dit import DiT, dit_config
+from model.pipeline import GenerationRequest, VideoPipeline, plan_windows
+from model.video_io import read_image, read_video, write_mp4
+
+FPS = 8
+WINDOW = 8  # trained clip length (frames) of the test bundle
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> VideoPipeline:
+    torch.manual_seed(0)
+    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, max_text_tokens=32)
+    model = DiT(cfg)
+    with torch.no_grad():
+        # A freshly initialised DiT predicts exactly 0 (adaLN-Zero); random weights make it a real function.
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_bundle(
+        tmp_path_factory.mktemp("bundle"), model, cfg, autoencoder="pixel", text_encoder="minilm",
+        fps=FPS, num_frames=WINDOW, width=SIZE, height=SIZE, extra={"generation": {"steps": 2, "guidance": 3.0}},
+    )
+    return VideoPipeline(load_bundle(path))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An image and two 12-frame clips (different content) as files, and the frames the pipeline will see."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / "first.png")
+    clips = {}
+    for name, offset in (("a.mp4", 0), ("b.mp4", 120)):
+        frames = np.zeros((12, SIZE, SIZE, 3), np.uint8)
+        for t in range(12):
+            frames[t, :, :, 0] = (offset + 10 * t) % 256
+            frames[t, 8:20, t : t + 10, 1] = 255
+        write_mp4(frames, FPS, folder / name)
+        clips[name] = read_video(folder / name, fps=FPS, size=(SIZE, SIZE))
+    return folder, clips
+
+
+def _generate(pipeline, **fields):
+    return pipeline.generate(GenerationRequest(prompt="a red square moving right", **fields))
+
+
+def test_text_to_video_shape_and_determinism(pipeline):
+    out = _generate(pipeline, seed=3)
+    assert out.frames.dtype == torch.uint8 and tuple(out.frames.shape) == (WINDOW, SIZE, SIZE, 3)
+    assert out.fps == FPS and out.metadata["steps"] == 2 and out.metadata["guidance"] == 3.0
+    again = _generate(pipeline, seed=3)
+    assert torch.equal(out.frames, again.frames)
+    other = _generate(pipeline, seed=4)
+    assert not torch.equal(out.frames, other.frames)
+    small = _generate(pipeline, num_frames=3, width=16, height=24, seed=3, guidance=1.0)
+    assert tuple(small.frames.shape) == (3, 24, 16, 3)
+
+
+def test_image_frame_is_reproduced_exactly(pipeline, inputs):
+    folder, _ = inputs
+    out = _generate(pipeline, mode="image", image=folder / "first.png", num_frames=6)
+    image = read_image(folder / "first.png", size=(SIZE, SIZE))
+    assert torch.equal(out.frames[0], image)
+    assert out.metadata["anchor_frames"] == [(0, 1)]
+    # The rest is generated, not copied.
+    assert not torch.equal(out.frames[1], image)
+
+
+def test_extend_and_extend_backward_hold_the_input_frames(pipeline, inputs):
+    folder, clips = inputs
+    clip = clips["a.mp4"]
+    fwd = _generate(pipeline, mode="extend", video=folder / "a.mp4", overlap_frames=3)
+    assert fwd.metadata["anchor_frames"] == [(0, 3)]
+    assert torch.equal(fwd.frames[:3], clip[-3:])
+    assert not torch.equal(fwd.frames[3], clip[-1])
+
+    back = _generate(pipeline, mode="extend-backward", video=folder / "a.mp4", overlap_frames=2, num_frames=6)
+    assert back.frames.shape[0] == 6
+    assert torch.equal(back.frames[-2:], clip[:2])
+
+
+def test_connect_holds_both_ends(pipeline, inputs):
+    folder, clips = inputs
+    out = _generate(pipeline, mode="connect", video=folder / "a.mp4", video2=folder / "b.mp4", overlap_frames=2)
+    assert torch.equal(out.frames[:2], clips["a.mp4"][-2:])
+    assert torch.equal(out.frames[-2:], clips["b.mp4"][:2])
+    assert out.metadata["anchor_frames"] == [(0, 2), (WINDOW - 2, WINDOW)]
+
+
+def test_edit_strength_zero_returns_the_input(pipeline, inputs):
+    folder, clips = inputs
+    out = _generate(pipeline, mode="edit", video=folder / "a.mp4", strength=0.0, num_frames=WINDOW)
+    assert torch.equal(out.frames, clips["a.mp4"][:WINDOW])
+    edited = _generate(pipeline, mode="edit", video=folder / "a.mp4", strength=0.8, num_frames=WINDOW)
+    assert not torch.equal(edited.frames, clips["a.mp4"][:WINDOW])
+    # Longer than a window: the edit runs in windows, still exact at strength 0.
+    long = _generate(pipeline, mode="edit", video=folder / "a.mp4", strength=0.0, seconds=11 / FPS)
+    assert torch.equal(long.frames, clips["a.mp4"][:11])
+    assert len(long.metadata["windows"]) == 2
+
+
+@pytest.mark.parametrize("seconds", [0.125, 1.0, 2.3, 4.0])
+def test_long_video_length_is_exact(pipeline, seconds):
+    out = _generate(pipeline, seconds=seconds)
+    assert out.frames.shape[0] == round(seconds * FPS)
+    windows = out.metadata["windows"]
+    # Windows cover the whole latent, each at most the trained length, each overlapping the one before.
+    assert windows[0][0] == 0 and windows[-1][1] == out.metadata["num_latent_frames"]
+    assert all(end - start <= WINDOW for start, end in windows)
+    assert all(s2 < e1 for (_, e1), (s2, _) in zip(windows, windows[1:]))
+
+
+def test_long_extension_keeps_the_anchor_and_each_window_continues_the_last(pipeline, inputs):
+    folder, clips = inputs
+    out = _generate(pipeline, mode="extend", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
+    assert out.frames.shape[0] == 24 and torch.equal(out.frames[:2], clips["a.mp4"][-2:])
+    back = _generate(pipeline, mode="extend-backward", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
+    assert back.frames.shape[0] == 24 and torch.equal(back.frames[-2:], clips["a.mp4"][:2])
+
+
+def test_plan_windows_forward_backward_and_anchored_ends():
+    known = torch.zeros(20, dtype=torch.bool)
+    assert plan_windows(known, 8, 2) == [(0, 8), (6, 14), (12, 20)]
+    assert plan_windows(known, 8, 2, forward=False) == [(12, 20), (6, 14), (0, 8)]
+    # connect: both ends anchored; the last window must reach the anchor at the end.
+    known[:2] = True
+    known[-2:] = True
+    windows = plan_windows(known, 8, 2)
+    assert windows[0] == (0, 8) and windows[-1][1] == 20
+    assert plan_windows(torch.zeros(5, dtype=torch.bool), 8, 2) == [(0, 5)]
+    with pytest.raises(ValueError, match="overlap 8 must be in"):
+        plan_windows(known, 8, 8)  # 20 frames need several windows
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(mode="dance"), "unknown mode 'dance'"),
+        (dict(mode="image"), "mode 'image' needs image"),
+        (dict(mode="image", image="/nope/missing.png"), "image file not found: '/nope/missing.png'"),
+        (dict(image="x.png"), "mode 'text' takes no image"),
+        (dict(width=30), "size 30x32 must be positive multiples of 8x8"),
+        (dict(num_frames=9), "num_frames 9 must be in \\[1, 8\\]"),
+        (dict(num_frames=0), "num_frames 0 must be in"),
+        (dict(num_frames=4, seconds=1.0), "not both"),
+        (dict(seconds=-1.0), "seconds -1.0 must be in"),
+        (dict(steps=0), "steps 0 must be an integer"),
+        (dict(guidance=-1.0), "guidance -1.0 must be >= 0"),
+        (dict(strength=1.5), "strength 1.5 must be in"),
+        (dict(seed=-3), "seed -3 must be"),
+        (dict(overlap_frames=8), "overlap_frames 8 leaves nothing"),
+        (dict(prompt="  "), "empty prompt"),
+    ],
+)
+def test_bad_requests_name_the_value(pipeline, fields, message):
+    request = GenerationRequest(**{"prompt": "a cat", **fields})
+    with pytest.raises(ValueError, match=message):
+        pipeline.check_request(request)
+
+
+def test_bad_input_files_fail_at_generation(pipeline, inputs, tmp_path):
+    folder, _ = inputs
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        _generate(pipeline, mode="image", image=tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="connect.*holds 4 frames.*needs more than 4 frames; got 4"):
+        _generate(pipeline, mode="connect", video=folder / "a.mp4", video2=folder / "b.mp4", overlap_frames=2, num_frames=4)
+    with pytest.raises(ValueError, match="has 12 frames, 16 needed"):
+        _generate(pipeline, mode="edit", video=folder / "a.mp4", strength=0.5, seconds=2.0)
