@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -89,6 +89,25 @@ class ModelSection(Section):
         return shapes
 
 
+class ConditioningSection(Section):
+    """Mirrors model.conditioning.ConditioningProbs (same names and defaults): the rest, 70% by
+    default, is plain text-to-video, the main task."""
+
+    first_frame: float = Field(default=0.10, ge=0, le=1)  # image-to-video
+    first_k: float = Field(default=0.06, ge=0, le=1)  # extend forwards
+    last_k: float = Field(default=0.04, ge=0, le=1)  # extend backwards
+    both_ends: float = Field(default=0.05, ge=0, le=1)  # connect
+    random: float = Field(default=0.05, ge=0, le=1)  # keyframes / interpolation
+    max_k: int = Field(default=4, ge=1)  # clean frames per end, uniform in [1, max_k]
+
+    @model_validator(mode="after")
+    def _check_sum(self) -> "ConditioningSection":
+        total = self.first_frame + self.first_k + self.last_k + self.both_ends + self.random
+        if total > 1 + 1e-9:
+            raise ValueError(f"train.conditioning probabilities sum to {total:.3f}, more than 1")
+        return self
+
+
 class TrainSection(Section):
     max_steps: int = Field(default=1000, ge=1)
     # Clips per worker per micro-step at the reference bucket; other buckets scale it so that
@@ -108,14 +127,15 @@ class TrainSection(Section):
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     # Probability of training on the null text (classifier-free guidance needs an unconditional model).
     text_dropout: float = Field(default=0.1, ge=0, le=1)
-    # Per-sample conditioning task probabilities (model/conditioning.py): the rest is plain text-to-video.
-    cond_image_prob: float = Field(default=0.1, ge=0, le=1)
-    cond_video_prob: float = Field(default=0.1, ge=0, le=1)
+    # Per-sample probabilities of clean conditioning frames (image-to-video, extend, connect, ...).
+    conditioning: ConditioningSection = Field(default_factory=lambda: ConditioningSection())
     log_every_steps: int = Field(default=10, ge=1)
     # DataLoader processes per training worker (decode + resize run there).
     data_workers: int = Field(default=2, ge=0)
     # Caption embeddings kept per worker; a caption is encoded once while it stays in the cache.
     text_cache_size: int = Field(default=100_000, ge=0)
+    # Append each step's clip indices to <out>/workers/samples-rank-R.jsonl (data-order debugging, tests).
+    log_sample_ids: bool = False
 
 
 class ScalingSection(Section):

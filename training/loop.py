@@ -1,0 +1,411 @@
+"""The per-worker training loop: runs under Ray Train (`train_loop`) and under plain `torchrun`.
+
+    torchrun --nproc_per_node 2 -m training.loop --config configs/train/tiny.yaml --data SHARDS [--out DIR]
+
+Everything a worker needs arrives in one `WorkerArgs` (the full `ReelforgeConfig` plus the launch
+paths), validated again on the worker. The two launchers differ only in a `Session`: how the
+process group comes up, where checkpoints go and how one is found on resume.
+
+One optimizer step (`train.grad_accum_steps` micro-steps):
+  batch of same-shape uint8 clips (training/data.py) -> frames in [-1, 1] -> frozen autoencoder
+  -> latents (B, C, T, H, W) -> per-sample conditioning mask and text dropout -> rectified-flow
+  loss (model/rectified_flow.py) -> DeepSpeed backward/step (ZeRO, clipping, LR schedule) -> EMA.
+Then the step's clips are marked consumed in the data position, so a checkpoint records exactly
+the clips trained on, never those a DataLoader worker had merely prefetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash, flatten
+from infra.logs import setup_logging
+from training.checkpoint import (
+    ParameterEMA,
+    TrainerState,
+    checkpoint_tag,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from training.data import ClipBatches, DataPosition, TextEmbeddingCache, frames_to_model, make_loader, read_clip_index
+from training.deepspeed_config import deepspeed_config, make_lr_scheduler, use_bf16
+from training.wrap import TrainingModule, build_context, wrap_model
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_DIR = "bundle"
+WORKERS_DIR = "workers"  # pid files and optional per-rank sample logs
+
+
+class WorkerArgs(BaseModel):
+    """The one argument of the worker function: config plus where to read, write and resume from."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    config: ReelforgeConfig
+    data: str
+    out: str
+    mlflow_run_id: str | None = None  # the driver's run; a checkpoint's run id takes precedence
+    resume_from: str | None = None  # a checkpoint folder (--resume); Ray's own restart checkpoint wins
+
+
+# --- sessions: what differs between Ray Train and torchrun ------------------------------------
+
+
+class RaySession:
+    """Ray Train V2 (the default in Ray 2.60): the process group exists already; checkpoints are
+    written to a local folder per rank and reported, and Ray merges them in storage."""
+
+    name = "ray"
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+
+    def init_distributed(self, backend: str) -> None:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)  # wraps Ray's process group
+
+    def restart_checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def checkpoint_dir(self, out: Path, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"reelforge-{checkpoint_tag(step)}-r{self.rank}-"))
+
+    def publish(self, directory: Path, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+        shutil.rmtree(directory, ignore_errors=True)  # Ray has copied it into storage
+
+
+class TorchrunSession:
+    """Plain torchrun: env:// rendezvous; checkpoints go straight to <out>/checkpoints/step-N (one
+    shared folder, so all ranks must see the same disk)."""
+
+    name = "torchrun"
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    def init_distributed(self, backend: str) -> None:
+        import deepspeed
+
+        if self.world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        deepspeed.init_distributed(dist_backend=backend)
+
+    def restart_checkpoint(self) -> Any:
+        return None
+
+    def checkpoint_dir(self, out: Path, step: int) -> Path:
+        return out / "checkpoints" / checkpoint_tag(step)
+
+    def publish(self, directory: Path, metrics: dict[str, float]) -> None:
+        if self.rank == 0:
+            logger.info("checkpoint %s", directory)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train_loop(config_dict: dict[str, Any]) -> None:
+    """Ray Train worker function: `TorchTrainer(train_loop, train_loop_config=WorkerArgs(...).model_dump())`."""
+    run_training(WorkerArgs.model_validate(config_dict), RaySession())
+
+
+def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> TrainerState:
+    """Train until `train.max_steps`, resuming if a checkpoint is given; returns the final state."""
+    from model.autoencoders import load_autoencoder
+    from model.conditioning import ConditioningProbs, sample_condition_masks
+    from model.dit import DiT, dit_config
+    from model.rectified_flow import training_loss
+    from model.text_encoders import load_text_encoder
+    from training.tracking import Tracker, run_tags
+
+    cfg = args.config
+    out = Path(args.out)
+    rank, world_size = session.rank, session.world_size
+    setup_logging(rank=rank)
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    if cfg.scaling.use_gpu and not use_gpu:
+        raise RuntimeError("scaling.use_gpu=true but this worker sees no CUDA device")
+    device = torch.device(f"cuda:{session.local_rank}" if use_gpu else "cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    session.init_distributed("nccl" if use_gpu else "gloo")
+    _write_pid(out, rank)
+
+    # Same initial weights everywhere (ZeRO 0-2 also broadcast rank 0's); per-rank streams after.
+    torch.manual_seed(cfg.train.seed)
+    autoencoder = load_autoencoder(cfg.model.autoencoder, device=device)
+    text_encoder = load_text_encoder(cfg.model.text_encoder, device=device)
+    dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, text_encoder.dim)
+    # Longer captions are truncated to what the DiT's cross-attention accepts.
+    text_encoder.max_length = min(text_encoder.max_length, dit_cfg.max_text_tokens)
+    ds_config = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size)
+    with build_context(cfg.deepspeed, ds_config):
+        module = TrainingModule(DiT(dit_cfg))
+    engine, _, scheduler = wrap_model(module, cfg.deepspeed, ds_config, make_lr_scheduler(cfg.train))
+    compute_dtype = torch.bfloat16 if use_bf16(cfg.deepspeed, cfg.scaling) else torch.float32
+    ema = ParameterEMA(engine.module, cfg.train.ema_decay, zero3=cfg.deepspeed.zero_stage == 3)
+
+    # --- resume ---
+    index = read_clip_index(args.data)
+    restart = session.restart_checkpoint()
+    state = TrainerState(config_hash=config_hash(cfg), world_size=world_size, zero_stage=cfg.deepspeed.zero_stage)
+    if restart is not None:
+        with restart.as_directory() as directory:
+            state = load_checkpoint(engine, ema, directory)
+    elif args.resume_from is not None:
+        state = load_checkpoint(engine, ema, args.resume_from)
+    if state.step == 0 or rank >= len(state.rng):
+        # fresh start, or a rank that did not exist before the resume: its own seeded streams
+        torch.manual_seed(cfg.train.seed * 1_000_003 + state.step * 101 + rank)
+    if state.config_hash and state.config_hash != config_hash(cfg):
+        logger.warning("config changed since the checkpoint (hash %s -> %s)", state.config_hash, config_hash(cfg))
+    state.config_hash, state.world_size = config_hash(cfg), world_size
+    position = (
+        DataPosition.from_state_dict(state.data_position, len(index))
+        if state.data_position is not None
+        else DataPosition(len(index))
+    )
+
+    # --- tracking (rank 0) ---
+    tracker = Tracker(cfg.mlflow, out, rank=rank)
+    run_id = tracker.start_or_resume(
+        state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=run_tags(state.config_hash, args.data)
+    )
+    if rank == 0:
+        state.mlflow_run_id = run_id
+        if state.step == 0:
+            tracker.log_params(flatten(cfg))
+
+    # --- data ---
+    dataset = ClipBatches(index, cfg.model, cfg.train.batch_size, cfg.train.seed, rank, world_size, position)
+    batches = iter(make_loader(dataset, cfg.train.data_workers))
+    text_cache = TextEmbeddingCache(text_encoder, cfg.train.text_cache_size)
+    cond_probs = ConditioningProbs(**cfg.train.conditioning.model_dump())
+    sample_log = (out / WORKERS_DIR / f"samples-rank-{rank}.jsonl").open("a") if cfg.train.log_sample_ids else None
+
+    logger.info(
+        "training %s (%s params) on %d clips, %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
+        cfg.model.preset,
+        f"{sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in engine.module.parameters()):,}",
+        len(index), world_size, cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.deepspeed.zero_stage,
+        session.name, state.step,
+    )
+    window = _Window()
+    start_step, start_time = state.step, time.perf_counter()
+    skipped_total: dict[str, int] = {}
+    unsynced_samples = 0  # clips this rank trained on since the last checkpoint
+    while state.step < cfg.train.max_steps:
+        step_start = time.perf_counter()
+        step_ids: list[tuple[list[int], list[int]]] = []
+        for _ in range(cfg.train.grad_accum_steps):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window.data_wait_s += time.perf_counter() - wait_start
+            with torch.no_grad():
+                frames = frames_to_model(batch["frames"]).to(device, non_blocking=True)  # (B, 3, T, H, W)
+                latents = autoencoder.encode(frames).to(compute_dtype)  # (B, C, T', H', W')
+                text, text_mask = text_cache.embed(batch["captions"])  # (B, L, Dt), (B, L)
+            B, _, num_latent_frames = latents.shape[:3]
+            cond_mask = sample_condition_masks(B, num_latent_frames, cond_probs).to(device)  # (B, T')
+            drop_text = (torch.rand(B) < cfg.train.text_dropout).to(device)  # (B,)
+            loss, stats = training_loss(
+                functools.partial(engine, drop_text=drop_text),
+                latents,
+                text.to(device, compute_dtype),
+                text_mask.to(device),
+                cond_mask,
+            )
+            engine.backward(loss)
+            engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
+            window.loss_sum += float(stats["loss"])
+            window.micro_steps += 1
+            window.samples += B
+            unsynced_samples += B
+            step_ids.append((batch["epochs"] + batch["skipped_epochs"], batch["indices"] + batch["skipped_indices"]))
+            for reason, count in batch["skipped"].items():
+                skipped_total[reason] = skipped_total.get(reason, 0) + count
+        ema.update()
+        state.step += 1
+        for epochs, indices in step_ids:
+            position.mark(epochs, indices)
+        if sample_log is not None:
+            sample_log.write(json.dumps({"step": state.step, "ids": [list(x) for x in step_ids]}) + "\n")
+            sample_log.flush()
+        window.step_s += time.perf_counter() - step_start
+        window.steps += 1
+
+        if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.max_steps:
+            metrics = window.reduce(world_size, device)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics["epoch"] = float(position.epoch)
+            steps_done = state.step - start_step
+            eta_s = (time.perf_counter() - start_time) / steps_done * (cfg.train.max_steps - state.step)
+            logger.info(
+                "step %d/%d loss %.4f lr %.2e clips/s %.1f data-wait %.1f%% ETA %s",
+                state.step, cfg.train.max_steps, metrics["loss"], metrics["lr"], metrics["clips_per_s"],
+                100 * metrics["data_wait_fraction"], _format_eta(eta_s),
+            )
+            tracker.log_metrics(metrics, step=state.step)
+            window = _Window()
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
+            state.samples_seen += _sum_over_ranks(unsynced_samples, device)
+            unsynced_samples = 0
+            _checkpoint(engine, ema, state, position, session, out, tracker)
+
+    if sample_log is not None:
+        sample_log.close()
+    _export_bundle(ema, dit_cfg, cfg, out, rank, tracker)
+    elapsed_s = time.perf_counter() - start_time
+    if rank == 0:
+        logger.info(
+            "done: step %d, %d clips seen, %.1f s this attempt, skipped %s, text cache %d hits / %d misses",
+            state.step, state.samples_seen, elapsed_s, skipped_total or "none", text_cache.hits, text_cache.misses,
+        )
+    tracker.end("FINISHED")
+    return state
+
+
+class _Window:
+    """Counters over one logging interval, reduced across ranks when logged."""
+
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.micro_steps = 0
+        self.samples = 0
+        self.steps = 0
+        self.step_s = 0.0
+        self.data_wait_s = 0.0
+
+    def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+        local = torch.tensor(
+            [self.loss_sum, self.micro_steps, self.samples, self.step_s, self.data_wait_s], dtype=torch.float64
+        ).to(device)
+        if dist.is_initialized():
+            dist.all_reduce(local)  # sums over ranks
+        loss_sum, micro_steps, samples, step_s, data_wait_s = local.tolist()
+        step_s_per_rank = step_s / world_size
+        return {
+            "loss": loss_sum / max(1, micro_steps),
+            "clips_per_s": samples / max(step_s_per_rank, 1e-9),
+            "step_s": step_s_per_rank / max(1, self.steps),
+            "data_wait_fraction": data_wait_s / max(step_s, 1e-9),
+        }
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _checkpoint(
+    engine: Any, ema: ParameterEMA, state: TrainerState, position: DataPosition, session: Any, out: Path, tracker: Any
+) -> None:
+    """Merge every rank's data position into the state, save, publish (Ray: report)."""
+    states: list[Any] = [None] * session.world_size
+    dist.all_gather_object(states, position.state_dict())
+    merged = DataPosition(position.num_samples)
+    for other in states:
+        merged.merge(DataPosition.from_state_dict(other, position.num_samples))
+    state.data_position = merged.state_dict()
+    directory = session.checkpoint_dir(out, state.step)
+    with tracker.checkpoint_timer():
+        save_checkpoint(engine, ema, state, directory)
+        session.publish(directory, {"step": state.step, "samples_seen": state.samples_seen})
+
+
+def _export_bundle(ema: ParameterEMA, dit_cfg: Any, cfg: ReelforgeConfig, out: Path, rank: int, tracker: Any) -> None:
+    """Rank 0 writes the inference bundle from the gathered EMA weights (collective gather first)."""
+    weights = ema.full_state_dict()
+    if rank != 0:
+        return
+    from model.bundle import save_bundle
+
+    bundle_dir = out / BUNDLE_DIR
+    save_bundle(
+        bundle_dir,
+        weights,
+        dit_cfg,
+        autoencoder=cfg.model.autoencoder,
+        text_encoder=cfg.model.text_encoder,
+        fps=cfg.model.fps,
+        num_frames=cfg.model.num_frames,
+        width=cfg.model.width,
+        height=cfg.model.height,
+        extra={"config_hash": config_hash(cfg), "ema_decay": cfg.train.ema_decay},
+    )
+    tracker.log_artifacts(bundle_dir, "bundle")
+    logger.info("inference bundle (EMA weights) in %s", bundle_dir)
+
+
+def _write_pid(out: Path, rank: int) -> None:
+    """<out>/workers/rank-R.pid: lets an operator (or a test) find and signal a worker."""
+    directory = out / WORKERS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank-{rank}.pid").write_text(str(os.getpid()))
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --- torchrun entry ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc_per_node N -m training.loop --config F --data SHARDS [--out DIR] [--resume CKPT]`."""
+    parser = argparse.ArgumentParser(prog="python -m training.loop", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--data", required=True, help="ingest output folder (local path or pyarrow URI)")
+    parser.add_argument("--out", help="output folder (default ./runs/<config name>)")
+    parser.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from")
+    args = parser.parse_args(argv)
+    session = TorchrunSession()
+    setup_logging(rank=session.rank)
+    cfg = config_from_args(args)
+    out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    if args.resume is not None:
+        try:
+            read_trainer_state(args.resume)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    run_training(WorkerArgs(config=cfg, data=args.data, out=out, resume_from=args.resume), session)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
