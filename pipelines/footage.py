@@ -10,14 +10,15 @@ API (all deterministic: the same spec gives the same pixels, and byte-identical 
     Shot(kind, duration_s, color, shape, direction, background)   one shot between cuts;
         .caption is a true sentence, e.g. "a red circle moving right on a dark blue background"
     FootageSpec(name, container, codec, width, height, fps, shots, pix_fmt=None,
-                audio=False, rotation=0, vfr=False, sidecar="none")
+                audio=False, rotation=0, vfr=False, sidecar="none", faststart=False)
     varied_shots([(kind, duration_s), ...], offset=0)   shots that change colour/shape/direction/background
     write_video(spec, path) -> GeneratedVideo            encode one file (+ its .srt/.txt sidecar)
     render_frames(spec) -> Iterator[(pts, rgb)]          the drawn frames, without encoding
     standard_specs() / demo_specs() -> list[FootageSpec] the catalogues, without encoding
     standard_suite(out_dir) / demo_suite(out_dir) -> list[GeneratedVideo]
     bad_files(out_dir) -> dict[str, Path]                empty, truncated, not a video, audio only, zero frames
-    write_truth(videos, path, bad=None)                  truth.json: every GeneratedVideo as JSON
+    damaged_files(out_dir) -> dict[str, Path]            open fine, end early: decode error part way / silent
+    write_truth(videos, path, bad=None, damaged=None)    truth.json: every GeneratedVideo as JSON
     main(argv)                                           `reelforge demo-footage DIR [--suite demo|standard|bad|all]`
 
 Visual vocabulary, kept small so a tiny text-to-video model can learn it: a shape
@@ -50,7 +51,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -189,6 +190,7 @@ class FootageSpec:
     rotation: int = 0  # display rotation, degrees counter-clockwise
     vfr: bool = False
     sidecar: Literal["none", "srt", "txt"] = "none"
+    faststart: bool = False  # MP4/MOV: index (moov) before the data, as web-optimised files have
 
     def __post_init__(self) -> None:
         # Accept 25, 25.0 or Fraction(30000, 1001); a float is taken as the decimal it prints as.
@@ -212,6 +214,8 @@ class FootageSpec:
         if self.sidecar == "txt" and len(self.shots) != 1:
             # A .txt sidecar is one caption for the whole file: only true for a single shot.
             raise ValueError(f"{self.name}: a 'txt' sidecar needs exactly one shot, got {len(self.shots)}")
+        if self.faststart and self.container not in ("mp4", "mov", "m4a"):
+            raise ValueError(f"{self.name}: faststart applies to mp4/mov/m4a, not .{self.container}")
         if self.pix_fmt is None and self.codec not in DEFAULT_PIX_FMT:
             raise ValueError(f"{self.name}: no default pix_fmt for codec {self.codec!r}; set pix_fmt")
         if not encoder_available(self.codec):
@@ -489,7 +493,8 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
     tb = _time_base(spec)
     end_tick = pts_list[-1] + ((2 if len(pts_list) % 2 else 4) if spec.vfr else 1)
     try:
-        with av.open(str(path), "w", options=MUXER_OPTIONS) as container:
+        options = MUXER_OPTIONS | ({"movflags": "+faststart"} if spec.faststart else {})
+        with av.open(str(path), "w", options=options) as container:
             video = _add_video_stream(container, spec)
             audio = _AudioTrack(container) if spec.audio else None
             last_img, last_frame = None, None
@@ -716,13 +721,48 @@ def bad_files(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def write_truth(videos: list[GeneratedVideo], path: Path, bad: dict[str, Path] | None = None) -> Path:
-    """Write truth.json: {"videos": [GeneratedVideo.to_json(), ...], "bad": {name: file}}."""
+DAMAGED_SOURCE = FootageSpec(
+    "damaged_source", "mp4", "libx264", 160, 120, Fraction(25), varied_shots(_moving(1.0, 1.0), offset=3)
+)
+
+
+def damaged_files(out_dir: Path) -> dict[str, Path]:
+    """Files that open and declare frames but end early: name -> path. Both are cut from
+    encodings of `DAMAGED_SOURCE` (50 frames, a cut at frame 25), so the frames that do
+    decode match its truth.
+
+    cut_data: a faststart MP4 (index first) cut to 70%: opens, declares 50 frames, then
+    decoding raises InvalidDataError part way. cut_silently: an MKV cut to 50%: decoding
+    just stops early, without an error, so only a frame count shows the loss.
+    """
+    out_dir = Path(out_dir)
+    paths = {"cut_data": out_dir / "damaged_cut_data.mp4", "cut_silently": out_dir / "damaged_cut_silently.mkv"}
+    for (name, path), spec, keep in zip(
+        paths.items(),
+        (replace(DAMAGED_SOURCE, faststart=True), replace(DAMAGED_SOURCE, container="mkv")),
+        (0.7, 0.5),
+    ):
+        whole = write_video(spec, path.with_suffix(".full" + path.suffix))
+        data = whole.path.read_bytes()
+        whole.path.unlink()
+        path.write_bytes(data[: int(len(data) * keep)])
+    return paths
+
+
+def write_truth(
+    videos: list[GeneratedVideo],
+    path: Path,
+    bad: dict[str, Path] | None = None,
+    damaged: dict[str, Path] | None = None,
+) -> Path:
+    """Write truth.json: {"videos": [GeneratedVideo.to_json(), ...], "bad": {name: file},
+    "damaged": {name: file}}."""
     path = Path(path)
     truth = {
         "generator": "pipelines.footage",
         "videos": [video.to_json() for video in videos],
         "bad": {name: bad_path.name for name, bad_path in (bad or {}).items()},
+        "damaged": {name: damaged_path.name for name, damaged_path in (damaged or {}).items()},
     }
     path.write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
     return path
@@ -749,13 +789,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     videos: list[GeneratedVideo] = []
     bad: dict[str, Path] = {}
+    damaged: dict[str, Path] = {}
     if args.suite in ("demo", "all"):
         videos += demo_suite(out_dir)
     if args.suite in ("standard", "all"):
         videos += standard_suite(out_dir)
     if args.suite in ("bad", "all"):
         bad = bad_files(out_dir)
-    truth = write_truth(videos, out_dir / "truth.json", bad)
+        damaged = damaged_files(out_dir)
+    truth = write_truth(videos, out_dir / "truth.json", bad, damaged)
 
     print("| file | size | fps | frames | seconds | hard cuts |")
     print("|---|---|---|---|---|---|")
@@ -763,9 +805,10 @@ def main(argv: list[str] | None = None) -> int:
         s = v.spec
         print(f"| {v.path.name} | {s.width}x{s.height} | {float(s.fps):.3f}{' vfr' if s.vfr else ''} | "
               f"{v.num_frames} | {v.duration_s:.2f} | {len(v.cut_times_s)} |")  # fmt: skip
-    for name, bad_path in bad.items():
-        print(f"| {bad_path.name} | bad: {name} | | | | |")
-    logger.info("wrote %d videos, %d bad files and %s", len(videos), len(bad), truth)
+    for kind, files in (("bad", bad), ("damaged", damaged)):
+        for name, file_path in files.items():
+            print(f"| {file_path.name} | {kind}: {name} | | | | |")
+    logger.info("wrote %d videos, %d bad and %d damaged files, and %s", len(videos), len(bad), len(damaged), truth)
     return 0
 
 

@@ -9,7 +9,7 @@ import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -223,6 +223,24 @@ def test_each_bad_copy_fails_to_decode_or_has_no_video_frames(bad: dict[str, Pat
     assert _video_frames_or_error(bad["zero_frames"]) == 0  # ... that holds no frames
 
 
+def test_damaged_files_open_then_end_early(tmp_path: Path) -> None:
+    damaged = footage.damaged_files(tmp_path)
+    intact = footage.DAMAGED_SOURCE
+    with av.open(str(damaged["cut_data"])) as container:
+        assert container.streams.video[0].frames == 50  # the index (moov, first) survived the cut
+        decoded = 0
+        with pytest.raises(av.error.InvalidDataError):
+            for _ in container.decode(video=0):
+                decoded += 1
+    assert 0 < decoded < 50
+    silent = decode(str(damaged["cut_silently"]))
+    assert 0 < len(silent.frames) < 50  # no error: only the count shows the loss
+    # What survives is the intact file's beginning, frame for frame and timestamp for timestamp.
+    whole = footage.write_video(replace(intact, container="mkv"), tmp_path / "intact" / "whole.mkv")
+    np.testing.assert_array_equal(silent.frames, decode(str(whole.path)).frames[: len(silent.frames)])
+    np.testing.assert_allclose(silent.times_s, whole.frame_times_s[: len(silent.frames)], atol=1e-3)
+
+
 def _srt_cues(path: Path) -> list[tuple[float, float, str]]:
     cues = []
     for block in path.read_text(encoding="utf-8").strip().split("\n\n"):
@@ -268,7 +286,8 @@ def test_main_writes_bad_files_into_truth(tmp_path: Path) -> None:
     truth = json.loads((tmp_path / "truth.json").read_text())
     assert truth["videos"] == []
     assert set(truth["bad"]) == {"empty", "truncated", "not_video", "audio_only", "zero_frames"}
-    assert all((tmp_path / name).exists() for name in truth["bad"].values())
+    assert set(truth["damaged"]) == {"cut_data", "cut_silently"}
+    assert all((tmp_path / name).exists() for name in [*truth["bad"].values(), *truth["damaged"].values()])
 
 
 def test_catalogue_covers_containers_codecs_sizes_and_rates() -> None:
@@ -295,6 +314,7 @@ def test_catalogue_covers_containers_codecs_sizes_and_rates() -> None:
         (lambda: FootageSpec("x", "mp4", "libx264", 320, 240, 25, (Shot("moving", 1.0),), rotation=45), "45"),
         (lambda: FootageSpec("x", "mp4", "no_such_encoder", 320, 240, 25, (Shot("moving", 1.0),)), "no_such_encoder"),
         (lambda: FootageSpec("x", "mp4", "libx264", 320, 240, 25, (Shot("moving", 1.0),) * 2, sidecar="txt"), "txt"),
+        (lambda: FootageSpec("x", "avi", "mpeg4", 320, 240, 25, (Shot("moving", 1.0),), faststart=True), ".avi"),
     ],
 )
 def test_bad_specs_fail_with_the_value_named(make, message: str) -> None:
