@@ -180,7 +180,7 @@ class VideoPipeline:
 
         num_frames, num_latent = self._check_length(request)
         window = min(self.window_latent_frames, num_latent)
-        k = self._overlap_latent_frames(request, window)
+        k = self._overlap_latent_frames(request, default=max(1, window // 4))
         self._check_mode_fits(mode, num_frames, num_latent, k)
 
         steps = request.steps if request.steps is not None else int(self.defaults.get("steps", 30))
@@ -249,10 +249,12 @@ class VideoPipeline:
                 return num_frames, num_latent
             padded = min_valid_frames(ae, padded + 1)
 
-    def _overlap_latent_frames(self, request: GenerationRequest, window: int) -> int:
-        ae = self.autoencoder
+    def _overlap_latent_frames(self, request: GenerationRequest, default: int) -> int:
+        """k latent frames covering request.overlap_frames; default: a quarter of a window, enough
+        motion context while 3/4 of each window is new."""
+        ae, window = self.autoencoder, self.window_latent_frames
         if request.overlap_frames is None:
-            return max(1, window // 4)  # a quarter of a window: enough motion context, 3/4 new frames per window
+            return default
         if request.overlap_frames < 1:
             raise ValueError(f"overlap_frames {request.overlap_frames!r} must be >= 1")
         k = 1

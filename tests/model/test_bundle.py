@@ -14,7 +14,7 @@ from model.dit import DiT, dit_config
 
 def _tiny_cfg(**overrides):
     # pixel AE (48 channels) + MiniLM (384-d); a 2-block DiT is enough to exercise every weight kind.
-    return dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, max_text_tokens=32, **overrides)
+    return dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, num_heads=4, max_text_tokens=32, **overrides)
 
 
 def _perturbed(model: DiT) -> DiT:

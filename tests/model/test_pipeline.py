@@ -26,7 +26,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> VideoPipeline:
     torch.manual_seed(0)
-    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, max_text_tokens=32)
+    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, num_heads=4, max_text_tokens=32)
     model = DiT(cfg)
     with torch.no_grad():
         # A freshly initialised DiT predicts exactly 0 (adaLN-Zero); random weights make it a real function.
