@@ -116,7 +116,9 @@ def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, bounds: list[t
         x = x_of(value)
         shapes.append(
             f'<line class="threshold" data-value="{value:g}" x1="{x:.1f}" x2="{x:.1f}" y1="{PAD - 6}" y2="{PAD + plot_h}"/>'
-            f'<text class="threshold-label" x="{x + 3:.1f}" y="{PAD - 8}">{html.escape(label)} {value:g}</text>'
+            # Labels of bounds on the right half hang to the left of their line, so they stay on the canvas.
+            f'<text class="threshold-label" x="{x + 3 if x < SVG_W / 2 else x - 3:.1f}" y="{PAD - 8}" '
+            f'text-anchor="{"start" if x < SVG_W / 2 else "end"}">{html.escape(label)} {value:g}</text>'
         )
     axis = (
         f'<line class="axis" x1="{PAD}" x2="{PAD + plot_w}" y1="{PAD + plot_h}" y2="{PAD + plot_h}"/>'

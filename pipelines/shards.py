@@ -225,7 +225,7 @@ def write_source_result(out: OutputDir, source: dict[str, Any], clips: Iterable[
     except BaseException:
         out.delete(tar_temp)
         raise
-    table = pa.Table.from_pylist(rows) if rows else pa.table({})
+    table = rows_to_table(rows) if rows else pa.table({})
     table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
     out.write_table(table_name, table)
     kept = [r for r in rows if r.get("status") == "kept"]
@@ -237,6 +237,13 @@ def write_source_result(out: OutputDir, source: dict[str, Any], clips: Iterable[
         "clips_kept": len(kept),
         "clips_rejected": len(rows) - len(kept),
     }
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows → table with the union of their keys (from_pylist alone takes the first row's keys and
+    silently drops the rest, e.g. score columns present only on filtered clips)."""
+    names = dict.fromkeys(key for row in rows for key in row)
+    return pa.table({name: pa.array([row.get(name) for row in rows]) for name in names})
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -325,10 +332,10 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     result.clips_rejected = sum(1 for r in reject_rows if r["id"] is not None)
     result.rejected_by_stage = Counter(r["stage"] for r in reject_rows)
 
-    out.write_table(MANIFEST, _concat(manifest, manifest_rows))
-    out.write_table(REJECTS, _concat(rejects, reject_rows))
+    out.write_table(MANIFEST, _concat(manifest, manifest_rows, MANIFEST))
+    out.write_table(REJECTS, _concat(rejects, reject_rows, REJECTS))
     _update_samples(out, work, kept_rows, reject_rows)
-    out.write_table(SOURCES, _concat(sources, source_rows))  # the commit point
+    out.write_table(SOURCES, _concat(sources, source_rows, SOURCES))  # the commit point
     for key in new_keys:
         out.delete(f"{WORK_DIR}/{key}.tar")
         out.delete(f"{WORK_DIR}/{key}.parquet")
@@ -514,11 +521,20 @@ def _without_keys(table: pa.Table | None, keys: list[str]) -> pa.Table | None:
     return table.filter(mask)
 
 
-def _concat(table: pa.Table | None, rows: list[dict[str, Any]]) -> pa.Table:
-    new = pa.Table.from_pylist(rows) if rows else None
+# The columns an empty table still has, so readers never meet a table without its key columns.
+_EMPTY = {
+    MANIFEST: pa.schema([("id", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()), ("phash", pa.string()),
+                         ("shard", pa.string()), ("source_key", pa.string())]),
+    REJECTS: pa.schema([("uri", pa.string()), ("id", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+                        ("score", pa.float64()), ("threshold", pa.float64()), ("source_key", pa.string())]),
+}  # fmt: skip
+
+
+def _concat(table: pa.Table | None, rows: list[dict[str, Any]], name: str) -> pa.Table:
+    new = rows_to_table(rows) if rows else None
     parts = [t for t in (table, new) if t is not None]
     if not parts:
-        return pa.table({"source_key": pa.array([], pa.string())})
+        return _EMPTY[name].empty_table()
     return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
 
 
@@ -537,34 +553,41 @@ def _update_samples(
 ) -> None:
     """Merge this run's candidates into the thumbnail sample: per group ("kept" or a reject
     stage) the clips with the smallest sha1(id), so the sample never depends on run order."""
-    candidates: dict[str, tuple[str, str, str | None]] = {}  # id -> (group, rank, reason)
+    # (group, id) -> (rank, reason); an id can be kept once and rejected as an exact copy elsewhere.
+    candidates: dict[tuple[str, str], tuple[str, str | None]] = {}
     for row in kept_rows:
-        candidates[row["id"]] = ("kept", _sample_rank(row["id"]), None)
+        candidates["kept", row["id"]] = (_sample_rank(row["id"]), None)
     for row in reject_rows:
         if row["id"] is not None:
-            candidates[row["id"]] = (row["stage"], _sample_rank(row["id"]), row["reason"])
-    chosen: dict[str, list[tuple[str, str]]] = {}
-    for clip_id, (group, rank, _) in candidates.items():
-        chosen.setdefault(group, []).append((rank, clip_id))
+            candidates[row["stage"], row["id"]] = (_sample_rank(row["id"]), row["reason"])
+    ranked: dict[str, list[tuple[str, str]]] = {}
+    for (group, clip_id), (rank, _) in candidates.items():
+        ranked.setdefault(group, []).append((rank, clip_id))
     wanted = {
-        clip_id
-        for group, ranked in chosen.items()
-        for _, clip_id in sorted(ranked)[: SAMPLES_KEPT if group == "kept" else SAMPLES_PER_REASON]
+        (group, clip_id)
+        for group, pairs in ranked.items()
+        for _, clip_id in sorted(pairs)[: SAMPLES_KEPT if group == "kept" else SAMPLES_PER_REASON]
     }
-    new_rows = []
+    # One id is one picture (same source bytes, same span), so any copy of its thumbnail will do.
+    wanted_ids = {clip_id for _, clip_id in wanted}
+    thumbnails: dict[str, bytes] = {}
     for source, _ in work:
         path = out.path(f"{WORK_DIR}/{source['source_key']}.parquet")
-        schema = pq.read_schema(path, filesystem=out.fs)
-        if "thumbnail" not in schema.names or "id" not in schema.names:
+        if not {"id", "thumbnail"} <= set(pq.read_schema(path, filesystem=out.fs).names):
             continue
         table = pq.read_table(path, filesystem=out.fs, columns=["id", "thumbnail"])
         for clip_id, thumbnail in zip(table.column("id").to_pylist(), table.column("thumbnail").to_pylist()):
-            if clip_id in wanted and thumbnail:
-                group, rank, reason = candidates[clip_id]
-                new_rows.append({"id": clip_id, "group": group, "rank": rank, "reason": reason, "thumbnail": thumbnail})
+            if clip_id in wanted_ids and thumbnail:
+                thumbnails.setdefault(clip_id, thumbnail)
+    new_rows = [
+        {"id": clip_id, "group": group, "rank": candidates[group, clip_id][0], "reason": candidates[group, clip_id][1],
+         "thumbnail": thumbnails[clip_id]}
+        for group, clip_id in sorted(wanted)
+        if clip_id in thumbnails
+    ]  # fmt: skip
     merged = (out.read_table(SAMPLES).to_pylist() if out.exists(SAMPLES) else []) + new_rows
     keep: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted({r["id"]: r for r in merged}.values(), key=lambda r: (r["group"], r["rank"])):
+    for row in sorted({(r["group"], r["id"]): r for r in merged}.values(), key=lambda r: (r["group"], r["rank"])):
         limit = SAMPLES_KEPT if row["group"] == "kept" else SAMPLES_PER_REASON
         bucket = keep.setdefault(row["group"], [])
         if len(bucket) < limit:

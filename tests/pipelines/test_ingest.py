@@ -1,0 +1,189 @@
+"""`reelforge ingest` end to end on a real local Ray with real generated footage and real bad files.
+
+One clean run is shared by the module; the other tests copy its output or rerun into it.
+The SIGKILL test starts the command as a subprocess attached to the same Ray cluster
+(RAY_ADDRESS), kills its whole process group mid-run and reruns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset
+
+from pipelines.footage import FootageSpec, bad_files, varied_shots, write_video
+from pipelines.ingest import main
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64",
+            "shards.target_mb=0.02", "filters.dedup_hamming=2", "caption.backend=metadata"]  # fmt: skip
+ARGS = [arg for setting in SETTINGS for arg in ("--set", setting)]
+
+
+def _video(path: Path, codec: str, offset: int) -> None:
+    shots = varied_shots([("moving", 2.5), ("moving", 2.5), ("moving", 2.5)], offset=offset)
+    write_video(FootageSpec(path.stem, path.suffix[1:], codec, 160, 120, Fraction(12), shots), path)
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("footage")
+    src, extra = root / "src", root / "extra"
+    src.mkdir()
+    extra.mkdir()
+    _video(src / "v0.mp4", "libx264", 0)
+    _video(src / "v0_reencoded.avi", "mpeg4", 0)  # same pictures, other bytes: near-duplicates of v0
+    _video(src / "v1.mkv", "libx264", 5)
+    (src / "v1.txt").write_text("a sidecar is never a source")
+    bad = bad_files(src / "bad")
+    _video(extra / "v2.mp4", "libx264", 10)
+    return {"src": src, "extra": extra, **{f"bad_{name}": path for name, path in bad.items()}}
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, footage: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert main([str(footage["src"]), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def _files(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Every output file: (mtime_ns, bytes), to prove a rerun touched nothing."""
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+
+
+@pytest.mark.slow
+def test_clean_run_writes_the_shard_contract(clean_run: Path, footage: dict[str, Path], ray_local) -> None:
+    manifest = pq.read_table(clean_run / "manifest.parquet").to_pylist()
+    rejects = pq.read_table(clean_run / "rejects.parquet").to_pylist()
+    sources = pq.read_table(clean_run / "sources.parquet").to_pylist()
+    stats = json.loads((clean_run / "stats.json").read_text())
+
+    # Every bad file is one source-level reject row with its stage and reason.
+    bad = {str(path): name for name, path in footage.items() if name.startswith("bad_")}
+    source_rejects = {r["uri"]: r for r in rejects if r["id"] is None}
+    assert set(source_rejects) == set(bad)
+    assert all(r["stage"] in ("probe", "decode") and r["reason"] for r in source_rejects.values())
+    assert "audio" in source_rejects[str(footage["bad_audio_only"])]["reason"]
+    assert {s["uri"] for s in sources} == set(bad) | {str(footage["src"] / n) for n in ("v0.mp4", "v0_reencoded.avi", "v1.mkv")}
+
+    # Near-duplicates: for each scene, v0 and its re-encode keep exactly one clip, the other names it.
+    kept = {r["id"]: r for r in manifest}
+    dedup = [r for r in rejects if r["stage"] == "dedup"]
+    assert dedup and all(r["reason"].removeprefix("near-duplicate of ") in kept for r in dedup)
+    pairs = [(r["uri"], kept[r["reason"].removeprefix("near-duplicate of ")]["source_uri"]) for r in dedup]
+    assert {frozenset(Path(u).name for u in pair) for pair in pairs} >= {frozenset({"v0.mp4", "v0_reencoded.avi"})}
+
+    # Shards: readable by webdataset and by Ray Data, one sample per manifest row, ids unique.
+    tars = sorted(str(p) for p in clean_run.glob("shard-*.tar"))
+    assert len(tars) == len(stats["shards"]) > 1
+    keys = [s["__key__"] for s in webdataset.WebDataset(tars, shardshuffle=False)]
+    assert keys == [r["id"] for r in manifest] and len(set(keys)) == len(keys)
+    assert ray_local.data.read_webdataset(tars).count() == len(manifest)
+    assert {r["shard"] for r in manifest} == {Path(t).name for t in tars}
+
+    assert stats["clips"]["kept"] == len(manifest)
+    assert stats["clips"]["rejected"] == sum(1 for r in rejects if r["id"] is not None)
+    assert stats["sources"] == {"total": len(sources), "ok": 3, "rejected": len(bad)}
+    assert stats["versions"]["ray"] == ray_local.__version__ and len(stats["config_hash"]) == 16
+    assert stats["last_run"]["source_seconds_per_wall_s"] > 0
+    assert (clean_run / "report.html").stat().st_size > 0
+    # _SUCCESS is the last file written.
+    newest = max(p.stat().st_mtime_ns for p in clean_run.iterdir() if p.is_file())
+    assert (clean_run / "_SUCCESS").stat().st_mtime_ns == newest
+
+
+@pytest.mark.slow
+def test_rerun_does_no_work_and_touches_nothing(clean_run: Path, footage: dict[str, Path], capsys) -> None:
+    before = _files(clean_run)
+    assert main([str(footage["src"]), "--out", str(clean_run), *ARGS]) == 0
+    assert _files(clean_run) == before
+    assert "| sources ok / rejected |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_added_files_are_processed_alone_and_appended(clean_run: Path, footage: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(clean_run, out)
+    before = _shards(out)
+    assert main([str(footage["src"]), str(footage["extra"]), "--out", str(out), *ARGS]) == 0
+    after = _shards(out)
+    assert {name: after[name] for name in before} == before, "committed shards are never rewritten"
+    assert sorted(after) == [f"shard-{i:06d}.tar" for i in range(len(after))] and len(after) > len(before)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["last_run"]["sources"] == 1, "only the new file is processed"
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    new_rows = [r for r in manifest if r["source_uri"] == str(footage["extra"] / "v2.mp4")]
+    assert new_rows and {r["shard"] for r in new_rows} == set(after) - set(before)
+    keys = [s["__key__"] for s in webdataset.WebDataset(sorted(str(p) for p in out.glob("shard-*.tar")), shardshuffle=False)]
+    assert keys == [r["id"] for r in manifest]
+
+
+@pytest.mark.slow
+def test_changed_config_refuses_to_mix_unless_new_output(clean_run: Path, footage: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(clean_run, out)
+    (out / "keep-me.txt").write_text("not ours")
+    changed = [str(footage["src"] / "v1.mkv"), "--out", str(out), *ARGS, "--set", "clips.fps=6"]
+    with pytest.raises(SystemExit, match=r"clips\.fps 8\.0 -> 6\.0"):
+        main(changed)
+    assert _shards(out) == _shards(clean_run)
+    assert main([*changed, "--new-output"]) == 0
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert {r["source_uri"] for r in manifest} == {str(footage["src"] / "v1.mkv")} and {r["fps"] for r in manifest} == {6.0}
+    assert (out / "keep-me.txt").read_text() == "not ours"
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_gives_the_clean_result(clean_run: Path, footage: dict[str, Path], tmp_path: Path, ray_local) -> None:
+    out = tmp_path / "out"
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pipelines.ingest", str(footage["src"]), "--out", str(out), *ARGS]
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    num_bad = sum(1 for name in footage if name.startswith("bad_"))
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once the first processed source's result is in (the probe rejects are written first).
+        while len(list((out / "_work").glob("*.parquet"))) <= num_bad:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no per-source result appeared"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (out / "_SUCCESS").exists(), "the run was meant to die mid-way"
+
+    assert main([str(footage["src"]), "--out", str(out), *ARGS]) == 0
+    assert _shards(out) == _shards(clean_run)
+    ids = pq.read_table(out / "manifest.parquet", columns=["id"]).column("id").to_pylist()
+    assert ids == pq.read_table(clean_run / "manifest.parquet", columns=["id"]).column("id").to_pylist()
+    assert not list((out / "_work").glob("*.tar")) and not list(out.rglob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_only_bad_sources_exit_1_with_every_reject_recorded(ray_local, footage: dict[str, Path], tmp_path: Path) -> None:
+    assert main([str(footage["src"] / "bad"), "--out", str(tmp_path / "out"), *ARGS]) == 1
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert len(rejects) == 5 and all(r["reason"] for r in rejects)
+
+
+def test_bad_arguments_fail_before_any_work(footage: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no-such-folder"):
+        main([str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="clips.fps"):
+        main([str(footage["src"]), "--out", str(tmp_path / "out"), "--set", "clips.fps=-1"])
+    assert not (tmp_path / "out").exists()
