@@ -310,6 +310,12 @@ class GeneratedVideo:
 # --- timing ------------------------------------------------------------------------------------
 
 
+def _exact_s(duration_s: float) -> Fraction:
+    """A duration as the exact decimal it prints as (1.1 -> 11/10), so shot boundaries
+    fall exactly on frame times instead of a float's rounding away from them."""
+    return Fraction(repr(float(duration_s)))
+
+
 def _time_base(spec: FootageSpec) -> Fraction:
     # VFR durations are 2 and 4 ticks of 1/(3·fps): exact integers, mean 1/fps.
     return 1 / (3 * spec.fps) if spec.vfr else 1 / spec.fps
@@ -317,7 +323,7 @@ def _time_base(spec: FootageSpec) -> Fraction:
 
 def _frame_pts(spec: FootageSpec) -> list[int]:
     """Presentation timestamps in `_time_base(spec)` ticks, up to the spec's total duration."""
-    total_s = sum(Fraction(repr(float(shot.duration_s))) for shot in spec.shots)
+    total_s = sum(_exact_s(shot.duration_s) for shot in spec.shots)
     tb = _time_base(spec)
     pts, t = [], 0
     while t * tb < total_s:
@@ -332,7 +338,7 @@ def _plan(spec: FootageSpec) -> tuple[list[int], list[int], list[Fraction]]:
     boundaries, start = [], Fraction(0)
     for shot in spec.shots:
         boundaries.append(start)
-        start += Fraction(repr(float(shot.duration_s)))
+        start += _exact_s(shot.duration_s)
     pts = _frame_pts(spec)
     shot_of = [bisect.bisect_right(boundaries, p * tb) - 1 for p in pts]
     for k, shot in enumerate(spec.shots):
@@ -423,8 +429,7 @@ def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
             backgrounds[k] = _background(shot, disp_h, disp_w)
         img = backgrounds[k].copy()  # (H, W, 3) display orientation
         if shot.kind != "black":
-            duration = Fraction(repr(float(shot.duration_s)))
-            progress = float((pts * tb - boundaries[k]) / duration)
+            progress = float((pts * tb - boundaries[k]) / _exact_s(shot.duration_s))
             _paint_shape(img, shot, *_shape_center(shot, progress, disp_h, disp_w))
         if shot.kind in ("fade_out", "fade_in"):
             # Linear ramp over the shot's frames: a fade_out's last frame and a fade_in's first are black.
