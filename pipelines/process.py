@@ -1,0 +1,296 @@
+"""One probed source → clip rows, in a single streaming decode. The ingest job's `flat_map` stage.
+
+Contract with the ingest job (pipelines/ingest.py wires these into Ray Data; nothing here
+imports Ray):
+
+1. `pipelines.probe.probe_source(uri, filesystem=None) -> dict` returns one source row:
+   `uri, size_bytes, sha256, duration_s, fps, num_frames, width, height, codec, pix_fmt,
+   rotation, has_audio, container, reject_stage, reject_reason` (see probe.PROBE_FIELDS).
+   Bad input never raises: it comes back with `reject_stage="probe"` and a human reason.
+   `pipelines.probe.preflight(rows) -> list[str]` reports the H.264 encoder in use and the
+   source codecs this machine cannot decode (raises RuntimeError if no H.264 encoder works).
+
+2. `SourceProcessor(settings, filesystem=None)` is a callable class: expensive setup
+   (encoder check, captioner) in `__init__`, then `processor(row) -> list[dict]` for one
+   probe row. `settings` is an `IngestSettings` (scenes, clips, filters, caption sections and
+   `pipeline_version`; picklable, Ray ships it to workers) or a full `ReelforgeConfig`.
+   Every returned row has exactly the keys in `CLIP_COLUMNS` (Arrow schema stability):
+   `id` = `{sha256[:16]}-{start_ms:08d}-{end_ms:08d}`, `mp4` (H.264 bytes, None unless kept),
+   `caption`, `thumbnail` (JPEG of the middle frame, None only when a piece has no frames),
+   the metadata columns, `score_<name>` for each filter in `pipelines.filters.FILTERS`,
+   `phash` (16 hex digits), `status` ("kept" or "rejected"), `reject_stage` ("probe",
+   "clips", "filter:<name>", "decode"), `reject_reason`, `reject_score`, `reject_threshold`.
+   A probe-rejected row in gives one rejected row out. A source that fails mid-decode gives
+   the clips completed before the error plus one "decode" row covering the rest. Near-duplicate
+   removal across sources (by `phash`, `filters.dedup_hamming`) is the job's, run-wide.
+
+How one source flows (each frame decoded once, converted by FFmpeg's swscale at most twice):
+
+    decode ─┬─ detect frame (BGR, scenes.detect_width) ─▶ CutTracker ─── cut times ──┐
+            └─ clip frame (RGB, clips.size, rotated) for each clips.fps grid slot ─▶ pending
+    pending ─(settled: no later cut can reach it)─▶ ClipAssembler ─▶ ClipFrames
+    ClipFrames ─▶ filters (scores, phash) ─▶ kept: encode MP4 + caption; rejected: reason
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Any
+
+import av
+import numpy as np
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.captions import CaptionRequest, make_captioner
+from pipelines.clips import ClipAssembler, ClipFrames, max_frames
+from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig
+from pipelines.decode import FrameConverter, FrameGeometry, iter_frames, normalize_rotation
+from pipelines.filters import FILTERS, ClipPixels, judge, perceptual_hash, score_clip
+from pipelines.probe import one_line, h264_encoder, open_source
+from pipelines.scenes import CutTracker, detector_threshold
+from pipelines.transcode import encode_mp4, jpeg_thumbnail
+
+logger = logging.getLogger(__name__)
+
+# Bump when a change alters clip bytes, spans or scores, so shards record what made them.
+PIPELINE_VERSION = "reelforge-ingest/1"
+
+CLIP_COLUMNS = (
+    "id",
+    "mp4",
+    "caption",
+    "thumbnail",
+    "source_uri",
+    "source_sha256",
+    "start_s",
+    "end_s",
+    "fps",
+    "num_frames",
+    "width",
+    "height",
+    "source_codec",
+    "source_width",  # display orientation: rotation applied
+    "source_height",
+    "scene_index",
+    "scene_detector",
+    "scene_threshold",
+    *(f"score_{name}" for name in FILTERS),
+    "phash",
+    "caption_model",
+    "pipeline_version",
+    "status",
+    "reject_stage",
+    "reject_reason",
+    "reject_score",
+    "reject_threshold",
+)
+
+_DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError)
+# Frames ending this much before the probed duration mean data was lost; container durations
+# often run a little past the last video frame (audio tail, edit lists), hence the slack.
+TRUNCATION_TOLERANCE_S = 1.0
+
+
+class IngestSettings(BaseModel):
+    """The config sections one source's processing needs; small, frozen and picklable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scenes: ScenesConfig = ScenesConfig()
+    clips: ClipsConfig = ClipsConfig()
+    filters: FiltersConfig = FiltersConfig()
+    caption: CaptionConfig = CaptionConfig()
+    pipeline_version: str = PIPELINE_VERSION
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "IngestSettings":
+        """From a full ReelforgeConfig (anything with scenes/clips/filters/caption sections)."""
+        return cls(scenes=cfg.scenes, clips=cfg.clips, filters=cfg.filters, caption=cfg.caption)
+
+
+def clip_id(sha256: str, start_s: float, end_s: float) -> str:
+    return f"{sha256[:16]}-{round(start_s * 1000):08d}-{round(end_s * 1000):08d}"
+
+
+class SourceProcessor:
+    """`processor(probe_row) -> list[clip rows]`; see the module docstring for the contract."""
+
+    def __init__(self, settings: IngestSettings | Any, filesystem: pafs.FileSystem | None = None):
+        self.settings = settings if isinstance(settings, IngestSettings) else IngestSettings.from_config(settings)
+        self.filesystem = filesystem
+        self.encoder = h264_encoder()  # fails here, on worker start, if no H.264 encoder works
+        self.captioner = make_captioner(self.settings.caption, filesystem)
+        self.scene_threshold = detector_threshold(self.settings.scenes)
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        if row.get("reject_stage"):
+            return [self._source_reject(row, row["reject_stage"], row.get("reject_reason") or "rejected", 0.0, row.get("duration_s"))]
+        try:
+            handle = open_source(row["uri"], self.filesystem)
+            with av.open(handle, mode="r", metadata_errors="ignore") as container:
+                return self._process(row, container)
+        except _DECODE_ERRORS as exc:
+            # Opening failed although the probe succeeded (file changed or vanished meanwhile).
+            return [self._source_reject(row, "decode", f"decode error at 0.0 s: {one_line(exc)}", 0.0, row.get("duration_s"))]
+
+    # --- the streaming loop ---------------------------------------------------------------
+
+    def _process(self, row: dict[str, Any], container: av.container.InputContainer) -> list[dict[str, Any]]:
+        clips_cfg = self.settings.clips
+        source_fps = float(row["fps"])
+        rotation = normalize_rotation(row.get("rotation"))
+        geometry = FrameGeometry(
+            source_width=row["width"],
+            source_height=row["height"],
+            rotation=rotation,
+            clip_width=clips_cfg.width,
+            clip_height=clips_cfg.height,
+            detect_width=self.settings.scenes.detect_width,
+        )
+        converter = FrameConverter(geometry)
+        tracker = CutTracker(self.settings.scenes, source_fps)
+        assembler = ClipAssembler(clips_cfg)
+        context = {"row": row, "geometry": geometry}
+        out: list[dict[str, Any]] = []
+        # Grid slots waiting until no later cut can move them to another scene: (slot_s, source_s, rgb).
+        pending: deque[tuple[float, float, np.ndarray]] = deque()
+        # Beyond this the wait is cut short (only a ThresholdDetector fade-out longer than two clips
+        # gets here); bounded memory matters more than a cut inside a dark stretch.
+        max_pending = 2 * max_frames(clips_cfg) + tracker.lag_frames
+
+        def commit(before_s: float) -> None:
+            while pending and (pending[0][1] < before_s or len(pending) > max_pending):
+                slot_s, source_s, rgb = pending.popleft()
+                for clip in assembler.add(slot_s, source_s, rgb):
+                    out.append(self._clip_row(clip, context))
+
+        def close_scene(cut_s: float) -> None:
+            commit(cut_s)
+            for clip in assembler.cut(cut_s):
+                out.append(self._clip_row(clip, context))
+
+        next_slot: int | None = None
+        last_time_s = 0.0
+        decoded = 0
+        frames = iter_frames(container, source_fps)
+        while True:
+            try:
+                item = next(frames, None)
+            except _DECODE_ERRORS as exc:
+                # Clips already finished stay; everything not yet in one becomes one reject row.
+                start_s = assembler.pending_start_s
+                reason = f"decode error at {last_time_s:.1f} s: {one_line(exc)}"
+                logger.warning("%s: %s", row["uri"], reason)
+                end_s = max(row.get("duration_s") or 0.0, last_time_s)
+                out.append(self._source_reject(row, "decode", reason, start_s, end_s))
+                return out
+            if item is None:
+                break
+            time_s, frame = item
+            decoded += 1
+            last_time_s = time_s
+            cuts = tracker.push(time_s, converter.detect_frame(frame))
+            if next_slot is None:
+                next_slot = max(0, math.ceil(time_s * clips_cfg.fps - 1e-6))
+            # Resample to clips.fps by timestamp: a grid slot takes the first frame at or after it.
+            if next_slot / clips_cfg.fps <= time_s + 1e-6:
+                rgb = converter.clip_frame(frame)  # (H, W, 3), converted once however many slots it fills
+                while next_slot / clips_cfg.fps <= time_s + 1e-6:
+                    pending.append((next_slot / clips_cfg.fps, time_s, rgb))
+                    next_slot += 1
+            for cut_s in cuts:
+                close_scene(cut_s)
+            commit(tracker.settled_before(time_s))
+
+        if decoded == 0:
+            return [self._source_reject(row, "decode", "zero decodable frames", 0.0, row.get("duration_s"))]
+        for cut_s in tracker.finish():
+            close_scene(cut_s)
+        end_s = last_time_s + 1.0 / source_fps
+        commit(math.inf)
+        for clip in assembler.finish(end_s):
+            out.append(self._clip_row(clip, context))
+        expected_end_s = row.get("duration_s") or end_s
+        if end_s < expected_end_s - TRUNCATION_TOLERANCE_S:
+            # The demuxer gave up without an error (typical of truncated or overwritten data).
+            reason = f"decoding stopped at {end_s:.1f} s of {expected_end_s:.1f} s (truncated or corrupt data)"
+            logger.warning("%s: %s", row["uri"], reason)
+            out.append(self._source_reject(row, "decode", reason, end_s, expected_end_s))
+        return out
+
+    # --- rows -----------------------------------------------------------------------------
+
+    def _base_row(self, row: dict[str, Any], geometry: FrameGeometry | None) -> dict[str, Any]:
+        display_w, display_h = geometry.display_size if geometry else (row.get("width"), row.get("height"))
+        base = dict.fromkeys(CLIP_COLUMNS)
+        base.update(
+            source_uri=row["uri"],
+            source_sha256=row.get("sha256"),
+            fps=self.settings.clips.fps,
+            width=self.settings.clips.width,
+            height=self.settings.clips.height,
+            source_codec=row.get("codec"),
+            source_width=display_w,
+            source_height=display_h,
+            scene_detector=self.settings.scenes.detector,
+            scene_threshold=self.scene_threshold,
+            caption="",
+            caption_model=self.captioner.model_name,
+            pipeline_version=self.settings.pipeline_version,
+            num_frames=0,
+        )
+        return base
+
+    def _source_reject(self, row: dict[str, Any], stage: str, reason: str, start_s: float, end_s: float | None) -> dict[str, Any]:
+        out = self._base_row(row, None)
+        end_s = float(end_s if end_s is not None else start_s)
+        out.update(
+            id=clip_id(row.get("sha256") or "0" * 16, start_s, end_s),
+            start_s=float(start_s),
+            end_s=end_s,
+            status="rejected",
+            reject_stage=stage,
+            reject_reason=reason,
+        )
+        return out
+
+    def _clip_row(self, clip: ClipFrames, context: dict[str, Any]) -> dict[str, Any]:
+        row, geometry = context["row"], context["geometry"]
+        out = self._base_row(row, geometry)
+        num_frames = len(clip.frames)
+        out.update(
+            id=clip_id(row["sha256"], clip.start_s, clip.end_s),
+            start_s=clip.start_s,
+            end_s=clip.end_s,
+            num_frames=num_frames,
+            scene_index=clip.scene_index,
+            thumbnail=jpeg_thumbnail(clip.frames[num_frames // 2], self.settings.clips.thumbnail_width) if num_frames else None,
+        )
+        if clip.reject_reason is not None:
+            out.update(status="rejected", reject_stage="clips", reject_reason=clip.reject_reason)
+            return out
+        pixels = ClipPixels(clip.frames)
+        scores = score_clip(pixels)
+        out.update({f"score_{name}": value for name, value in scores.items()}, phash=perceptual_hash(pixels))
+        verdict = judge(scores, self.settings.filters)
+        if verdict.failed is not None:
+            out.update(
+                status="rejected",
+                reject_stage=f"filter:{verdict.failed}",
+                reject_reason=verdict.reason,
+                reject_score=verdict.score,
+                reject_threshold=verdict.threshold,
+            )
+            return out
+        clips_cfg = self.settings.clips
+        display_w, display_h = geometry.display_size
+        out.update(
+            status="kept",
+            mp4=encode_mp4(clip.frames, clips_cfg.fps, clips_cfg.crf, clips_cfg.x264_preset, self.encoder),
+            caption=self.captioner(CaptionRequest(row["uri"], clip.start_s, clip.end_s, display_w, display_h, pixels, scores)),
+        )
+        return out
+
