@@ -98,7 +98,9 @@ def run_ingest(cfg: ReelforgeConfig, sources: list[SourceFile], out: OutputDir, 
     if todo:
         _process(cfg, todo, out, num_workers)
     dedup_hamming = cfg.filters.dedup_hamming if cfg.filters.mode == "filter" else None
+    started = time.monotonic()
     result: PackResult = pack(out, dedup_hamming, cfg.shards.target_mb)
+    logger.info("packed %d clips into %d new shards in %.1f s", result.clips_kept, len(result.shards), time.monotonic() - started)
     stats = write_stats(out, result, time.monotonic() - start, config_hash(ingest_settings(cfg)), _versions())
     write_report(out, cfg.filters, stats)
     mark_success(out)
@@ -107,21 +109,26 @@ def run_ingest(cfg: ReelforgeConfig, sources: list[SourceFile], out: OutputDir, 
 
 def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None) -> None:
     import ray
+    from ray.data.expressions import col
     from tqdm import tqdm
 
     if not ray.is_initialized():
+        started = time.monotonic()
         ray.init()  # RAY_ADDRESS, when set, points this at a cluster
+        logger.info("Ray ready in %.1f s", time.monotonic() - started)
     workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # One source per block: sources are the unit of work and of resume.
     items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
     # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
+    started = time.monotonic()
     probed = items.map(probe_row, num_cpus=0.5).materialize()
+    logger.info("probed %d sources in %.1f s", len(todo), time.monotonic() - started)
     for line in preflight(probed.select_columns(["codec"]).iter_rows()):
         logger.info("preflight: %s", line)
 
-    for row in probed.filter(lambda r: r["reject_stage"] is not None).iter_rows():
+    for row in probed.filter(expr=col("reject_stage").is_not_null()).iter_rows():
         write_source_result(out, dict(row), [])
-    good = probed.filter(lambda r: r["reject_stage"] is None)
+    good = probed.filter(expr=col("reject_stage").is_null())
     num_good = good.count()
     results = good.map(
         ProcessSource,
@@ -129,9 +136,11 @@ def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_w
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
         num_cpus=1,
     )
+    started = time.monotonic()
     for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
         if summary["rejected"]:
             logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+    logger.info("processed %d sources in %.1f s", num_good, time.monotonic() - started)
 
 
 def _read_stats(out: OutputDir) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset
 
-from pipelines.footage import FootageSpec, bad_files, varied_shots, write_video
+from pipelines.footage import FootageSpec, bad_files, damaged_files, varied_shots, write_video
 from pipelines.ingest import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +46,10 @@ def footage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _video(src / "v1.mkv", "libx264", 5)
     (src / "v1.txt").write_text("a sidecar is never a source")
     bad = bad_files(src / "bad")
+    damaged = damaged_files(src / "damaged")  # decode fails or stops part way
     _video(extra / "v2.mp4", "libx264", 10)
-    return {"src": src, "extra": extra, **{f"bad_{name}": path for name, path in bad.items()}}
+    return {"src": src, "extra": extra, **{f"bad_{name}": path for name, path in bad.items()},
+            **{f"damaged_{name}": path for name, path in damaged.items()}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,12 @@ def test_clean_run_writes_the_shard_contract(clean_run: Path, footage: dict[str,
     assert set(source_rejects) == set(bad)
     assert all(r["stage"] in ("probe", "decode") and r["reason"] for r in source_rejects.values())
     assert "audio" in source_rejects[str(footage["bad_audio_only"])]["reason"]
-    assert {s["uri"] for s in sources} == set(bad) | {str(footage["src"] / n) for n in ("v0.mp4", "v0_reencoded.avi", "v1.mkv")}
+    damaged = {str(path) for name, path in footage.items() if name.startswith("damaged_")}
+    good = {str(footage["src"] / n) for n in ("v0.mp4", "v0_reencoded.avi", "v1.mkv")}
+    assert {s["uri"] for s in sources} == set(bad) | damaged | good
+    # Damaged files: what decoded before the damage is judged as usual, the rest is one "decode" span.
+    decode_rejects = {r["uri"]: r for r in rejects if r["stage"] == "decode"}
+    assert set(decode_rejects) == damaged and all(r["id"] and "stopped" in r["reason"] for r in decode_rejects.values())
 
     # Near-duplicates: for each scene, v0 and its re-encode keep exactly one clip, the other names it.
     kept = {r["id"]: r for r in manifest}
@@ -98,7 +105,7 @@ def test_clean_run_writes_the_shard_contract(clean_run: Path, footage: dict[str,
 
     assert stats["clips"]["kept"] == len(manifest)
     assert stats["clips"]["rejected"] == sum(1 for r in rejects if r["id"] is not None)
-    assert stats["sources"] == {"total": len(sources), "ok": 3, "rejected": len(bad)}
+    assert stats["sources"] == {"total": len(sources), "ok": len(good | damaged), "rejected": len(bad)}
     assert stats["versions"]["ray"] == ray_local.__version__ and len(stats["config_hash"]) == 16
     assert stats["last_run"]["source_seconds_per_wall_s"] > 0
     assert (clean_run / "report.html").stat().st_size > 0
