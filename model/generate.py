@@ -26,10 +26,13 @@ PROG = "reelforge generate"
 def resolve_model_path(ref: str) -> Path:
     """The local bundle folder a `--model` reference names.
 
-    Handles bundle folders. Registry references (`models:/NAME@ALIAS`, `runs:/...`) are resolved by
-    the registry integration in training/, which extends this function."""
+    A bundle folder as given; a registry reference (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
+    `runs:/RUN_ID/model`) is downloaded from the store `$MLFLOW_TRACKING_URI` names (cached per version)."""
     if ref.startswith(("models:/", "runs:/")):
-        raise ValueError(f"--model {ref!r}: registry references are not supported by this build; pass a bundle folder")
+        # imported here: model/pyfunc.py is the one module in model/ that needs mlflow installed
+        from model.pyfunc import download_registered_bundle
+
+        return download_registered_bundle(ref)
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise ValueError(f"--model {ref!r}: no such bundle folder")

@@ -1,0 +1,213 @@
+"""Log a trained bundle as an MLflow pyfunc, register it, and point an alias at it.
+
+    info = log_model("runs/tiny/bundle", run_id, tracking_uri=uri)     # artifact "model" of the run
+    version = register(run_id, "reelforge-t2v", "candidate", tracking_uri=uri)
+    log_and_register("runs/tiny/bundle", run_id, cfg.registry, uri)   # both, as the training driver does
+
+`reelforge register --run-id ID [--name NAME] [--alias A] [--bundle DIR]` registers the
+run's logged model. A run that has no logged model yet is logged first, from `--bundle DIR`
+or else from the run's `bundle/` artifact; with neither it stops with a one-line error.
+Registering never retrains or re-exports: the bundle the run produced is what ships.
+
+The tracking store is `--tracking-uri`, else `mlflow.tracking_uri` (`--set`), else
+`$MLFLOW_TRACKING_URI`, else the SQLite store of the training output folder `--out DIR`.
+The model registry lives in the same store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from infra.config import add_config_args, config_from_args, format_validation_error
+from infra.logs import setup_logging
+from training.config import RegistrySection
+from training.tracking import resolve_tracking_uri
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"  # name of the logged pyfunc inside its run
+BUNDLE_ARTIFACT_DIR = "bundle"  # where training stores the inference bundle among run artifacts
+
+def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
+    """Log `bundle_dir` as pyfunc artifact `model` of run `run_id`; returns MLflow's ModelInfo.
+
+    MLflow checks the input example by loading the model once and generating from it, so a
+    bundle that cannot serve shows up here (as a warning in the log), not at deploy time."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from model.pyfunc import VideoGenerationModel, component_artifacts, input_example, model_signature, serving_requirements
+
+    bundle_dir = Path(bundle_dir)
+    artifacts = component_artifacts(bundle_dir)  # raises ValueError naming a dir that is no bundle
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    prior_status = client.get_run(run_id).info.status
+    # the fluent log_model writes into the active run; activating a run must end it afterwards,
+    # so put back whatever state it had (a training run logging before it ends stays RUNNING)
+    mlflow.start_run(run_id=run_id)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=VideoGenerationModel(),
+            artifacts=artifacts,
+            code_paths=[str(Path(__file__).resolve().parent.parent / "model")],
+            signature=model_signature(),
+            input_example=input_example(bundle_dir),
+            pip_requirements=serving_requirements(),
+        )
+    finally:
+        mlflow.end_run(status="FINISHED" if prior_status == "RUNNING" else prior_status)
+        if prior_status == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+    logger.info("logged %s as %s (artifacts: %s)", bundle_dir, info.model_uri, ", ".join(artifacts))
+    return info
+
+
+def find_logged_model(run_id: str, *, tracking_uri: str) -> str | None:
+    """`models:/<model_id>` of the newest READY pyfunc `model` logged by the run, or None."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    )
+    # status is checked here, not in the filter: a REST server (3.17) matches `status = 'READY'` to nothing
+    ready = [model for model in models if model.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
+
+
+def register(
+    run_id: str,
+    name: str,
+    alias: str = "candidate",
+    *,
+    tracking_uri: str,
+    bundle_dir: str | Path | None = None,
+) -> Any:
+    """Register the run's logged model under `name`, set `alias` on the new version; returns it.
+
+    No logged model yet: log `bundle_dir`, else the run's `bundle/` artifact, first."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    check_names(name, alias)
+    client = MlflowClient(tracking_uri)
+    model_uri = find_logged_model(run_id, tracking_uri=tracking_uri)
+    if model_uri is None:
+        model_uri = _log_from_bundle(run_id, client, tracking_uri, bundle_dir)
+    mlflow.set_tracking_uri(tracking_uri)
+    run_tags = client.get_run(run_id).data.tags
+    # carry the provenance tags onto the version so the registry page alone says what it is
+    tags = {k: v for k, v in run_tags.items() if k.startswith("reelforge.") or k == "mlflow.source.git.commit"}
+    model_version = mlflow.register_model(model_uri, name, tags=tags | {"reelforge.run_id": run_id})
+    client.set_registered_model_alias(name, alias, model_version.version)
+    logger.info("registered %s as %s version %s, alias %s", model_uri, name, model_version.version, alias)
+    return model_version
+
+
+def check_names(name: str, alias: str) -> None:
+    """The config's rules for model names and aliases, as a one-line ValueError naming the value."""
+    try:
+        RegistrySection(model_name=name, alias=alias)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc)) from None
+
+
+def log_and_register(bundle_dir: str | Path, run_id: str, registry: RegistrySection, tracking_uri: str) -> Any:
+    """What the training driver calls at the end: log the bundle, register it, set the alias."""
+    log_model(bundle_dir, run_id, tracking_uri=tracking_uri)
+    return register(run_id, registry.model_name, registry.alias, tracking_uri=tracking_uri)
+
+
+def _log_from_bundle(run_id: str, client: Any, tracking_uri: str, bundle_dir: str | Path | None) -> str:
+    if bundle_dir is not None:
+        return log_model(bundle_dir, run_id, tracking_uri=tracking_uri).model_uri
+    names = {item.path for item in client.list_artifacts(run_id, BUNDLE_ARTIFACT_DIR)}
+    if f"{BUNDLE_ARTIFACT_DIR}/model_config.json" not in names:
+        raise ValueError(
+            f"run {run_id} has no logged model and no {BUNDLE_ARTIFACT_DIR}/ artifact; pass --bundle DIR "
+            "(the training output's bundle folder)"
+        )
+    with tempfile.TemporaryDirectory(prefix="reelforge-register-") as tmp:
+        local = client.download_artifacts(run_id, BUNDLE_ARTIFACT_DIR, tmp)
+        return log_model(local, run_id, tracking_uri=tracking_uri).model_uri
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    """--tracking-uri / --out plus --config/--set: the ways to name the MLflow store."""
+    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: mlflow.tracking_uri, $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--out", metavar="DIR", help="training output folder whose embedded store (mlflow.db) to use")
+    add_config_args(parser)
+
+
+def store_uri(args: argparse.Namespace) -> str:
+    """The store named on the command line; exits with one line when there is none."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    cfg = config_from_args(args)
+    if args.out is not None and not (Path(args.out) / "mlflow.db").is_file() and not cfg.mlflow.tracking_uri:
+        raise SystemExit(f"error: --out {args.out}: no mlflow.db there (not a training output folder?)")
+    try:
+        return resolve_tracking_uri(cfg.mlflow, args.out)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc} (--tracking-uri or --out DIR)") from None
+
+
+def one_line(exc: Exception) -> str:
+    """MLflow's messages can run to several lines (a traceback from the server); keep the first."""
+    message = getattr(exc, "message", None) or str(exc)
+    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+
+
+def run_command(action: Callable[[], str]) -> int:
+    """Run a command's action: print its one-line result and return 0, or print a one-line error
+    (bad value, unknown run / version / alias) and return 2."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        print(action())
+    except (ValueError, MlflowException) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reelforge register", description="Register a training run's model.")
+    parser.add_argument("--run-id", required=True, help="MLflow run id of the training run")
+    parser.add_argument("--name", help="registered model name (default: registry.model_name)")
+    parser.add_argument("--alias", help="alias for the new version (default: registry.alias, 'candidate')")
+    parser.add_argument("--bundle", metavar="DIR", help="bundle folder to log if the run has no logged model")
+    add_store_args(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = config_from_args(args)
+    uri = store_uri(args)
+    name = args.name or cfg.registry.model_name
+    alias = args.alias or cfg.registry.alias
+
+    def action() -> str:
+        model_version = register(args.run_id, name, alias, tracking_uri=uri, bundle_dir=args.bundle)
+        return f"registered {name} version {model_version.version} as @{alias} (models:/{name}@{alias})"
+
+    return run_command(action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
