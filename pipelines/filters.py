@@ -24,6 +24,7 @@ from pipelines.config import FiltersConfig
 SMALL_WIDTH = 64  # px; motion and stillness are visible at this size and 16x cheaper than 256
 STATIC_DIFF = 0.5  # mean |Δ| (0-255) under which two consecutive frames count as identical
 SHARPNESS_SAMPLES = 4  # frames; Laplacian variance is stable across a shot
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601 R, G, B
 
 
 class ClipPixels:
@@ -34,19 +35,18 @@ class ClipPixels:
             raise ValueError(f"ClipPixels needs (T, H, W, 3) frames with T >= 1, got shape {rgb.shape}")
         self.rgb = rgb  # (T, H, W, 3) uint8
 
-    @functools.cached_property
-    def gray(self) -> np.ndarray:
-        """(T, H, W) uint8 luma (BT.601, as cv2 computes it)."""
-        return np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in self.rgb])
+    def gray(self, index: int) -> np.ndarray:
+        """(H, W) uint8 luma of one frame (BT.601, as cv2 computes it)."""
+        return cv2.cvtColor(self.rgb[index], cv2.COLOR_RGB2GRAY)
 
     @functools.cached_property
     def gray_small(self) -> np.ndarray:
-        """(T, h, w) float32 luma at SMALL_WIDTH wide."""
-        _, height, width = self.gray.shape
-        if width <= SMALL_WIDTH:
-            return self.gray.astype(np.float32)
-        size = (SMALL_WIDTH, max(1, round(height * SMALL_WIDTH / width)))
-        return np.stack([cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in self.gray]).astype(np.float32)
+        """(T, h, w) float32 luma of every `step`-th pixel, h/w about SMALL_WIDTH: one vectorised
+        pass over the clip instead of a resize and colour conversion per frame (these are the
+        only per-frame costs of filtering). Point sampling is enough for mean differences and means."""
+        step = max(1, self.rgb.shape[2] // SMALL_WIDTH)
+        sampled = self.rgb[:, ::step, ::step].astype(np.float32)  # (T, h, w, 3)
+        return sampled @ LUMA_WEIGHTS  # (T, h, w)
 
     @functools.cached_property
     def frame_diffs(self) -> np.ndarray:
@@ -73,7 +73,7 @@ def brightness_score(pixels: ClipPixels) -> float:
 
 def sharpness_score(pixels: ClipPixels) -> float:
     """Variance of the Laplacian at clip size, averaged over a few frames: low means blurred."""
-    return float(np.mean([cv2.Laplacian(pixels.gray[i], cv2.CV_64F).var() for i in pixels.sample_indices(SHARPNESS_SAMPLES)]))
+    return float(np.mean([cv2.Laplacian(pixels.gray(i), cv2.CV_64F).var() for i in pixels.sample_indices(SHARPNESS_SAMPLES)]))
 
 
 def static_score(pixels: ClipPixels) -> float:
@@ -125,7 +125,7 @@ def perceptual_hash(pixels: ClipPixels, samples: int = 3) -> str:
     dHash compares neighbouring cells of a 9x8 luma thumbnail, so it survives re-encoding,
     rescaling and small brightness changes; averaging sampled frames makes it a clip hash.
     """
-    mean = pixels.gray[pixels.sample_indices(samples)].astype(np.float32).mean(axis=0)  # (H, W)
+    mean = np.mean([pixels.gray(i).astype(np.float32) for i in pixels.sample_indices(samples)], axis=0)  # (H, W)
     cells = cv2.resize(mean, (9, 8), interpolation=cv2.INTER_AREA)  # (8, 9)
     bits = (cells[:, 1:] > cells[:, :-1]).flatten()  # (64,)
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"

@@ -15,10 +15,11 @@ from PIL import Image
 
 from infra.config import load_config
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig
-from pipelines.decode import FrameConverter, FrameGeometry
+from pipelines.decode import FrameConverter, FrameGeometry, iter_frames
 from pipelines.footage import FootageSpec, bad_files, render_frames, standard_specs, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import CLIP_COLUMNS, IngestSettings, SourceProcessor
+from pipelines.scenes import cut_times
 
 NAMES = (
     "cuts_h264_320x240_25fps",  # hard cuts, a frozen shot, .srt sidecar
@@ -219,3 +220,22 @@ def test_settings_pickle_and_come_from_the_full_config():
     assert SourceProcessor(cfg).settings == settings
     with pytest.raises(ValueError, match="caption.backend=vlm is not available yet"):
         SourceProcessor(load_config(None, ["caption.backend=vlm"]))
+
+
+@pytest.mark.parametrize("detector", ["adaptive", "threshold"])
+def test_late_reporting_detectors_never_put_a_cut_inside_a_clip(videos, detector):
+    """AdaptiveDetector reports cuts frames late and ThresholdDetector only when a fade ends;
+    the processor must hold frames until then, so clips still stop at every cut it finds."""
+    video = videos["fades_mpeg4_320x240_24fps"]
+    scenes = ScenesConfig(detector=detector)
+    settings = SETTINGS.model_copy(update={"scenes": scenes, "filters": FiltersConfig(mode="score")})
+    row = probe_source(str(video.path))
+    rows = SourceProcessor(settings)(row)
+    converter = FrameConverter(FrameGeometry(row["width"], row["height"], 0, 64, 48, scenes.detect_width))
+    with av.open(str(video.path)) as container:
+        cuts = cut_times(scenes, row["fps"], [(t, converter.detect_frame(f)) for t, f in iter_frames(container, row["fps"])])
+    assert cuts and {r["scene_detector"] for r in rows} == {detector}
+    assert max(r["scene_index"] for r in rows) == len(cuts)
+    tolerance = 1 / SETTINGS.clips.fps + 1 / row["fps"]
+    for clip in rows:
+        assert not any(clip["start_s"] + tolerance < cut < clip["end_s"] - tolerance for cut in cuts), (clip["id"], cuts)
