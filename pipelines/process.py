@@ -179,7 +179,17 @@ class SourceProcessor:
         while True:
             try:
                 item = next(frames, None)
-            except _DECODE_ERRORS as exc:
+                if item is None:
+                    break
+                time_s, frame = item
+                detect_bgr = converter.detect_frame(frame)
+                if next_slot is None:
+                    next_slot = max(0, math.ceil(time_s * clips_cfg.fps - 1e-6))
+                # Resample to clips.fps by timestamp: a grid slot takes the first frame at or after it.
+                # Converted once however many slots it fills; not at all when it fills none (60 -> 24 fps).
+                rgb = converter.clip_frame(frame) if next_slot / clips_cfg.fps <= time_s + 1e-6 else None  # (H, W, 3)
+            except (*_DECODE_ERRORS, ValueError) as exc:
+                # ValueError: swscale refusing a corrupt frame's size or format.
                 # Clips already finished stay; everything not yet in one becomes one reject row.
                 start_s = assembler.pending_start_s
                 reason = f"decode error at {last_time_s:.1f} s: {one_line(exc)}"
@@ -187,20 +197,12 @@ class SourceProcessor:
                 end_s = max(row.get("duration_s") or 0.0, last_time_s)
                 out.append(self._source_reject(row, "decode", reason, start_s, end_s))
                 return out
-            if item is None:
-                break
-            time_s, frame = item
             decoded += 1
             last_time_s = time_s
-            cuts = tracker.push(time_s, converter.detect_frame(frame))
-            if next_slot is None:
-                next_slot = max(0, math.ceil(time_s * clips_cfg.fps - 1e-6))
-            # Resample to clips.fps by timestamp: a grid slot takes the first frame at or after it.
-            if next_slot / clips_cfg.fps <= time_s + 1e-6:
-                rgb = converter.clip_frame(frame)  # (H, W, 3), converted once however many slots it fills
-                while next_slot / clips_cfg.fps <= time_s + 1e-6:
-                    pending.append((next_slot / clips_cfg.fps, time_s, rgb))
-                    next_slot += 1
+            cuts = tracker.push(time_s, detect_bgr)
+            while rgb is not None and next_slot / clips_cfg.fps <= time_s + 1e-6:
+                pending.append((next_slot / clips_cfg.fps, time_s, rgb))
+                next_slot += 1
             for cut_s in cuts:
                 close_scene(cut_s)
             commit(tracker.settled_before(time_s))
