@@ -15,8 +15,11 @@ Any length: a request for more frames than the bundle was trained on (`seconds`)
 overlapping windows of the trained length, in latent space. Each window holds clean every latent
 frame it shares with what is already generated (at least `overlap` frames of the previous window),
 so it continues the motion instead of starting over; the whole latent is decoded once at the end and
-trimmed to the exact frame count. The noise for the whole latent is drawn once from the seed, so the
-result is deterministic and does not depend on how windows fall.
+trimmed to the exact frame count. The noise is drawn once from the seed, frame by frame, so the
+result is deterministic and a longer request starts with exactly the first window of a shorter one.
+With a causal VAE (Wan, CogVideoX) a later window starts on an ordinary latent frame, while training
+clips start on the single-frame "image" latent; windows still share their frames, but continuity is
+weaker than with the pixel autoencoder, and extend-backward anchors align only approximately.
 
 The loop is written out in `generate`; the denoising itself is `rectified_flow.sample`, stepped
 inside one tqdm bar over all windows.
@@ -335,10 +338,12 @@ class VideoPipeline:
             latents, cond_mask = spec.build(sources, T)  # anchors in place, (1, C, T, h, w), (1, T)
             known = cond_mask[0].cpu()
 
-        # Noise for the whole latent, on the CPU generator: the same seed gives the same video on any
-        # device and for any windowing.
+        # Noise for the whole latent from a CPU generator, so a seed gives the same video on any device.
+        # Drawn frame-major: latent frame t gets the same noise whatever the total length, so a longer
+        # request with the same seed starts with exactly the video of a shorter one (one window).
         generator = torch.Generator().manual_seed(plan.seed)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        noise = torch.randn(T, 1, ae.latent_channels, h, w, generator=generator, dtype=torch.float32)  # (T, 1, C, h, w)
+        noise = noise.permute(1, 2, 0, 3, 4).to(self.device, self.dtype)  # (1, C, T, h, w)
 
         windows = plan_windows(known, plan.window_latent_frames, plan.overlap_latent_frames, forward=not plan.trim_start)
         from tqdm.auto import tqdm  # lazy: model/ imports with torch alone

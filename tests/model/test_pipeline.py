@@ -34,7 +34,7 @@ def pipeline(tmp_path_factory) -> VideoPipeline:
             p.add_(torch.randn_like(p) * 0.05)
     path = save_bundle(
         tmp_path_factory.mktemp("bundle"), model, cfg, autoencoder="pixel", text_encoder="minilm",
-        fps=FPS, num_frames=WINDOW, width=SIZE, height=SIZE, extra={"generation": {"steps": 2, "guidance": 3.0}},
+        fps=FPS, num_frames=WINDOW, width=SIZE, height=SIZE, extra={"generation": {"steps": 2, "guidance": 1.0}},  # guidance 1: one forward per step
     )
     return VideoPipeline(load_bundle(path))
 
@@ -61,12 +61,12 @@ def _generate(pipeline, **fields):
 
 
 def test_text_to_video_shape_and_determinism(pipeline):
-    out = _generate(pipeline, seed=3)
+    out = _generate(pipeline, seed=3, guidance=3.0)  # classifier-free guidance: batched text + null text
     assert out.frames.dtype == torch.uint8 and tuple(out.frames.shape) == (WINDOW, SIZE, SIZE, 3)
     assert out.fps == FPS and out.metadata["steps"] == 2 and out.metadata["guidance"] == 3.0
-    again = _generate(pipeline, seed=3)
+    again = _generate(pipeline, seed=3, guidance=3.0)
     assert torch.equal(out.frames, again.frames)
-    other = _generate(pipeline, seed=4)
+    other = _generate(pipeline, seed=4, guidance=3.0)
     assert not torch.equal(out.frames, other.frames)
     small = _generate(pipeline, num_frames=3, width=16, height=24, seed=3, guidance=1.0)
     assert tuple(small.frames.shape) == (3, 24, 16, 3)
@@ -115,7 +115,7 @@ def test_edit_strength_zero_returns_the_input(pipeline, inputs):
     assert len(long.metadata["windows"]) == 2
 
 
-@pytest.mark.parametrize("seconds", [0.125, 1.0, 2.3, 4.0])
+@pytest.mark.parametrize("seconds", [0.125, 2.3, 4.0])
 def test_long_video_length_is_exact(pipeline, seconds):
     out = _generate(pipeline, seconds=seconds)
     assert out.frames.shape[0] == round(seconds * FPS)
@@ -124,14 +124,6 @@ def test_long_video_length_is_exact(pipeline, seconds):
     assert windows[0][0] == 0 and windows[-1][1] == out.metadata["num_latent_frames"]
     assert all(end - start <= WINDOW for start, end in windows)
     assert all(s2 < e1 for (_, e1), (s2, _) in zip(windows, windows[1:]))
-
-
-def test_long_extension_keeps_the_anchor_and_each_window_continues_the_last(pipeline, inputs):
-    folder, clips = inputs
-    out = _generate(pipeline, mode="extend", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
-    assert out.frames.shape[0] == 24 and torch.equal(out.frames[:2], clips["a.mp4"][-2:])
-    back = _generate(pipeline, mode="extend-backward", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
-    assert back.frames.shape[0] == 24 and torch.equal(back.frames[-2:], clips["a.mp4"][:2])
 
 
 def test_plan_windows_forward_backward_and_anchored_ends():
@@ -183,3 +175,48 @@ def test_bad_input_files_fail_at_generation(pipeline, inputs, tmp_path):
         _generate(pipeline, mode="connect", video=folder / "a.mp4", video2=folder / "b.mp4", overlap_frames=2, num_frames=4)
     with pytest.raises(ValueError, match="has 12 frames, 16 needed"):
         _generate(pipeline, mode="edit", video=folder / "a.mp4", strength=0.5, seconds=2.0)
+
+
+def _consecutive_diffs(frames: torch.Tensor) -> torch.Tensor:
+    """(T-1,) mean abs difference between consecutive frames, in uint8 levels."""
+    return frames.float().diff(dim=0).abs().mean(dim=(1, 2, 3))
+
+
+def test_long_video_windows_join_without_a_jump(pipeline):
+    out = _generate(pipeline, seconds=4.0, seed=11, overlap_frames=2)
+    frames, windows = out.frames, out.metadata["windows"]
+    assert len(windows) >= 4
+    diffs = _consecutive_diffs(frames)  # diffs[i] = |frame i+1 - frame i|
+    # Seams: the first frame each later window generates against the last frame it holds.
+    seams = [start_prev_end - 1 for (_, start_prev_end), _ in zip(windows, windows[1:])]
+    within = [i for i in range(len(diffs)) if i not in seams]
+    seam_change = diffs[seams].mean()
+    typical_change = diffs[within].median()
+    # A seam changes the picture as much as the model does from frame to frame: not more (a jump), and
+    # not less (a repeated or blank frame at the join). 10% slack: only a few seams are averaged.
+    # A random-init model makes frame-level noise, so this cannot tell a window that ignored its held
+    # frames; test_later_windows_depend_on_what_came_before does.
+    assert 0.9 * typical_change <= seam_change <= 1.1 * typical_change, (seam_change, typical_change)
+
+
+def test_longer_request_starts_with_the_shorter_video(pipeline):
+    """Windows never rewrite what earlier windows produced: with the same seed, the first window of a
+    long video is exactly the one-window video."""
+    one = _generate(pipeline, seed=5)
+    long = _generate(pipeline, seed=5, seconds=3.0)
+    assert torch.equal(long.frames[:WINDOW], one.frames)
+
+
+def test_long_extension_keeps_its_anchor_and_later_windows_depend_on_it(pipeline, inputs):
+    """Conditioning propagates through the windows: a different anchor changes frames generated two
+    windows later (a window that ignored its held frames would make them equal)."""
+    folder, clips = inputs
+    a = _generate(pipeline, mode="extend", video=folder / "a.mp4", overlap_frames=2, seconds=3.0, seed=1)
+    assert a.frames.shape[0] == 24 and torch.equal(a.frames[:2], clips["a.mp4"][-2:])
+    b = _generate(pipeline, mode="extend", video=folder / "b.mp4", overlap_frames=2, seconds=3.0, seed=1)
+    start_third = a.metadata["windows"][2][0]
+    assert not torch.equal(a.frames[start_third + 2 :], b.frames[start_third + 2 :])
+
+    back = _generate(pipeline, mode="extend-backward", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
+    assert back.frames.shape[0] == 24 and torch.equal(back.frames[-2:], clips["a.mp4"][:2])
+    assert back.metadata["windows"][0][1] == back.metadata["num_latent_frames"]  # generated backwards
