@@ -158,6 +158,9 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     device = torch.device(f"cuda:{session.local_rank}" if use_gpu else "cpu")
     if use_gpu:
         torch.cuda.set_device(device)
+    else:
+        # one intra-op thread per reserved CPU: torch's default pool oversubscribes shared hosts
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     session.init_distributed("nccl" if use_gpu else "gloo")
     _write_pid(out, rank)
 
