@@ -134,3 +134,24 @@ def test_bad_requests_fail_naming_the_cell(tmp_path):
         build_request({"prompt": "  "}, tmp_path)
     request, seed, mode = build_request({"prompt": "x", "steps": float("nan"), "seed": 3.0}, tmp_path)
     assert (request.steps, seed, mode) == (None, 3, "text")  # NaN (a missing cell in pandas) = default
+
+
+@pytest.mark.slow
+def test_json_requests_through_mlflow_scoring_app(saved_model):
+    """The REST path `mlflow models serve` runs (MLflow's own scoring app, in-process): JSON records where
+    each row sets different optional columns, i.e. ints and missing cells in one column."""
+    import mlflow.pyfunc
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(saved_model))))
+    records = [{"prompt": "a fox", "steps": 1, "num_frames": 2}, {"prompt": "snow", "guidance": 3, "steps": 1, "seed": 5}]
+    response = client.post("/invocations", json={"dataframe_records": records})
+    assert response.status_code == 200, response.text[:500]
+    predictions = response.json()["predictions"]
+    assert [(p["num_frames"], p["mode"]) for p in predictions] == [(2, "text"), (FRAMES, "text")]
+    assert predictions[1]["seed"] == 5
+    for prediction in predictions:
+        assert decode_mp4(prediction["video_mp4_base64"]).shape == (prediction["num_frames"], HEIGHT, WIDTH, 3)
+    bad = client.post("/invocations", json={"dataframe_records": [{"prompt": "x", "num_frames": 2.5}]})
+    assert bad.status_code == 400 and "row 0 column num_frames: expected a whole number, got 2.5" in bad.text
