@@ -1,0 +1,16 @@
+"""reelforge inference: everything a trained checkpoint needs, as plain single-device PyTorch.
+
+Modules (import what you use; this package imports nothing, so `import model` stays cheap and
+needs only torch):
+
+    dit              the spacetime diffusion transformer (DiTConfig, DIT_PRESETS, DiT)
+    rectified_flow   noise path, training loss, Euler sampler
+    conditioning     which latent frames are held clean, per generation mode
+    autoencoders     pixels <-> latents: "pixel" (lossless), "wan:", "cogvideox:", "kl:" (diffusers)
+    text_encoders    prompts -> token embeddings: "minilm" (offline), "t5:", "clip:" (transformers)
+    bundle           the inference bundle (model_config.json + weights.safetensors)
+    pipeline         VideoPipeline: text / image / extend / connect / edit, any length
+    video_io         video and image files <-> uint8 frames <-> model tensors
+    generate         the `reelforge generate` command
+    pyfunc           the registered MLflow model (the one module here that imports mlflow)
+"""

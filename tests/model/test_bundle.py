@@ -89,3 +89,17 @@ def test_bad_bundles_fail_with_the_reason(tmp_path):
     save_bundle(tmp_path / "mismatch", model, cfg, **{**common, "autoencoder": "pixel:s=2"})
     with pytest.raises(ValueError, match="has 12 latent channels, the DiT expects 48"):
         load_bundle(tmp_path / "mismatch")
+
+
+def test_inference_modules_import_without_heavy_dependencies():
+    """model/ ships alone inside a registered model: loading a bundle must not need Ray, DeepSpeed,
+    MLflow or pydantic, and diffusers / transformers load only when a spec needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, model.pipeline, model.generate, model.bundle;"
+        "print(','.join(m for m in ('ray','deepspeed','mlflow','pydantic','diffusers','transformers','infra') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
