@@ -28,7 +28,7 @@ from typing import Any
 from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash
 from infra.logs import setup_logging
 from pipelines.discover import SourceFile, discover_sources
-from pipelines.probe import preflight, probe_source
+from pipelines.probe import empty_probe_row, preflight, probe_source
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import write_report
 from pipelines.shards import (
@@ -60,7 +60,11 @@ def ingest_settings(cfg: ReelforgeConfig) -> IngestSettings:
 
 def probe_row(row: dict[str, Any]) -> dict[str, Any]:
     """Discovery row → probe row (probe facts plus the source key, size and mtime)."""
-    return row | probe_source(row["uri"])
+    try:
+        return row | probe_source(row["uri"])
+    except Exception as exc:  # probe_source reports bad files itself; this catches its bugs, not the job's end
+        logger.exception("probe of %s failed", row["uri"])
+        return row | empty_probe_row(row["uri"]) | {"reject_stage": "probe", "reject_reason": _one_line(exc)}
 
 
 class ProcessSource:
@@ -76,9 +80,12 @@ class ProcessSource:
         try:
             return write_source_result(self.out, source, self.processor(source))
         except Exception as exc:  # bad input never stops the job: the source becomes a reject row
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             logger.exception("reject %s: processing failed", source["uri"])
-            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": reason}, [])
+            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": _one_line(exc)}, [])
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -95,19 +102,21 @@ def run_ingest(cfg: ReelforgeConfig, sources: list[SourceFile], out: OutputDir, 
         logger.info("nothing new to ingest; %s is unchanged", out.uri)
         return _read_stats(out)
     clear_success(out)
+    phase_s: dict[str, float] = {}  # where the wall time went: ray_init, probe, process, pack
     if todo:
-        _process(cfg, todo, out, num_workers)
+        _process(cfg, todo, out, num_workers, phase_s)
     dedup_hamming = cfg.filters.dedup_hamming if cfg.filters.mode == "filter" else None
     started = time.monotonic()
     result: PackResult = pack(out, dedup_hamming, cfg.shards.target_mb)
-    logger.info("packed %d clips into %d new shards in %.1f s", result.clips_kept, len(result.shards), time.monotonic() - started)
-    stats = write_stats(out, result, time.monotonic() - start, config_hash(ingest_settings(cfg)), _versions())
+    phase_s["pack"] = time.monotonic() - started
+    logger.info("packed %d clips into %d new shards in %.1f s", result.clips_kept, len(result.shards), phase_s["pack"])
+    stats = write_stats(out, result, time.monotonic() - start, phase_s, config_hash(ingest_settings(cfg)), _versions())
     write_report(out, cfg.filters, stats)
     mark_success(out)
     return stats
 
 
-def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None) -> None:
+def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None, phase_s: dict[str, float]) -> None:
     import ray
     from ray.data.expressions import col
     from tqdm import tqdm
@@ -115,15 +124,21 @@ def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_w
     if not ray.is_initialized():
         started = time.monotonic()
         ray.init()  # RAY_ADDRESS, when set, points this at a cluster
-        logger.info("Ray ready in %.1f s", time.monotonic() - started)
+        phase_s["ray_init"] = time.monotonic() - started
+        logger.info("Ray ready in %.1f s", phase_s["ray_init"])
     workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # One source per block: sources are the unit of work and of resume.
     items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
     # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
     started = time.monotonic()
     probed = items.map(probe_row, num_cpus=0.5).materialize()
-    logger.info("probed %d sources in %.1f s", len(todo), time.monotonic() - started)
-    for line in preflight(probed.select_columns(["codec"]).iter_rows()):
+    phase_s["probe"] = time.monotonic() - started
+    logger.info("probed %d sources in %.1f s", len(todo), phase_s["probe"])
+    try:
+        lines = preflight(probed.select_columns(["codec"]).iter_rows())
+    except RuntimeError as exc:  # no working H.264 encoder: nothing could be written
+        raise SystemExit(f"ingest: {exc}") from None
+    for line in lines:
         logger.info("preflight: %s", line)
 
     for row in probed.filter(expr=col("reject_stage").is_not_null()).iter_rows():
@@ -140,7 +155,8 @@ def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_w
     for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
         if summary["rejected"]:
             logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
-    logger.info("processed %d sources in %.1f s", num_good, time.monotonic() - started)
+    phase_s["process"] = time.monotonic() - started
+    logger.info("processed %d sources in %.1f s", num_good, phase_s["process"])
 
 
 def _read_stats(out: OutputDir) -> dict[str, Any]:

@@ -284,6 +284,9 @@ def committed_keys(out: OutputDir) -> set[str]:
 def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackResult:
     """Commit every finished, uncommitted work result: dedup, write new shards, merge tables."""
     committed = committed_keys(out)
+    for name in out.list(WORK_DIR):  # left by a run killed between its commit and its cleanup
+        if name.removeprefix(f"{WORK_DIR}/").rsplit(".", 1)[0] in committed:
+            out.delete(name)
     new_keys = sorted(work_keys(out) - committed)
     result = PackResult()
     if not new_keys:
@@ -337,9 +340,13 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     _update_samples(out, work, kept_rows, reject_rows)
     out.write_table(SOURCES, _concat(sources, source_rows, SOURCES))  # the commit point
     for key in new_keys:
-        out.delete(f"{WORK_DIR}/{key}.tar")
-        out.delete(f"{WORK_DIR}/{key}.parquet")
+        _delete_work(out, key)
     return result
+
+
+def _delete_work(out: OutputDir, key: str) -> None:
+    out.delete(f"{WORK_DIR}/{key}.parquet")  # the done marker first: a tar alone is just garbage
+    out.delete(f"{WORK_DIR}/{key}.tar")
 
 
 def _dedup_reason(row: dict[str, Any], seen_ids: set[str], index: NearDuplicateIndex, dedup_hamming: int | None) -> tuple[str, int | None] | None:
@@ -600,7 +607,9 @@ def _update_samples(
 # --- stats and the success marker ---------------------------------------------------------
 
 
-def write_stats(out: OutputDir, run: PackResult, wall_s: float, config_hash: str, versions: dict[str, str]) -> dict[str, Any]:
+def write_stats(
+    out: OutputDir, run: PackResult, wall_s: float, phase_s: dict[str, float], config_hash: str, versions: dict[str, str]
+) -> dict[str, Any]:
     """stats.json: totals over the whole output plus this run's numbers; returns it."""
     manifest = out.read_table(MANIFEST, columns=["start_s", "end_s"])
     rejects = out.read_table(REJECTS, columns=["id", "stage"])
@@ -627,6 +636,7 @@ def write_stats(out: OutputDir, run: PackResult, wall_s: float, config_hash: str
         "last_run": {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_s": round(wall_s, 3),
+            "phase_s": {name: round(seconds, 3) for name, seconds in phase_s.items()},
             "sources": run.sources,
             "sources_rejected": run.sources_rejected,
             "clips_kept": run.clips_kept,

@@ -57,7 +57,7 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
         row = source.as_row() | probe_source(source.uri)
         write_source_result(out, row, processor(row) if row["reject_stage"] is None else [])
     result = pack(out, cfg.filters.dedup_hamming, cfg.shards.target_mb)
-    stats = write_stats(out, result, 1.0, "0123456789abcdef", {"reelforge": "test"})
+    stats = write_stats(out, result, 1.0, {}, "0123456789abcdef", {"reelforge": "test"})
     write_report(out, cfg.filters, stats)
     return Path(out.root)
 

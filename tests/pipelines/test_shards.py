@@ -125,6 +125,13 @@ def test_interrupted_pack_is_redone_identically(tmp_path: Path, processed: dict)
     assert ids == pq.read_table(reference.path(MANIFEST), columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids))
 
+    # A crash after the commit but before the work results were deleted: nothing is packed twice.
+    shutil.rmtree(tmp_path / "out" / "_work")
+    shutil.copytree(saved, tmp_path / "out" / "_work")
+    assert pack(out, dedup_hamming=None, target_mb=0.05).sources == 0
+    assert work_keys(out) == set() and not list((tmp_path / "out" / "_work").glob("*.tar"))
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "reference")
+
 
 def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, processed: dict) -> None:
     out = OutputDir(str(tmp_path / "out"))
