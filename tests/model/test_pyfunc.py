@@ -155,3 +155,25 @@ def test_json_requests_through_mlflow_scoring_app(saved_model):
         assert decode_mp4(prediction["video_mp4_base64"]).shape == (prediction["num_frames"], HEIGHT, WIDTH, 3)
     bad = client.post("/invocations", json={"dataframe_records": [{"prompt": "x", "num_frames": 2.5}]})
     assert bad.status_code == 400 and "row 0 column num_frames: expected a whole number, got 2.5" in bad.text
+
+
+@pytest.mark.slow
+def test_model_loads_its_shipped_code_in_a_fresh_process(saved_model, tmp_path):
+    """code_paths=["model"]: another process, started outside the checkout, imports `model` from the
+    copy inside the saved model, not from this repository."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import mlflow.pyfunc, pandas as pd\n"
+        f"m = mlflow.pyfunc.load_model({str(saved_model)!r})\n"
+        "import model\n"
+        "out = m.predict(pd.DataFrame([{'prompt': 'a fox', 'steps': 1, 'num_frames': 2}]))\n"
+        "print(model.__file__, int(out['num_frames'][0]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    module_file, num_frames = done.stdout.split()[-2:]
+    assert Path(module_file).is_relative_to(saved_model / "code") and num_frames == "2"
