@@ -99,7 +99,10 @@ def serving_requirements() -> list[str]:
 def model_signature() -> ModelSignature:
     """Explicit signature: inference from an example would mark every example column required."""
     inputs = Schema(
-        [ColSpec("string" if kind == "string" else AnyType(), name, required=required) for name, kind, required in INPUT_COLUMNS]
+        [
+            ColSpec("string" if kind == "string" else AnyType(), name, required=required)
+            for name, kind, required in INPUT_COLUMNS
+        ]
     )
     outputs = Schema([ColSpec(kind, name) for name, kind in OUTPUT_COLUMNS])
     return ModelSignature(inputs=inputs, outputs=outputs)

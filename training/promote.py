@@ -18,7 +18,9 @@ from training.registry import add_store_args, check_names, run_command, store_ur
 logger = logging.getLogger(__name__)
 
 
-def promote(name: str, alias: str, *, tracking_uri: str, version: int | None = None, from_alias: str | None = None) -> Any:
+def promote(
+    name: str, alias: str, *, tracking_uri: str, version: int | None = None, from_alias: str | None = None
+) -> Any:
     """Point `alias` of model `name` at `version`, or at the version `from_alias` points to now.
     Returns that ModelVersion; the version the alias left is logged."""
     from mlflow import MlflowClient

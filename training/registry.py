@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc inside its run
 BUNDLE_ARTIFACT_DIR = "bundle"  # where training stores the inference bundle among run artifacts
 
+
 def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
     """Log `bundle_dir` as pyfunc artifact `model` of run `run_id`; returns MLflow's ModelInfo.
 
@@ -44,7 +45,13 @@ def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
     import mlflow
     from mlflow import MlflowClient
 
-    from model.pyfunc import VideoGenerationModel, component_artifacts, input_example, model_signature, serving_requirements
+    from model.pyfunc import (
+        VideoGenerationModel,
+        component_artifacts,
+        input_example,
+        model_signature,
+        serving_requirements,
+    )
 
     bundle_dir = Path(bundle_dir)
     artifacts = component_artifacts(bundle_dir)  # raises ValueError naming a dir that is no bundle
@@ -151,7 +158,9 @@ def _log_from_bundle(run_id: str, client: Any, tracking_uri: str, bundle_dir: st
 
 def add_store_args(parser: argparse.ArgumentParser) -> None:
     """--tracking-uri / --out plus --config/--set: the ways to name the MLflow store."""
-    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: mlflow.tracking_uri, $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking/registry URI (default: mlflow.tracking_uri, $MLFLOW_TRACKING_URI)"
+    )
     parser.add_argument("--out", metavar="DIR", help="training output folder whose embedded store (mlflow.db) to use")
     add_config_args(parser)
 

@@ -65,7 +65,9 @@ def resolve_tracking_uri(cfg: MlflowSection, out_dir: str | Path | None) -> str:
     if env_uri:
         return env_uri
     if out_dir is None:
-        raise ValueError("no MLflow tracking store: set mlflow.tracking_uri or MLFLOW_TRACKING_URI, or give the run's output folder")
+        raise ValueError(
+            "no MLflow tracking store: set mlflow.tracking_uri or MLFLOW_TRACKING_URI, or give the run's output folder"
+        )
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
@@ -209,7 +211,9 @@ class Tracker:
             run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
             self.run_id = run.info.run_id
             self._run_start_s = run.info.start_time / 1000
-            logger.info("MLflow run %s started in %s (experiment %s)", self.run_id, self.tracking_uri, self.cfg.experiment)
+            logger.info(
+                "MLflow run %s started in %s (experiment %s)", self.run_id, self.tracking_uri, self.cfg.experiment
+            )
             return self.run_id
         run = self._client.get_run(run_id)  # raises with MLflow's message if the id is unknown to this store
         self.run_id = run_id
@@ -218,7 +222,9 @@ class Tracker:
         if tags:
             self.set_tags(tags)
         self._read_history(run)
-        logger.info("MLflow run %s resumed in %s; last logged step %d", run_id, self.tracking_uri, self.last_logged_step)
+        logger.info(
+            "MLflow run %s resumed in %s; last logged step %d", run_id, self.tracking_uri, self.last_logged_step
+        )
         return run_id
 
     def end(self, status: str = "FINISHED") -> None:
