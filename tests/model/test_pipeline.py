@@ -220,3 +220,30 @@ def test_long_extension_keeps_its_anchor_and_later_windows_depend_on_it(pipeline
     back = _generate(pipeline, mode="extend-backward", video=folder / "a.mp4", overlap_frames=2, seconds=3.0)
     assert back.frames.shape[0] == 24 and torch.equal(back.frames[-2:], clips["a.mp4"][:2])
     assert back.metadata["windows"][0][1] == back.metadata["num_latent_frames"]  # generated backwards
+
+
+def test_causal_vae_bundle_lengths_are_exact(tmp_path, inputs):
+    """The same pipeline over a (tiny, random) Wan VAE: frame counts of the form 1 + 2k, latents
+    decoded once and trimmed to any requested length."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )  # temporal factor 2, spatial factor 4
+    vae.save_pretrained(tmp_path / "wan")
+    cfg = dit_config("tiny", in_channels=4, text_dim=384, depth=1, hidden_size=32, num_heads=2, max_text_tokens=8)
+    path = save_bundle(tmp_path / "bundle", DiT(cfg), cfg, autoencoder=f"wan:{tmp_path / 'wan'}",
+                       text_encoder="minilm", fps=4, num_frames=5, width=16, height=16,
+                       extra={"generation": {"steps": 1, "guidance": 1.0}})
+    wan_pipeline = VideoPipeline(load_bundle(path))
+    assert wan_pipeline.window_latent_frames == 3
+    out = wan_pipeline.generate(GenerationRequest(prompt="a cat", seconds=2.0))
+    assert tuple(out.frames.shape) == (8, 16, 16, 3)  # 9 decoded frames trimmed to 8
+    assert out.metadata["num_latent_frames"] == 5 and out.metadata["windows"] == [(0, 3), (2, 5)]
+    folder, _ = inputs
+    image = wan_pipeline.generate(GenerationRequest(prompt="a cat", mode="image", image=folder / "first.png"))
+    assert image.frames.shape[0] == 5
+    with pytest.raises(ValueError, match="num_frames 4 must be 1 \\+ a multiple of 2"):
+        wan_pipeline.check_request(GenerationRequest(prompt="a cat", num_frames=4))
