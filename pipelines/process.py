@@ -12,7 +12,8 @@ imports Ray):
 
 2. `SourceProcessor(settings, filesystem=None)` is a callable class: expensive setup
    (encoder check, captioner) in `__init__`, then `processor(row) -> list[dict]` for one
-   probe row. `settings` is an `IngestSettings` (scenes, clips, filters, caption sections and
+   probe row; `processor.iter_rows(row)` yields the same rows as each clip finishes.
+   `settings` is an `IngestSettings` (scenes, clips, filters, caption sections and
    `pipeline_version`; picklable, Ray ships it to workers) or a full `ReelforgeConfig`.
    Every returned row has exactly the keys in `CLIP_COLUMNS` (Arrow schema stability):
    `id` = `{sha256[:16]}-{start_ms:08d}-{end_ms:08d}`, `mp4` (H.264 bytes, None unless kept),
@@ -37,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 import av
 import numpy as np
@@ -126,19 +127,26 @@ class SourceProcessor:
         self.scene_threshold = detector_threshold(self.settings.scenes)
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(self.iter_rows(row))
+
+    def iter_rows(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The same rows as `processor(row)`, each yielded as soon as its clip is finished, so a
+        caller that streams them holds only one clip's MP4 bytes (a 1-hour source makes ~180 MiB)."""
         if row.get("reject_stage"):
-            return [self._source_reject(row, row["reject_stage"], row.get("reject_reason") or "rejected", 0.0, row.get("duration_s"))]
+            yield self._source_reject(row, row["reject_stage"], row.get("reject_reason") or "rejected", 0.0, row.get("duration_s"))
+            return
         try:
-            handle = open_source(row["uri"], self.filesystem)
-            with av.open(handle, mode="r", metadata_errors="ignore") as container:
-                return self._process(row, container)
+            container = av.open(open_source(row["uri"], self.filesystem), mode="r", metadata_errors="ignore")
         except _DECODE_ERRORS as exc:
             # Opening failed although the probe succeeded (file changed or vanished meanwhile).
-            return [self._source_reject(row, "decode", f"decode error at 0.0 s: {one_line(exc)}", 0.0, row.get("duration_s"))]
+            yield self._source_reject(row, "decode", f"decode error at 0.0 s: {one_line(exc)}", 0.0, row.get("duration_s"))
+            return
+        with container:
+            yield from self._process(row, container)
 
     # --- the streaming loop ---------------------------------------------------------------
 
-    def _process(self, row: dict[str, Any], container: av.container.InputContainer) -> list[dict[str, Any]]:
+    def _process(self, row: dict[str, Any], container: av.container.InputContainer) -> Iterator[dict[str, Any]]:
         clips_cfg = self.settings.clips
         source_fps = float(row["fps"])
         rotation = normalize_rotation(row.get("rotation"))
@@ -195,8 +203,9 @@ class SourceProcessor:
                 reason = f"decode error at {last_time_s:.1f} s: {one_line(exc)}"
                 logger.warning("%s: %s", row["uri"], reason)
                 end_s = max(row.get("duration_s") or 0.0, last_time_s)
-                out.append(self._source_reject(row, "decode", reason, start_s, end_s))
-                return out
+                yield from out
+                yield self._source_reject(row, "decode", reason, start_s, end_s)
+                return
             decoded += 1
             last_time_s = time_s
             cuts = tracker.push(time_s, detect_bgr)
@@ -206,9 +215,12 @@ class SourceProcessor:
             for cut_s in cuts:
                 close_scene(cut_s)
             commit(tracker.settled_before(time_s))
+            yield from out
+            out.clear()
 
         if decoded == 0:
-            return [self._source_reject(row, "decode", "zero decodable frames", 0.0, row.get("duration_s"))]
+            yield self._source_reject(row, "decode", "zero decodable frames", 0.0, row.get("duration_s"))
+            return
         for cut_s in tracker.finish():
             close_scene(cut_s)
         end_s = last_time_s + 1.0 / source_fps
@@ -221,7 +233,7 @@ class SourceProcessor:
             reason = f"decoding stopped at {end_s:.1f} s of {expected_end_s:.1f} s (truncated or corrupt data)"
             logger.warning("%s: %s", row["uri"], reason)
             out.append(self._source_reject(row, "decode", reason, end_s, expected_end_s))
-        return out
+        yield from out
 
     # --- rows -----------------------------------------------------------------------------
 

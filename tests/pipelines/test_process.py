@@ -239,3 +239,10 @@ def test_late_reporting_detectors_never_put_a_cut_inside_a_clip(videos, detector
     tolerance = 1 / SETTINGS.clips.fps + 1 / row["fps"]
     for clip in rows:
         assert not any(clip["start_s"] + tolerance < cut < clip["end_s"] - tolerance for cut in cuts), (clip["id"], cuts)
+
+
+def test_iter_rows_streams_clips_before_the_source_ends(videos, results, processor):
+    rows = processor.iter_rows(probe_source(str(videos["cuts_h264_320x240_25fps"].path)))
+    first = next(rows)  # the first clip is out while the decoder is still open on the source
+    assert first["id"] == results["cuts_h264_320x240_25fps"][0]["id"]
+    assert [first["id"], *(r["id"] for r in rows)] == [r["id"] for r in results["cuts_h264_320x240_25fps"]]
