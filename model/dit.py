@@ -78,12 +78,12 @@ class DiTConfig:
 # flash-attention sweet spot). Widths and depths follow DiT-S/B and the Wan/HunyuanVideo scaling ladder;
 # parameter counts (checked by tests/model/test_dit.py) are in docs/model.md, "Presets".
 DIT_PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, depth=4, num_heads=4),  # ~1.2M params: CPU tests and the overfit check
-    "small": dict(hidden_size=384, depth=12, num_heads=6),  # ~28M, DiT-S width/depth
-    "base": dict(hidden_size=768, depth=12, num_heads=12),  # ~113M, DiT-B
-    "1b": dict(hidden_size=1536, depth=28, num_heads=12),  # ~1.06B
-    "3b": dict(hidden_size=2560, depth=28, num_heads=20),  # ~2.95B
-    "7b": dict(hidden_size=4096, depth=26, num_heads=32),  # ~7.0B
+    "tiny": dict(hidden_size=192, depth=4, num_heads=6),  # 2.9M params (pixel AE + MiniLM): CPU tests, overfit check
+    "small": dict(hidden_size=384, depth=12, num_heads=6),  # 30M, DiT-S width/depth
+    "base": dict(hidden_size=768, depth=12, num_heads=12),  # 119M, DiT-B
+    "1b": dict(hidden_size=1536, depth=28, num_heads=12),  # 1.08B
+    "3b": dict(hidden_size=2560, depth=28, num_heads=20),  # 3.0B
+    "7b": dict(hidden_size=4096, depth=26, num_heads=32),  # 7.13B with T5-XXL text (4096 wide)
 }
 
 
