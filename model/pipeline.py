@@ -173,7 +173,8 @@ class VideoPipeline:
         if mode == "text" and not request.prompt.strip():
             raise ValueError("an empty prompt needs an image or video to condition on (mode text)")
 
-        width, height = request.width or self.default_size[0], request.height or self.default_size[1]
+        width = request.width if request.width is not None else self.default_size[0]
+        height = request.height if request.height is not None else self.default_size[1]
         cell_h, cell_w = ae.spatial_factor * self.patch_size[1], ae.spatial_factor * self.patch_size[2]
         if width < 1 or height < 1 or width % cell_w or height % cell_h:
             raise ValueError(

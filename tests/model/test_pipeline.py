@@ -148,6 +148,7 @@ def test_plan_windows_forward_backward_and_anchored_ends():
         (dict(mode="image", image="/nope/missing.png"), "image file not found: '/nope/missing.png'"),
         (dict(image="x.png"), "mode 'text' takes no image"),
         (dict(width=30), "size 30x32 must be positive multiples of 8x8"),
+        (dict(height=0), "size 32x0 must be positive"),
         (dict(num_frames=9), "num_frames 9 must be in \\[1, 8\\]"),
         (dict(num_frames=0), "num_frames 0 must be in"),
         (dict(num_frames=4, seconds=1.0), "not both"),
