@@ -304,10 +304,9 @@ class VideoPipeline:
                 # Repeated to the frames one latent frame holds (1 for causal VAEs and the default pixel AE).
                 return [self._encode_frames(image.unsqueeze(0).expand(ae.pixel_frames(1), -1, -1, -1))], None
             case "extend" | "extend-backward" | "connect":
-                video = read_video(plan.video, fps=self.fps, size=size)  # (T, H, W, 3)
-                _require_frames(video, anchor_frames, plan.video)
-                tail = video[-anchor_frames:] if plan.mode != "extend-backward" else video[:anchor_frames]
-                sources = [self._encode_frames(tail)]
+                # Only the frames next to the join are read into memory, however long the video.
+                held = {"last_frames": anchor_frames} if plan.mode != "extend-backward" else {"num_frames": anchor_frames}
+                sources = [self._encode_frames(read_video(plan.video, fps=self.fps, size=size, **held))]
                 if plan.mode == "connect":
                     video2 = read_video(plan.video2, fps=self.fps, num_frames=anchor_frames, size=size)
                     sources.append(self._encode_frames(video2))
@@ -400,8 +399,3 @@ class VideoPipeline:
             case "connect":
                 return [(0, held), (F - held, F)]
         return []
-
-
-def _require_frames(video: torch.Tensor, needed: int, path: Path) -> None:
-    if video.shape[0] < needed:
-        raise ValueError(f"video {str(path)!r} has {video.shape[0]} frames at the model's fps, {needed} needed")

@@ -10,8 +10,11 @@ Decoding and encoding use PyAV (FFmpeg). Resizing goes through FFmpeg's swscale 
 
 from __future__ import annotations
 
+import collections
 import io
+import itertools
 import logging
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -62,6 +65,7 @@ def read_video(
     path_or_bytes: str | Path | bytes,
     *,
     num_frames: int | None = None,
+    last_frames: int | None = None,
     fps: float | None = None,
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
@@ -72,10 +76,15 @@ def read_video(
     size: (width, height) of the output; the frame is scaled to cover it and center-cropped.
     num_frames: return exactly the first `num_frames` frames (after resampling); a video with
         fewer frames is an error, never silently padded.
+    last_frames: return exactly the last `last_frames` frames; only those are converted to RGB and
+        held, so extending a long video does not hold the whole video in memory.
     """
     name, source = _open_source(path_or_bytes)
-    if num_frames is not None and num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    for label, value in (("num_frames", num_frames), ("last_frames", last_frames)):
+        if value is not None and value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    if num_frames is not None and last_frames is not None:
+        raise ValueError("give num_frames or last_frames, not both")
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     try:
@@ -89,62 +98,57 @@ def read_video(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads: decoding dominates reading time
         try:
-            if fps is None:
-                for frame in container.decode(stream):
-                    frames.append(_frame_to_rgb(frame, size))
-                    if num_frames is not None and len(frames) == num_frames:
-                        break
-            else:
-                frames = _decode_resampled(container, stream, fps, size, num_frames)
+            selected = container.decode(stream)
+            if fps is not None:
+                selected = _sample_and_hold(selected, fps, _frame_interval_s(stream, fps))
+            if num_frames is not None:
+                selected = itertools.islice(selected, num_frames)
+            if last_frames is not None:
+                selected = collections.deque(selected, maxlen=last_frames)  # decoded frames, not yet RGB
+            # Upsampling repeats a source frame: convert it once.
+            previous, previous_rgb = None, None
+            for frame in selected:
+                if frame is not previous:
+                    previous, previous_rgb = frame, _frame_to_rgb(frame, size)
+                frames.append(previous_rgb)
         except av.FFmpegError as exc:
             raise ValueError(f"cannot decode video {name}: {exc}") from exc
     if not frames:
         raise ValueError(f"no frames decoded from {name}")
-    if num_frames is not None and len(frames) < num_frames:
-        raise ValueError(f"video {name} has {len(frames)} frames, {num_frames} needed")
+    needed = num_frames or last_frames
+    if needed is not None and len(frames) < needed:
+        raise ValueError(f"video {name} has {len(frames)} frames, {needed} needed")
     return torch.from_numpy(np.stack(frames))  # (T, H, W, 3)
 
 
-def _decode_resampled(
-    container: av.container.InputContainer,
-    stream: av.VideoStream,
-    fps: float,
-    size: tuple[int, int] | None,
-    num_frames: int | None,
-) -> list[np.ndarray]:
-    """Sample-and-hold resampling while decoding: a source frame is converted to RGB only when
-    some output time falls inside the interval it covers, so downsampling skips the conversions."""
-    out: list[np.ndarray] = []
+def _frame_interval_s(stream: av.VideoStream, fps: float) -> float:
+    """How long the last frame lasts: one source frame interval (the target's when unknown)."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(1 / rate) if rate else 1.0 / fps
+
+
+def _sample_and_hold(
+    frames: Iterator[av.VideoFrame], fps: float, last_frame_s: float
+) -> Iterator[av.VideoFrame]:
+    """Resample decoded frames to `fps`: output time k/fps (from the first frame's time) takes the
+    latest source frame at or before it, so a source frame is repeated or skipped, never blended."""
     step_s = 1.0 / fps
-    start_s: float | None = None
+    start_s = 0.0
     held: av.VideoFrame | None = None
-    held_rgb: np.ndarray | None = None
-    last_time_s = 0.0
-
-    def emit_until(limit_s: float) -> bool:
-        """Emit the held frame for every output time < limit_s; True once num_frames are out."""
-        nonlocal held_rgb
-        while start_s + len(out) * step_s < limit_s - _TIME_EPS_S:
-            if held_rgb is None:
-                held_rgb = _frame_to_rgb(held, size)
-            out.append(held_rgb)
-            if num_frames is not None and len(out) == num_frames:
-                return True
-        return False
-
-    for frame in container.decode(stream):
-        time_s = frame.time if frame.time is not None else last_time_s + step_s
+    held_time_s = 0.0
+    emitted = 0
+    for frame in frames:
+        time_s = frame.time if frame.time is not None else held_time_s + step_s
         if held is None:
             start_s = time_s
-        elif emit_until(time_s):
-            return out
-        held, held_rgb, last_time_s = frame, None, time_s
+        while held is not None and start_s + emitted * step_s < time_s - _TIME_EPS_S:
+            yield held
+            emitted += 1
+        held, held_time_s = frame, time_s
     if held is not None:
-        # The last frame lasts one source frame interval.
-        rate = stream.average_rate or stream.guessed_rate
-        frame_s = float(1 / rate) if rate else step_s
-        emit_until(last_time_s + frame_s)
-    return out
+        while start_s + emitted * step_s < held_time_s + last_frame_s - _TIME_EPS_S:
+            yield held
+            emitted += 1
 
 
 def read_image(path: str | Path, *, size: tuple[int, int] | None = None) -> torch.Tensor:

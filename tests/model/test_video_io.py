@@ -49,6 +49,9 @@ def test_resample_fps_and_resize(tmp_path):
     assert fast.shape[0] == 32 and torch.equal(fast[2], full[1]) and torch.equal(fast[3], full[1])
     small = read_video(path, size=(16, 16), num_frames=3)
     assert tuple(small.shape) == (3, 16, 16, 3)
+    assert torch.equal(read_video(path, last_frames=3), full[-3:])
+    assert torch.equal(read_video(path, fps=4, last_frames=2), slow[-2:])
+    assert torch.equal(read_video(path, fps=32, last_frames=3), fast[-3:])
 
 
 def test_bad_video_inputs_give_one_line_errors(tmp_path):
@@ -62,6 +65,8 @@ def test_bad_video_inputs_give_one_line_errors(tmp_path):
     write_mp4(_moving_square(4), 8, path)
     with pytest.raises(ValueError, match="has 4 frames, 10 needed"):
         read_video(path, num_frames=10)
+    with pytest.raises(ValueError, match="has 4 frames, 5 needed"):
+        read_video(path, last_frames=5)
     with pytest.raises(ValueError, match="even width and height"):
         write_mp4(np.zeros((2, 15, 16, 3), np.uint8), 8, None)
 
