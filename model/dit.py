@@ -48,7 +48,9 @@ class DiTConfig:
     # (pt, ph, pw) latent cells per token; pt = 1 keeps one timestep per latent frame (exact conditioning)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     mlp_ratio: float = 4.0  # MLP hidden width / D (GELU MLP as in DiT)
-    max_text_tokens: int = 77  # longest text sequence accepted; also the length of the learned null-text table
+    # Longest text sequence accepted (and the length of the learned null-text table): 256 holds a dense
+    # recaption (~200 words) and is MiniLM's limit; T5 prompts are truncated to it by the trainer.
+    max_text_tokens: int = 256
     qk_norm: bool = True  # RMSNorm on queries and keys: bounded logits in bf16 at large D (ViT-22B, SD3)
     rope_theta: float = 10000.0  # RoPE base; positions are integer latent-grid indices along t, h, w
     frequency_embedding_size: int = 256  # sinusoidal timestep features before the timestep MLP (DiT)

@@ -200,7 +200,7 @@ def test_forward_rejects_bad_inputs():
 def test_preset_param_counts_on_meta_device():
     counts = {name: count_params(name, in_channels=16, text_dim=4096) for name in DIT_PRESETS}
     assert counts["tiny"] < 5e6
-    # Named sizes within 10% of their name (the 7b lands at 7.13e9 with a T5-XXL text projection).
+    # Named sizes within 10% of their name (the 7b lands at 7.14e9 with a T5-XXL text projection).
     for name, target in [("1b", 1e9), ("3b", 3e9), ("7b", 7e9)]:
         assert abs(counts[name] - target) / target < 0.10, (name, counts[name])
     sizes = [counts[n] for n in ("tiny", "small", "base", "1b", "3b", "7b")]
