@@ -152,9 +152,16 @@ def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_w
         num_cpus=1,
     )
     started = time.monotonic()
-    for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
-        if summary["rejected"]:
-            logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+    try:
+        for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
+            if summary["rejected"]:
+                logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+    except Exception as exc:  # a worker died past Ray's retries (OOM kill, crash inside FFmpeg)
+        logger.exception("processing stopped")
+        raise SystemExit(
+            f"ingest: processing stopped ({_one_line(exc)[:300]}); finished sources are kept in "
+            f"{out.path('_work')}, rerun the same command to resume"
+        ) from None
     phase_s["process"] = time.monotonic() - started
     logger.info("processed %d sources in %.1f s", num_good, phase_s["process"])
 
