@@ -8,7 +8,8 @@ laptop folder and a bucket. Rules:
   if it is not a video the probe stage rejects it with a reason.
 * Folders and globs keep only files with a video extension (`VIDEO_EXTENSIONS`, case
   insensitive; generous on purpose: `.m4a` and `.ogg` are MP4/Ogg containers that may hold
-  video, and one that does not is rejected by probe with "no video stream", which is worth seeing). Sidecars (`.txt`, `.json`, `.srt`) are never sources, and names starting with
+  video, and one that does not is rejected by probe with "no video stream", which is worth
+  seeing). Sidecars (`.txt`, `.json`, `.srt`) are never sources, and names starting with
   "." are skipped (editor swap files, macOS `._clip.mp4` resource forks).
 * A SRC that does not exist is an error naming it (a typo must not silently shrink a run);
   a folder or glob without videos only logs a warning, but no videos at all is an error.

@@ -116,7 +116,9 @@ def run_ingest(cfg: ReelforgeConfig, sources: list[SourceFile], out: OutputDir, 
     return stats
 
 
-def _process(cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None, phase_s: dict[str, float]) -> None:
+def _process(
+    cfg: ReelforgeConfig, todo: list[SourceFile], out: OutputDir, num_workers: int | None, phase_s: dict[str, float]
+) -> None:
     import ray
     from ray.data.expressions import col
     from tqdm import tqdm
@@ -202,8 +204,9 @@ def summary_table(stats: dict[str, Any]) -> str:
          f"{stats['sources']['ok']} / {stats['sources']['rejected']}"),
         ("clips kept", str(run["clips_kept"]), str(stats["clips"]["kept"])),
     ]  # fmt: skip
-    stages = sorted(set(run["rejected_by_stage"]) | set(stats["clips"]["rejected_by_stage"]) | set(stats["sources_rejected_by_stage"]))
-    total_by_stage = {s: stats["clips"]["rejected_by_stage"].get(s, 0) + stats["sources_rejected_by_stage"].get(s, 0) for s in stages}
+    clip_stages, source_stages = stats["clips"]["rejected_by_stage"], stats["sources_rejected_by_stage"]
+    stages = sorted(set(run["rejected_by_stage"]) | set(clip_stages) | set(source_stages))
+    total_by_stage = {s: clip_stages.get(s, 0) + source_stages.get(s, 0) for s in stages}
     for stage in stages:
         rows.append((f"rejected: {stage}", str(run["rejected_by_stage"].get(stage, 0)), str(total_by_stage[stage])))
     rows += [

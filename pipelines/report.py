@@ -109,9 +109,9 @@ def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, bounds: list[t
         k_h, r_h = k / tallest * plot_h, r / tallest * plot_h
         base = PAD + plot_h
         if k:
-            shapes.append(f'<rect class="bar kept" x="{x:.1f}" y="{base - k_h:.1f}" width="{bar_w - 1:.1f}" height="{k_h:.1f}"/>')
+            shapes.append(_bar("kept", x, base - k_h, bar_w - 1, k_h))
         if r:
-            shapes.append(f'<rect class="bar rejected" x="{x:.1f}" y="{base - k_h - r_h:.1f}" width="{bar_w - 1:.1f}" height="{r_h:.1f}"/>')
+            shapes.append(_bar("rejected", x, base - k_h - r_h, bar_w - 1, r_h))
     for label, value in bounds:
         x = x_of(value)
         shapes.append(
@@ -132,6 +132,10 @@ def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, bounds: list[t
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}" viewBox="0 0 {SVG_W} {SVG_H}">'
         f"{axis}{''.join(shapes)}</svg><figcaption>{html.escape(caption)}</figcaption></figure>"
     )
+
+
+def _bar(kind: str, x: float, y: float, width: float, height: float) -> str:
+    return f'<rect class="bar {kind}" x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{height:.1f}"/>'
 
 
 def _reasons(rejects: pa.Table | None) -> str:
@@ -171,7 +175,9 @@ def _thumbnails(samples: pa.Table | None) -> str:
             data = base64.b64encode(row["thumbnail"]).decode()
             tip = html.escape(row["id"] + (f" — {row['reason']}" if row["reason"] else ""))
             images.append(f'<img class="thumb" alt="{tip}" title="{tip}" src="data:image/jpeg;base64,{data}">')
-        parts.append(f'<section class="thumbs" data-group="{html.escape(group)}"><h3>{html.escape(title)}</h3>{"".join(images)}</section>')
+        parts.append(
+            f'<section class="thumbs" data-group="{html.escape(group)}"><h3>{html.escape(title)}</h3>{"".join(images)}</section>'
+        )
     return "\n".join(parts)
 
 

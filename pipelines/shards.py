@@ -349,7 +349,9 @@ def _delete_work(out: OutputDir, key: str) -> None:
     out.delete(f"{WORK_DIR}/{key}.tar")
 
 
-def _dedup_reason(row: dict[str, Any], seen_ids: set[str], index: NearDuplicateIndex, dedup_hamming: int | None) -> tuple[str, int | None] | None:
+def _dedup_reason(
+    row: dict[str, Any], seen_ids: set[str], index: NearDuplicateIndex, dedup_hamming: int | None
+) -> tuple[str, int] | None:
     """(reason, distance) when a kept clip repeats an earlier one, else None (and it joins the index)."""
     if row.get("status") != "kept":
         return None
@@ -395,7 +397,9 @@ def _source_reject(source: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _clip_reject(source: dict[str, Any], row: dict[str, Any], dedup: tuple[str, int | None] | None, dedup_hamming: int | None) -> dict[str, Any]:
+def _clip_reject(
+    source: dict[str, Any], row: dict[str, Any], dedup: tuple[str, int] | None, dedup_hamming: int | None
+) -> dict[str, Any]:
     if dedup is not None:
         stage, reason, score, threshold = "dedup", dedup[0], dedup[1], dedup_hamming
     else:

@@ -156,17 +156,22 @@ def test_changed_config_refuses_to_mix_unless_new_output(clean_run: Path, footag
 
 
 @pytest.mark.slow
-def test_sigkill_midway_then_rerun_gives_the_clean_result(clean_run: Path, footage: dict[str, Path], tmp_path: Path, ray_local) -> None:
+def test_sigkill_midway_then_rerun_gives_the_clean_result(
+    clean_run: Path, footage: dict[str, Path], tmp_path: Path, ray_local
+) -> None:
     out = tmp_path / "out"
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "pipelines.ingest", str(footage["src"]), "--out", str(out), *ARGS]
-    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A session of its own: the kill takes the driver and anything it started, never this test.
+    log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run we wait on
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)
     num_bad = sum(1 for name in footage if name.startswith("bad_"))
     deadline = time.monotonic() + 120
     try:
         # Kill once the first processed source's result is in (the probe rejects are written first).
         while len(list((out / "_work").glob("*.parquet"))) <= num_bad:
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "no per-source result appeared"
             time.sleep(0.02)
     finally:
