@@ -129,6 +129,10 @@ def _process(
         phase_s["ray_init"] = time.monotonic() - started
         logger.info("Ray ready in %.1f s", phase_s["ray_init"])
     workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    alive_nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if alive_nodes > 1 and out.is_local:
+        # Actors write work results where they run; the driver packs from its own disk.
+        logger.warning("%d Ray nodes but --out %s is a local path: it must be a shared mount on every node", alive_nodes, out.uri)
     # One source per block: sources are the unit of work and of resume.
     items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
     # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.

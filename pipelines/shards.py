@@ -87,6 +87,10 @@ class OutputDir:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
         self.root = self.root.rstrip("/")
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def __reduce__(self) -> tuple[type, tuple[str]]:
         return (OutputDir, (self.uri,))
 
