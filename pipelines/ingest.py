@@ -151,10 +151,14 @@ def _process(
         write_source_result(out, dict(row), [])
     good = probed.filter(expr=col("reject_stage").is_null())
     num_good = good.count()
+    if num_good == 0:
+        return
     results = good.map(
         ProcessSource,
         fn_constructor_args=(ingest_settings(cfg), out),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        # A fixed pool: the number of sources is known, so start every actor at once instead of
+        # letting the autoscaler add them one backlog check at a time.
+        compute=ray.data.ActorPoolStrategy(size=min(workers, num_good)),
         num_cpus=1,
     )
     started = time.monotonic()
