@@ -91,3 +91,10 @@ def uniform_clips(count: int, *, num_frames: int = 12, fps: float = 8.0, width: 
 def tiny_shards(tmp_path_factory) -> Path:
     """16 clips of 12 frames at 8 fps, 32x32, 4 per shard: the training tests' dataset."""
     return write_shards(tmp_path_factory.mktemp("shards"), uniform_clips(16), clips_per_shard=4)
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One MLflow SQLite store for all training tests: creating its schema costs ~7 s per store.
+    Tests keep their runs apart by experiment name."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

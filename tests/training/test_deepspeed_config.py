@@ -69,3 +69,14 @@ def test_scheduler_follows_lr_lambda():
         assert scheduler.get_last_lr()[0] == pytest.approx(expected)
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("preset", ["train/tiny", "train/small", "train/1b"])
+def test_every_training_preset_validates_and_deepspeed_accepts_it(preset):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config(preset)
+    ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size=1)
+    assert DeepSpeedConfig(ds).zero_optimization_stage == cfg.deepspeed.zero_stage
+    batch_sizes = cfg.model.bucket_shapes()
+    assert batch_sizes[0] == (cfg.model.num_frames, cfg.model.width, cfg.model.height)

@@ -137,15 +137,15 @@ def mlflow_losses(tracking_uri: str, run_id: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def killed_run(ray_local, tiny_shards, tmp_path_factory):
+def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
     """`reelforge train` (a real CLI process on the test's Ray) whose rank-1 worker is SIGKILLed
     after the first checkpoint; Ray restarts the group from it."""
     out = tmp_path_factory.mktemp("killed") / "run"
-    tracking_uri = f"sqlite:///{out.parent / 'mlflow.db'}"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     command = [
         sys.executable, "-m", "training.train", "--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out),
         "--no-register", *[arg for item in RUN for arg in ("--set", item)], "--set", f"mlflow.tracking_uri={tracking_uri}",
+        "--set", "mlflow.experiment=test-killed",
     ]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     pid_file = out / "workers" / "rank-1.pid"
@@ -174,7 +174,7 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_max_steps(killed_run,
     assert restarted_pid != killed_run["killed_pid"]  # the group really restarted
     run_id = next(line.split("|")[2].strip() for line in output.splitlines() if line.startswith("| mlflow_run_id"))
     client = MlflowClient(killed_run["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("reelforge").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("test-killed").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the restart continued the same run
     assert runs[0].info.status == "FINISHED"
     losses = mlflow_losses(killed_run["tracking_uri"], run_id)
@@ -202,7 +202,7 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
     cfg = load_config(
         "train/tiny",
         [*RUN, "train.max_steps=28", "scaling.num_workers=1", "train.data_workers=2",
-         f"mlflow.tracking_uri={killed_run['tracking_uri']}"],
+         f"mlflow.tracking_uri={killed_run['tracking_uri']}", "mlflow.experiment=test-killed"],
     )
     out = tmp_path / "resumed"
     summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint), register=False)
