@@ -128,10 +128,10 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
     assert rc == 2 and len(error_lines(err)) == 1 and "models:/fox@nope" in error_lines(err)[0]
 
 
-def test_register_without_model_or_bundle_fails_in_one_line(tmp_path, capsys):
+def test_register_without_model_or_bundle_fails_in_one_line(tracking_uri, tmp_path, capsys):
     from training import registry
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = tracking_uri  # the training tests' shared store (conftest): a new schema costs seconds
     run_id = finished_training_run(uri, tmp_path, bundle=None)
     rc, _, err = cli(registry, ["--run-id", run_id, "--name", "fox", "--tracking-uri", uri], capsys)
     assert rc == 2 and len(error_lines(err)) == 1
