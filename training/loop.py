@@ -81,6 +81,11 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.local_rank = context.get_local_rank()
 
+    def configure_logging(self) -> None:
+        # Ray Train V2 already gives the root logger a console and a per-run file handler; adding
+        # ours would print every line twice. Only the level is ours: warnings only off rank 0.
+        logging.getLogger().setLevel(logging.INFO if self.rank == 0 else logging.WARNING)
+
     def init_distributed(self, backend: str) -> None:
         import deepspeed
 
@@ -111,6 +116,9 @@ class TorchrunSession:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    def configure_logging(self) -> None:
+        setup_logging(rank=self.rank)
 
     def init_distributed(self, backend: str) -> None:
         import deepspeed
@@ -151,7 +159,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     cfg = args.config
     out = Path(args.out)
     rank, world_size = session.rank, session.world_size
-    setup_logging(rank=rank)
+    session.configure_logging()
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     if cfg.scaling.use_gpu and not use_gpu:
         raise RuntimeError("scaling.use_gpu=true but this worker sees no CUDA device")
@@ -387,18 +395,27 @@ def _format_eta(seconds: float) -> str:
 # --- torchrun entry ---------------------------------------------------------------------------
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments `reelforge train` and `torchrun -m training.loop` share."""
+    add_config_args(parser)
+    parser.add_argument("--data", required=True, help="ingest output folder (local path or pyarrow URI such as s3://...)")
+    parser.add_argument("--out", help="output folder (default ./runs/<config name>)")
+    parser.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from (same MLflow run)")
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    return Path(args.out or Path("runs") / (Path(args.config).stem if args.config else "default"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`torchrun --nproc_per_node N -m training.loop --config F --data SHARDS [--out DIR] [--resume CKPT]`."""
     parser = argparse.ArgumentParser(prog="python -m training.loop", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--data", required=True, help="ingest output folder (local path or pyarrow URI)")
-    parser.add_argument("--out", help="output folder (default ./runs/<config name>)")
-    parser.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from")
+    add_run_args(parser)
     args = parser.parse_args(argv)
     session = TorchrunSession()
     setup_logging(rank=session.rank)
     cfg = config_from_args(args)
-    out = args.out or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    out = str(default_out(args))
     if args.resume is not None:
         try:
             read_trainer_state(args.resume)

@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash, flatten
+from infra.config import ReelforgeConfig, config_from_args, config_hash, flatten
 from infra.logs import setup_logging
 from training.checkpoint import read_trainer_state
 from training.data import ClipIndex, read_clip_index, usable_clips
-from training.loop import BUNDLE_DIR, WorkerArgs
+from training.loop import BUNDLE_DIR, WorkerArgs, add_run_args, default_out
 
 logger = logging.getLogger(__name__)
 
@@ -291,15 +291,12 @@ def train(cfg: ReelforgeConfig, data: str, out: Path, resume: str | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reelforge train", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    parser.add_argument("--data", required=True, help="ingest output folder (local path or pyarrow URI such as s3://...)")
-    parser.add_argument("--out", help="output folder (default ./runs/<config name>)")
-    parser.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from (same MLflow run)")
+    add_run_args(parser)
     parser.add_argument("--no-register", dest="register", action="store_false", help="skip MLflow model registration")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_from_args(args)
-    out = Path(args.out or Path("runs") / (Path(args.config).stem if args.config else "default"))
+    out = default_out(args)
     try:
         summary = train(cfg, args.data, out, args.resume, register=args.register)
     except PreflightError as exc:

@@ -167,3 +167,32 @@ def test_text_embeddings_are_computed_once_per_caption():
     assert torch.equal(text[0], text[2]) and cache.misses == 2 and cache.hits == 1
     again, _ = cache.embed(["a blue whale swimming slowly"])
     assert cache.misses == 2 and torch.equal(again[0, : mask[1].sum()], text[1, : mask[1].sum()])
+
+
+@pytest.mark.slow
+def test_reads_real_ingest_output(ray_local, tmp_path):
+    """The contract end to end: `reelforge ingest` output (not our fixture writer) streams into batches."""
+    from fractions import Fraction
+
+    from pipelines.footage import FootageSpec, varied_shots, write_video
+    from pipelines.ingest import main as ingest
+
+    src = tmp_path / "src"
+    for i in range(2):
+        shots = varied_shots([("moving", 2.5), ("moving", 2.5)], offset=4 * i)
+        write_video(FootageSpec(f"v{i}", "mp4", "libx264", 96, 64, Fraction(12), shots), src / f"v{i}.mp4")
+    out = tmp_path / "shards"
+    settings = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=48x32",
+                "shards.target_mb=0.01", "caption.backend=metadata"]  # fmt: skip
+    assert ingest([str(src), "--out", str(out), *[a for s in settings for a in ("--set", s)]]) == 0
+
+    index = read_clip_index(str(out))
+    model = ModelSection(fps=8, num_frames=8, size="48x32")
+    usable = set(usable_clips(index, model).nonzero()[0].tolist())
+    assert len(index) >= 2 and usable
+    dataset = ClipBatches(index, model, batch_size=1, seed=0, rank=0, world_size=1)
+    seen = Counter()
+    for batch in itertools.islice(iter(make_loader(dataset, data_workers=0)), len(index) * 2):
+        assert tuple(batch["frames"].shape) == (1, 8, 32, 48, 3) and batch["captions"][0]
+        seen.update(zip(batch["epochs"], batch["indices"]))
+    assert max(seen.values()) == 1 and {i for e, i in seen if e == 0} == usable
