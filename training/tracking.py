@@ -249,8 +249,10 @@ class Tracker:
     # -- params, tags --
 
     def log_params(self, flat_config: dict[str, Any]) -> None:
-        """Log `{"train.lr": 1e-4, ...}`. Values over MLflow's limit are cut (the full config is an
-        artifact); on resume, params already logged are left alone and changed ones are reported."""
+        """Log `{"train.lr": 1e-4, ...}` as params, and in full as artifact `config.json` (values over
+        MLflow's length limit are cut in the params only). On resume, params already logged stay (MLflow
+        params are immutable); a changed setting is reported and the new config saved beside the first
+        as `config-resumed-<unix time>.json`."""
         if not self.active or self.run_id is None:
             return
         from mlflow.entities import Param
@@ -271,7 +273,12 @@ class Tracker:
             params.append(Param(key, text))
         for start in range(0, len(params), PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=params[start : start + PARAMS_PER_BATCH])
+        full = {key: value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+                for key, value in flat_config.items()}  # fmt: skip
+        if not existing:
+            self._client.log_dict(self.run_id, full, "config.json")
         if changed:
+            self._client.log_dict(self.run_id, full, f"config-resumed-{int(time.time())}.json")
             logger.warning("resumed run %s keeps its first params; changed now: %s", self.run_id, "; ".join(changed))
 
     def set_tags(self, tags: dict[str, str]) -> None:

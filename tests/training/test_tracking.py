@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import time
@@ -97,7 +98,7 @@ def test_resume_continues_same_run_and_never_logs_a_step_twice(out_dir):
 
 
 @pytest.mark.slow
-def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, caplog):
+def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, tmp_path, caplog):
     from infra.config import flatten, load_config
 
     cfg = load_config(None, ["train.lr=0.0003", "registry.model_name=fox"])
@@ -119,9 +120,16 @@ def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, caplog
     with caplog.at_level(logging.WARNING, logger="training.tracking"):
         resumed.log_params(flat | {"train.lr": "0.001", "train.new_key": 3})
     resumed.end()
-    params = _client(resumed).get_run(run_id).data.params
+    client = _client(resumed)
+    params = client.get_run(run_id).data.params
     assert params["train.lr"] == "0.0003" and params["train.new_key"] == "3"
     assert "train.lr: '0.0003' -> '0.001'" in caplog.text
+    # the full configs, uncut, as artifacts: the first one and the changed one of the resume
+    first = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
+    assert first["notes"] == flat["notes"] and first["train.lr"] == 0.0003
+    (resumed_name,) = [a.path for a in client.list_artifacts(run_id) if a.path.startswith("config-resumed-")]
+    second = json.loads(Path(client.download_artifacts(run_id, resumed_name, str(tmp_path))).read_text())
+    assert second["train.lr"] == "0.001" and second["train.new_key"] == 3
 
 
 @pytest.mark.slow
