@@ -215,7 +215,16 @@ class Tracker:
                 "MLflow run %s started in %s (experiment %s)", self.run_id, self.tracking_uri, self.cfg.experiment
             )
             return self.run_id
-        run = self._client.get_run(run_id)  # raises with MLflow's message if the id is unknown to this store
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:
+            # typically a checkpoint moved to another machine whose default store is a fresh SQLite file
+            raise ValueError(
+                f"MLflow run {run_id} (from the checkpoint) is not in {self.tracking_uri}; "
+                "set mlflow.tracking_uri to the store the run was started in"
+            ) from None
         self.run_id = run_id
         self._run_start_s = run.info.start_time / 1000
         self._client.update_run(run_id, status="RUNNING")

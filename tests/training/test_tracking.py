@@ -186,6 +186,13 @@ def test_goodput_counts_checkpoint_time_and_restart_gap(out_dir):
     assert metrics["goodput/fraction"] == pytest.approx(1 - lost / metrics["goodput/wall_s"], abs=0.05)
 
 
+@pytest.mark.slow
+def test_resuming_a_run_the_store_lacks_names_both(out_dir):
+    tracker = Tracker(MlflowSection(experiment="missing"), out_dir)
+    with pytest.raises(ValueError, match=r"MLflow run 0123abcd \(from the checkpoint\) is not in sqlite:///.*mlflow.db"):
+        tracker.start_or_resume("0123abcd")
+
+
 def test_restart_lost_subtracts_steps_trained_in_the_gap():
     # 100 s gap, 20 new steps at 2 s/step were real work: 60 s lost
     assert restart_lost_s(1000.0, 50, 1100.0, 70, 2.0) == pytest.approx(60.0)
