@@ -55,7 +55,9 @@ INPUT_COLUMNS: list[tuple[str, str, bool]] = [
     ("image", "string", False),
     ("video", "string", False),
     ("video2", "string", False),  # the second clip for mode=connect
-    ("num_frames", "integer", False),
+    ("num_frames", "integer", False),  # one window, up to the trained length
+    ("seconds", "number", False),  # any duration instead: overlapped windows, round(seconds * fps) frames
+    ("overlap_frames", "integer", False),  # frames shared between windows / taken from input videos
     ("width", "integer", False),
     ("height", "integer", False),
     ("steps", "integer", False),

@@ -110,12 +110,13 @@ def test_loaded_pyfunc_predicts_decodable_videos(saved_model):
         [
             {"prompt": "a red fox running through snow", "num_frames": 2, "width": 32, "height": 32, "steps": 2, "seed": 7},
             {"prompt": "the same fox, a painting", "steps": 1, "mode": "image", "image": base64.b64encode(png.getvalue()).decode()},
+            {"prompt": "a long fox", "steps": 1, "seconds": 1.5},  # longer than trained: overlapped windows
         ]
     )
     out = model.predict(requests)
-    assert list(out["num_frames"]) == [2, FRAMES]
+    assert list(out["num_frames"]) == [2, FRAMES, 12]  # 1.5 s at the bundle's 8 fps
     assert list(out["seed"])[0] == 7 and 0 <= out["seed"][1] < 2**31  # no seed given: a random one, reported
-    assert list(out["mode"]) == ["text", "image"]
+    assert list(out["mode"]) == ["text", "image", "text"]
     for row in out.itertuples():
         frames = decode_mp4(row.video_mp4_base64)
         assert frames.shape == (row.num_frames, row.height, row.width, 3)
