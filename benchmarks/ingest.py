@@ -11,6 +11,9 @@ Methods, each over the same synthetic H.264 footage with the same number of work
   (d) reelforge ingest   the real command in a subprocess (own local Ray; start-up included),
                          `caption.backend=none`, default clips (256x256, 24 fps, 2-10 s), and
                          `filters.mode=score` so every clip is encoded like (c) splits every scene
+  (d') the same run's processing phase alone (from its stats.json phase timings)
+  (e) pipelines.process.SourceProcessor in the same process pool as (a)-(c): the stage code
+                         without Ray, to tell job overhead from per-frame cost
 
 Peak RSS is sampled every 50 ms over the whole process tree of each method. (d) is run
 again on one long source (`--long-seconds`, drawn at a small size so it encodes quickly),
@@ -43,6 +46,9 @@ from infra.logs import setup_logging  # noqa: E402
 from pipelines.footage import FootageSpec, varied_shots, write_video  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ingest")
+
+# (d): no captions, and score-only filters so every clip is encoded, as (c) writes every scene.
+INGEST_SETTINGS = ["caption.backend=none", "filters.mode=score"]
 
 
 # --- footage -----------------------------------------------------------------------------
@@ -100,6 +106,16 @@ def scenedetect_split(path: str, out_dir: str) -> int:
     return len(scenes)
 
 
+def process_source(path: str) -> int:
+    """The ingest's per-source stage alone (same settings as (d)), without Ray or the output protocol."""
+    from infra.config import load_config
+    from pipelines.probe import probe_source
+    from pipelines.process import IngestSettings, SourceProcessor
+
+    settings = IngestSettings.from_config(load_config(None, INGEST_SETTINGS))
+    return len(SourceProcessor(settings)(probe_source(path)))
+
+
 # --- measurement -------------------------------------------------------------------------
 
 
@@ -149,8 +165,8 @@ def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[fl
 
 
 def run_ingest(paths: list[Path], out: Path, workers: int) -> tuple[float, PeakRss, dict]:
-    command = [sys.executable, "-m", "pipelines.ingest", *map(str, paths), "--out", str(out),
-               "--set", "caption.backend=none", "--set", "filters.mode=score", "--workers", str(workers)]  # fmt: skip
+    sets = [arg for setting in INGEST_SETTINGS for arg in ("--set", setting)]
+    command = [sys.executable, "-m", "pipelines.ingest", *map(str, paths), "--out", str(out), *sets, "--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     # The same run without its fixed costs (interpreter, Ray start, worker start, probe): the rate a
     # long-running ingest settles at. Labelled as such; the row above is the end-to-end number.
     record("(d') same run, process phase only", phases["process"], rss, "excludes Ray start, probe, pack; includes actor start")
+    wall, rss = run_pool(process_source, paths, args.workers)
+    record("(e) SourceProcessor in a process pool, no Ray", wall, rss, "the stage code alone: where (d') spends its time")
 
     long_row = None
     if args.long_seconds > 0:
