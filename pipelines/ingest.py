@@ -20,6 +20,7 @@ See pipelines/shards.py for the commit protocol and docs/data-format.md for the 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -32,6 +33,7 @@ from pipelines.probe import empty_probe_row, preflight, probe_source
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import write_report
 from pipelines.shards import (
+    STATS,
     SUCCESS,
     OutputDir,
     PackResult,
@@ -177,10 +179,6 @@ def _process(
 
 
 def _read_stats(out: OutputDir) -> dict[str, Any]:
-    import json
-
-    from pipelines.shards import STATS
-
     return json.loads(out.read_bytes(STATS))
 
 
@@ -255,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = discover_sources(args.src)
         out = OutputDir(args.out)
-        check_config(out, ingest_settings(cfg).model_dump(mode="json"), config_hash(ingest_settings(cfg)), args.new_output)
+        settings = ingest_settings(cfg)
+        check_config(out, settings.model_dump(mode="json"), config_hash(settings), args.new_output)
     except ValueError as exc:
         raise SystemExit(f"ingest: {exc}") from None
     stats = run_ingest(cfg, sources, out, args.workers)
