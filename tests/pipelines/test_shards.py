@@ -179,3 +179,19 @@ def test_config_record_refuses_mixing_and_new_output_clears_only_ours(tmp_path: 
     check_config(out, {"clips": {"fps": 12}}, "bbbb", new_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_work", "notes.txt"]
     assert json.loads(out.read_bytes(CONFIG))["config_hash"] == "bbbb"
+
+
+def test_object_store_output_gives_the_same_shards(tmp_path: Path, processed: dict) -> None:
+    # No S3 here: pyarrow's in-memory filesystem stands in for a bucket. It proves the output
+    # protocol uses only filesystem calls an object store has (no os.rename, no local paths).
+    local = OutputDir(str(tmp_path / "local"))
+    local.make_dirs()
+    bucket = OutputDir("mock:///bucket/out")
+    bucket.make_dirs()
+    for out in (local, bucket):
+        _write(out, processed, ["v0", "v1"])
+        pack(out, dedup_hamming=None, target_mb=0.05)
+    names = [n for n in bucket.list() if n.startswith("shard-")]
+    assert not bucket.is_local and names == sorted(_shard_bytes(tmp_path / "local"))
+    assert {n: bucket.read_bytes(n) for n in names} == _shard_bytes(tmp_path / "local")
+    assert committed_keys(bucket) == committed_keys(local) and work_keys(bucket) == set()
