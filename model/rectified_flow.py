@@ -162,7 +162,8 @@ def sample(
 ) -> torch.Tensor:
     """Euler integration of the flow ODE from t = start_t to 0; returns latents (B, C, T, H, W).
 
-    noise (B, C, T, H, W) is the only randomness: the same noise gives the same latents.
+    noise (B, C, T, H, W) is the only randomness: the same noise gives the same latents. Its dtype is
+    the one the model is called with and the one returned; the ODE state itself is kept in fp32.
     guidance: classifier-free guidance scale w, v = v_null + w (v_text - v_null); w = 1 skips the
     unconditional forward; otherwise both run batched in one forward of size 2B.
     cond_latents (B, C, T, H, W) with cond_mask (B, T): those frames are re-imposed before every step
@@ -189,7 +190,12 @@ def sample(
         return init_latents.clone()  # strength 0: nothing to denoise, the input comes back exactly
 
     timesteps = sampling_timesteps(steps, shift, start_t)
-    x = noise if start_t == 1.0 else (1 - start_t) * init_latents + start_t * noise
+    # The ODE state is integrated in fp32 whatever the model's dtype: 20-50 bf16 additions of small
+    # steps would lose the low bits of the latent. The model sees the state in the noise's dtype.
+    model_dtype = noise.dtype
+    x = noise.float() if start_t == 1.0 else (1 - start_t) * init_latents.float() + start_t * noise.float()
+    if cond_latents is not None:
+        cond_latents = cond_latents.float()  # exact: every bf16/fp16 value is an fp32 value
     frame_mask = cond_mask[:, None, :, None, None] if cond_mask is not None else None  # (B, 1, T, 1, 1)
 
     use_cfg = guidance != 1.0
@@ -214,18 +220,19 @@ def sample(
             x = torch.where(frame_mask, cond_latents, x)
         t_batch = torch.full((B,), t_cur, device=x.device, dtype=torch.float32)  # (B,)
         if use_cfg:
-            x_in, t_in = torch.cat([x, x]), torch.cat([t_batch, t_batch])  # (2B, C, T, H, W), (2B,)
-            v_text, v_null = model(x_in, t_in, text_in, text_mask_in, cond_mask_in).chunk(2)
+            x_in = torch.cat([x, x]).to(model_dtype)  # (2B, C, T, H, W)
+            t_in = torch.cat([t_batch, t_batch])  # (2B,)
+            v_text, v_null = model(x_in, t_in, text_in, text_mask_in, cond_mask_in).float().chunk(2)
             v = v_null + guidance * (v_text - v_null)
         else:
-            v = model(x, t_batch, text_in, text_mask_in, cond_mask_in)
-        x = x + (t_next - t_cur) * v.to(x.dtype)
+            v = model(x.to(model_dtype), t_batch, text_in, text_mask_in, cond_mask_in)
+        x = x + (t_next - t_cur) * v.float()
         if callable(progress):
             progress(i + 1, steps)
 
     if frame_mask is not None:
         x = torch.where(frame_mask, cond_latents, x)
-    return x
+    return x.to(model_dtype)
 
 
 def edit(
