@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -219,3 +223,13 @@ def test_flops_per_token_matches_six_n_plus_attention():
     # The attention term grows linearly with the sequence: 12 * depth * D per extra token.
     grow = flops_per_token(cfg, 2064, 0) - flops_per_token(cfg, 64, 0)
     assert grow == pytest.approx(12 * cfg.depth * cfg.hidden_size * 2000)
+
+
+def test_model_core_imports_with_torch_alone():
+    # model/ ships inside the MLflow pyfunc and runs on inference hosts without the training stack.
+    code = (
+        "import sys; import model.dit, model.rectified_flow, model.conditioning; "
+        "bad = [m for m in ('ray', 'deepspeed', 'mlflow', 'pydantic') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
