@@ -91,6 +91,14 @@ class RaySession:
 
         deepspeed.init_distributed(dist_backend=backend)  # wraps Ray's process group
 
+    def device(self, use_gpu: bool) -> torch.device:
+        if not use_gpu:
+            return torch.device("cpu")
+        import ray.train.torch
+
+        # Ray sets CUDA_VISIBLE_DEVICES per worker; it knows which index is this worker's GPU
+        return ray.train.torch.get_device()
+
     def restart_checkpoint(self) -> Any:
         import ray.train
 
@@ -128,6 +136,9 @@ class TorchrunSession:
             os.environ.setdefault("MASTER_PORT", "29500")
         deepspeed.init_distributed(dist_backend=backend)
 
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}" if use_gpu else "cpu")
+
     def restart_checkpoint(self) -> Any:
         return None
 
@@ -163,7 +174,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     if cfg.scaling.use_gpu and not use_gpu:
         raise RuntimeError("scaling.use_gpu=true but this worker sees no CUDA device")
-    device = torch.device(f"cuda:{session.local_rank}" if use_gpu else "cpu")
+    device = session.device(use_gpu)
     if use_gpu:
         torch.cuda.set_device(device)
     else:
@@ -240,10 +251,14 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
         step_ids: list[tuple[list[int], list[int]]] = []
         for _ in range(cfg.train.grad_accum_steps):
             wait_start = time.perf_counter()
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                # streams are endless; only readers that own no clip stop (preflight prevents that)
+                raise RuntimeError(f"rank {rank}: every data reader stopped; no clips reach this worker")
             window.data_wait_s += time.perf_counter() - wait_start
             with torch.no_grad():
-                frames = frames_to_model(batch["frames"]).to(device, non_blocking=True)  # (B, 3, T, H, W)
+                # uint8 crosses to the device (4x fewer bytes than float), then scales there
+                frames = frames_to_model(batch["frames"].to(device, non_blocking=True))  # (B, 3, T, H, W)
                 latents = autoencoder.encode(frames).to(compute_dtype)  # (B, C, T', H', W')
                 text, text_mask = text_cache.embed(batch["captions"])  # (B, L, Dt), (B, L)
             B, _, num_latent_frames = latents.shape[:3]
@@ -258,7 +273,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
             )
             engine.backward(loss)
             engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
-            window.loss_sum += float(stats["loss"])
+            window.loss_sum += stats["loss"]  # stays a device tensor: no host sync until the log line
             window.micro_steps += 1
             window.samples += B
             unsynced_samples += B
@@ -310,7 +325,7 @@ class _Window:
     """Counters over one logging interval, reduced across ranks when logged."""
 
     def __init__(self) -> None:
-        self.loss_sum = 0.0
+        self.loss_sum: torch.Tensor | float = 0.0
         self.micro_steps = 0
         self.samples = 0
         self.steps = 0
@@ -319,7 +334,7 @@ class _Window:
 
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
         local = torch.tensor(
-            [self.loss_sum, self.micro_steps, self.samples, self.step_s, self.data_wait_s], dtype=torch.float64
+            [float(self.loss_sum), self.micro_steps, self.samples, self.step_s, self.data_wait_s], dtype=torch.float64
         ).to(device)
         if dist.is_initialized():
             dist.all_reduce(local)  # sums over ranks
