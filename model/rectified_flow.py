@@ -102,6 +102,9 @@ def training_loss(
         raise ValueError(f"cond_mask {tuple(cond_mask.shape)} must be (B, T)=({B}, {T})")
     if not 0.0 <= text_dropout <= 1.0:
         raise ValueError(f"text_dropout={text_dropout} must be in [0, 1]")
+    if generator is not None and generator.device.type != latents.device.type:
+        # Drawing the noise on another device and copying it over would cost a transfer per step.
+        raise ValueError(f"generator is on {generator.device}, latents on {latents.device}: use one device")
     if shift is None:
         shift = timestep_shift(T * H * W)
 

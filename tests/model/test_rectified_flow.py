@@ -129,6 +129,18 @@ def test_loss_is_seeded_and_matches_a_manual_computation():
     torch.testing.assert_close(l1.detach(), (pred - (noise - latents)).pow(2).mean())
 
 
+def test_loss_rejects_bad_arguments():
+    model = toy_dit()
+    latents, text, mask = toy_batch()
+    with pytest.raises(ValueError, match=r"cond_mask \(2, 3\)"):
+        training_loss(model, latents, text, mask, torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="text_dropout=1.5"):
+        training_loss(model, latents, text, mask, text_dropout=1.5)
+    # (a CPU generator with latents elsewhere; "meta" stands in for a GPU here)
+    with pytest.raises(ValueError, match="generator is on cpu, latents on meta"):
+        training_loss(model, latents.to("meta"), text, mask, generator=torch.Generator())
+
+
 def test_text_dropout_swaps_in_null_text():
     model = Recording(toy_dit())
     latents, text, mask = toy_batch()
