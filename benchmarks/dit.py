@@ -1,6 +1,6 @@
 """Diffusion transformer throughput and sampler overhead.
 
-    python -m benchmarks.dit [--presets tiny small] [--tokens 128 512 2048] [--device cpu|cuda]
+    python benchmarks/dit.py [--presets tiny small] [--tokens 128 512 2048] [--device cpu|cuda]
                              [--dtype fp32|bf16] [--out benchmarks/results/dit.json]
 
 1. Training step speed: forward + backward of `training_loss` (the real objective) per preset and
@@ -21,14 +21,18 @@ import logging
 import math
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model.dit import DiT, dit_config, flops_per_token
-from model.rectified_flow import sample, training_loss
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # runs as `python benchmarks/dit.py` as well as `python -m benchmarks.dit`
+
+from model.dit import DiT, dit_config, flops_per_token  # noqa: E402
+from model.rectified_flow import sample, training_loss  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +169,9 @@ def hardware(device: torch.device) -> str:
 
 def commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -198,7 +204,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from infra.logs import setup_logging
+    from infra.logs import setup_logging  # the repo's one logging setup (infra/ is on the path above)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -212,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     # Threads for CPU runs (0: torch's default). On a shared host one thread per process avoids
     # OpenMP spin-waiting against other jobs, which can slow small models down tenfold.
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dit.json"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dit.json")
     args = parser.parse_args(argv)
     setup_logging()
+    for preset in args.presets:  # fail before any measurement, with one line naming the bad value
+        try:
+            for num_tokens in {*args.tokens, args.sample_tokens}:
+                latent_shape(num_tokens, dit_config(preset, LATENT_CHANNELS, TEXT_DIM).patch_size)
+        except ValueError as error:
+            parser.error(str(error))
 
     device = torch.device(args.device)
     if args.threads > 0:
