@@ -280,6 +280,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
             step_ids.append((batch["epochs"] + batch["skipped_epochs"], batch["indices"] + batch["skipped_indices"]))
             for reason, count in batch["skipped"].items():
                 skipped_total[reason] = skipped_total.get(reason, 0) + count
+                window.skipped += count
         ema.update()
         state.step += 1
         for epochs, indices in step_ids:
@@ -314,7 +315,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     elapsed_s = time.perf_counter() - start_time
     if rank == 0:
         logger.info(
-            "done: step %d, %d clips seen, %.1f s this attempt, skipped %s, text cache %d hits / %d misses",
+            "done: step %d, %d clips seen, %.1f s this attempt, skipped on rank 0 %s, text cache %d hits / %d misses",
             state.step, state.samples_seen, elapsed_s, skipped_total or "none", text_cache.hits, text_cache.misses,
         )
     tracker.end("FINISHED")
@@ -328,23 +329,26 @@ class _Window:
         self.loss_sum: torch.Tensor | float = 0.0
         self.micro_steps = 0
         self.samples = 0
+        self.skipped = 0  # bad or too-short clips the readers passed over
         self.steps = 0
         self.step_s = 0.0
         self.data_wait_s = 0.0
 
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
         local = torch.tensor(
-            [float(self.loss_sum), self.micro_steps, self.samples, self.step_s, self.data_wait_s], dtype=torch.float64
+            [float(self.loss_sum), self.micro_steps, self.samples, self.skipped, self.step_s, self.data_wait_s],
+            dtype=torch.float64,
         ).to(device)
         if dist.is_initialized():
             dist.all_reduce(local)  # sums over ranks
-        loss_sum, micro_steps, samples, step_s, data_wait_s = local.tolist()
+        loss_sum, micro_steps, samples, skipped, step_s, data_wait_s = local.tolist()
         step_s_per_rank = step_s / world_size
         return {
             "loss": loss_sum / max(1, micro_steps),
             "clips_per_s": samples / max(step_s_per_rank, 1e-9),
             "step_s": step_s_per_rank / max(1, self.steps),
             "data_wait_fraction": data_wait_s / max(step_s, 1e-9),
+            "skipped_clips": skipped,
         }
 
 

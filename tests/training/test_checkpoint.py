@@ -127,3 +127,31 @@ def test_checkpoint_files_and_bundle_names(process_group, tmp_path):
 def test_not_a_checkpoint_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"--resume {tmp_path}: not a reelforge checkpoint"):
         read_trainer_state(tmp_path)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_memory_not_results(process_group):
+    """wrap_model's first stage: recomputing blocks in backward gives the same loss and weights,
+    and the exported names drop the wrapper so a plain DiT loads them."""
+    from model.dit import DiT, dit_config
+    from training.wrap import CheckpointedBlock
+
+    generator = torch.Generator().manual_seed(3)
+    batch = (torch.randn(2, 48, 2, 8, 8, generator=generator), torch.randn(2, 5, 384, generator=generator), torch.ones(2, 5, dtype=torch.bool))
+    results = []
+    for checkpointing in (False, True):
+        cfg = load_config("train/tiny", ["deepspeed.zero_stage=0", "scaling.num_workers=1", f"deepspeed.activation_checkpointing={checkpointing}"])
+        torch.manual_seed(0)
+        module = TrainingModule(DiT(dit_config("tiny", 48, 384)))
+        ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size=1)
+        engine, _, _ = wrap_model(module, cfg.deepspeed, ds, make_lr_scheduler(cfg.train))
+        assert isinstance(engine.module.dit.blocks[0], CheckpointedBlock) == checkpointing
+        ema = ParameterEMA(engine.module, 0.0, zero3=False)
+        torch.manual_seed(1)
+        losses = _steps(engine, ema, batch, 2)
+        results.append((losses, ema.full_state_dict()))
+    (plain_losses, plain_weights), (ckpt_losses, ckpt_weights) = results
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert ckpt_weights.keys() == plain_weights.keys()
+    assert all(torch.allclose(ckpt_weights[k], plain_weights[k], atol=1e-6) for k in plain_weights)
+    DiT(dit_config("tiny", 48, 384)).load_state_dict(ckpt_weights, strict=True)

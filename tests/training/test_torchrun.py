@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.conftest import uniform_clips, write_shards
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -21,9 +23,12 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_torchrun_trains_checkpoints_and_resumes(tiny_shards, tmp_path, tracking_uri):
+def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     from mlflow import MlflowClient
 
+    # 16 good clips, one undecodable and one too short: both are skipped and counted, never a crash
+    clips = uniform_clips(16) + [{**uniform_clips(1)[0], "bad": True}, uniform_clips(1, num_frames=3)[0]]
+    tiny_shards = write_shards(tmp_path / "shards", clips, clips_per_shard=6)
     out = tmp_path / "run"
     common = ["--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out)]
     settings = ["deepspeed.zero_stage=2", "train.log_every_steps=1", "checkpoint.every_steps=3", f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-torchrun"]
@@ -48,6 +53,8 @@ def test_torchrun_trains_checkpoints_and_resumes(tiny_shards, tmp_path, tracking
     assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]
     steps = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "loss")]
     assert sorted(steps) == list(range(1, 9))  # replayed steps 4-6 were not logged again
+    skipped = client.get_metric_history(state["mlflow_run_id"], "skipped_clips")
+    assert sum(m.value for m in skipped) >= 2  # 8 steps x 8 clips = 4 epochs, each meets both bad clips
 
 
 def test_bad_resume_path_is_one_line(tiny_shards, tmp_path):
