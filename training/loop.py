@@ -233,7 +233,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     batches = iter(make_loader(dataset, cfg.train.data_workers))
     text_cache = TextEmbeddingCache(text_encoder, cfg.train.text_cache_size)
     cond_probs = ConditioningProbs(**cfg.train.conditioning.model_dump())
-    sample_log = (out / WORKERS_DIR / f"samples-rank-{rank}.jsonl").open("a") if cfg.train.log_sample_ids else None
+    sample_log = _open_sample_log(out / WORKERS_DIR / f"samples-rank-{rank}.jsonl") if cfg.train.log_sample_ids else None
 
     logger.info(
         "training %s (%s params) on %d clips, %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
@@ -397,6 +397,17 @@ def _export_bundle(ema: ParameterEMA, dit_cfg: Any, cfg: ReelforgeConfig, out: P
     )
     tracker.log_artifacts(bundle_dir, "bundle")
     logger.info("inference bundle (EMA weights) in %s", bundle_dir)
+
+
+def _open_sample_log(path: Path) -> Any:
+    """Append mode; a line torn by a killed predecessor is ended first, so the next record parses."""
+    handle = path.open("a+b")
+    if handle.tell() > 0:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")
+    handle.close()
+    return path.open("a")
 
 
 def _write_pid(out: Path, rank: int) -> None:
