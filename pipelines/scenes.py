@@ -7,6 +7,16 @@ rate, as PySceneDetect's OpenCV backend makes them, so detector settings (min_sc
 frames, the threshold detector's fade midpoint arithmetic) behave exactly as in
 `scenedetect.detect()`.
 
+Every cut the detector sees is kept, however close to the previous one. PySceneDetect's
+`min_scene_len` would merge (ContentDetector's flash filter) or suppress (Adaptive, Threshold) a
+cut that follows another within that window, so the frames between the two cuts would land in
+the next scene and a clip would span a hard cut (real footage: a 0.3 s shot at the end of one
+source followed by the next, or a trailer's quick cuts). The detectors therefore run with a
+one-frame window; a piece shorter than `clips.min_seconds` between two close cuts (a quick shot,
+or a flash) is then rejected by the clip rules ("scene 0.32 s shorter than ..."), and no clip
+contains a cut. `scenes.min_scene_seconds` still sets how long the tracker waits before it calls
+frames settled.
+
 Detectors report some cuts late: ContentDetector's flash filter (MERGE mode) emits a cut up to
 `min_scene_len` frames after it happened, AdaptiveDetector `window_width` frames later, and
 ThresholdDetector places a cut in the middle of a dark stretch when the picture comes back.
@@ -44,6 +54,10 @@ def detector_threshold(cfg: ScenesConfig) -> float:
     return float(inspect.signature(detector_cls.__init__).parameters[argument].default)
 
 
+# Detector min_scene_len in frames: 1 reports every cut (see the module docstring for why).
+DETECTOR_MIN_SCENE_FRAMES = 1
+
+
 def min_scene_frames(cfg: ScenesConfig, fps: float) -> int:
     """`scenes.min_scene_seconds` in source frames (PySceneDetect's default 15 frames is 0.5 s at 30 fps)."""
     return max(1, round(cfg.min_scene_seconds * fps))
@@ -51,7 +65,7 @@ def min_scene_frames(cfg: ScenesConfig, fps: float) -> int:
 
 def make_detector(cfg: ScenesConfig, fps: float) -> SceneDetector:
     detector_cls, argument = DETECTORS[cfg.detector]
-    return detector_cls(**{argument: detector_threshold(cfg), "min_scene_len": min_scene_frames(cfg, fps)})
+    return detector_cls(**{argument: detector_threshold(cfg), "min_scene_len": DETECTOR_MIN_SCENE_FRAMES})
 
 
 class CutTracker:

@@ -105,3 +105,34 @@ def test_thresholds_default_to_the_detectors_own():
 def test_scene_spans_cover_the_source():
     assert scene_spans([2.0, 5.0, 9.9, 12.0], end_s=10.0) == [(0.0, 2.0), (2.0, 5.0), (5.0, 9.9), (9.9, 10.0)]
     assert scene_spans([], end_s=3.0) == [(0.0, 3.0)]
+
+
+def test_cuts_closer_than_min_scene_seconds_are_all_kept_and_no_clip_spans_one(tmp_path):
+    """Real footage (a concatenation whose first source ends in a 0.3 s shot) had a kept clip that
+    started with the old shot: PySceneDetect's min_scene_len merged the second of two close cuts away."""
+    from pipelines.config import ClipsConfig, FiltersConfig
+    from pipelines.footage import FootageSpec, varied_shots
+    from pipelines.process import IngestSettings, SourceProcessor
+
+    spec = FootageSpec("quick_cut_h264_320x240_25fps", "mp4", "libx264", 320, 240, 25,
+                       varied_shots([("moving", 2.5), ("moving", 0.32), ("moving", 2.5)], offset=3))  # fmt: skip
+    video = write_video(spec, tmp_path / spec.filename)
+    assert video.cut_times_s[1] - video.cut_times_s[0] < ScenesConfig().min_scene_seconds
+
+    fps, frames = _detect_frames(video.path)
+    ours = cut_times(ScenesConfig(detector="content"), fps, frames)
+    assert len(ours) == len(video.cut_times_s), (ours, video.cut_times_s)
+    assert ours == pytest.approx(list(video.cut_times_s), abs=1 / fps + 1e-3)
+
+    settings = IngestSettings(
+        clips=ClipsConfig(min_seconds=1.0, max_seconds=4.0, fps=10, size="64x64"),
+        filters=FiltersConfig(mode="score"),
+    )
+    rows = SourceProcessor(settings)(probe_source(str(video.path)))
+    kept = [row for row in rows if row["status"] == "kept"]
+    assert len(kept) == 2, [(r["start_s"], r["end_s"], r["reject_reason"]) for r in rows]
+    for row in kept:
+        inside = [cut for cut in video.cut_times_s if row["start_s"] < cut < row["end_s"]]
+        assert not inside, (row["start_s"], row["end_s"], inside)
+    short = [row for row in rows if row["reject_stage"] == "clips"]
+    assert len(short) == 1 and short[0]["reject_reason"].startswith("scene 0.3"), short
