@@ -89,9 +89,11 @@ class FiltersConfig(Section):
     min_sharpness: float | None = Field(default=10.0, ge=0)
     # Fraction of consecutive frames that are identical: frozen video, slideshows.
     max_static_fraction: float | None = Field(default=0.9, ge=0, le=1)
-    # Clips whose 64-bit perceptual hashes differ in at most this many bits are near duplicates
-    # (the ingest job keeps the first one seen in a run). None disables the check.
-    dedup_hamming: int | None = Field(default=4, ge=0, le=64)
+    # Clips whose 384-bit perceptual hashes (pipelines.filters.perceptual_hash) differ in at most
+    # this many bits are near duplicates; the ingest job keeps the first one seen. Measured on the
+    # footage suites: distinct shots are >= 16 bits apart, a re-encode of one clip a median of 8.
+    # None disables the check.
+    dedup_hamming: int | None = Field(default=12, ge=0, le=384)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "FiltersConfig":

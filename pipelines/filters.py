@@ -119,16 +119,51 @@ def judge(scores: dict[str, float], cfg: FiltersConfig) -> FilterVerdict:
     return FilterVerdict(scores)
 
 
-def perceptual_hash(pixels: ClipPixels, samples: int = 3) -> str:
-    """64-bit dHash (16 hex digits) of the mean of a few sampled frames, for near-duplicate checks.
+# Perceptual hash layout (see perceptual_hash): per sampled frame a 64-bit luma pHash, then a
+# colour layout of the clip. 3 * 64 + 2 * 2 * 3 * 16 = 384 bits = 96 hex digits.
+PHASH_FRACTIONS = (0.25, 0.5, 0.75)  # where in the clip the hashed frames are
+PHASH_SIZE = 32  # px; the grayscale downscale the DCT runs on
+PHASH_DCT = 8  # the lowest 8x8 DCT coefficients make one frame's 64 bits
+COLOR_GRID = 2  # colour layout cells per side
+COLOR_LEVELS = np.arange(8, 256, 16, dtype=np.float32)  # 16 thermometer thresholds per cell and channel
+PHASH_BITS = len(PHASH_FRACTIONS) * PHASH_DCT**2 + COLOR_GRID**2 * 3 * len(COLOR_LEVELS)
 
-    dHash compares neighbouring cells of a 9x8 luma thumbnail, so it survives re-encoding,
-    rescaling and small brightness changes; averaging sampled frames makes it a clip hash.
+
+def perceptual_hash(pixels: ClipPixels) -> str:
+    """384-bit clip hash (96 hex digits) for near-duplicate checks by Hamming distance.
+
+    Two parts, because luma structure alone is colour-blind: a dHash of the mean frame put
+    "green circle" and "yellow circle on dark green" shots 1-4 bits apart, since the textured,
+    graded background dominates every luma thumbnail.
+
+    * structure: per frame at 1/4, 1/2, 3/4 of the clip, pHash (DCT of a 32x32 luma downscale,
+      the lowest 8x8 coefficients against their median; the DC term carries brightness, not
+      structure, so its bit is always 0). Robust to rescaling and compression.
+    * colour layout: mean Y, Cr, Cb of each cell of a 2x2 grid over the same frames, each
+      thermometer-coded with 16 thresholds 16 levels apart (bit k = value > 8 + 16 k). Hamming
+      distance between thermometer codes is the number of thresholds between two values, so it
+      grows with the colour difference and a re-encode's ±2 levels flip at most one bit per value
+      (a binary number would flip up to all of them).
+
+    Measured on every clip of footage.standard_specs + demo_specs (docs/benchmarks.md): the
+    same clip re-encoded (crf 18-28, 0.75-1.5x size) differs by a median of 8 bits; distinct
+    shots by at least 16, and only shots differing in nothing but circle vs square come that close.
     """
-    mean = np.mean([pixels.gray(i).astype(np.float32) for i in pixels.sample_indices(samples)], axis=0)  # (H, W)
-    cells = cv2.resize(mean, (9, 8), interpolation=cv2.INTER_AREA)  # (8, 9)
-    bits = (cells[:, 1:] > cells[:, :-1]).flatten()  # (64,)
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    num_frames = len(pixels.rgb)
+    indices = [min(num_frames - 1, int(fraction * num_frames)) for fraction in PHASH_FRACTIONS]
+    bits, layouts = [], []
+    for index in indices:
+        small = cv2.resize(pixels.rgb[index], (PHASH_SIZE, PHASH_SIZE), interpolation=cv2.INTER_AREA)  # (32, 32, 3)
+        ycrcb = cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb).astype(np.float32)  # (32, 32, 3)
+        dct = cv2.dct(np.ascontiguousarray(ycrcb[..., 0]))[:PHASH_DCT, :PHASH_DCT].reshape(-1)  # (64,)
+        frame_bits = dct > np.median(dct[1:])
+        frame_bits[0] = False
+        bits.append(frame_bits)
+        layouts.append(cv2.resize(ycrcb, (COLOR_GRID, COLOR_GRID), interpolation=cv2.INTER_AREA))  # (2, 2, 3)
+    layout = np.mean(layouts, axis=0).reshape(-1)  # (12,) mean over the sampled frames
+    bits.append((layout[:, None] > COLOR_LEVELS[None, :]).reshape(-1))  # (12 * 16,)
+    packed = np.packbits(np.concatenate(bits))  # (48,) uint8
+    return packed.tobytes().hex()
 
 
 def hamming(hash_a: str, hash_b: str) -> int:

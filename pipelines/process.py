@@ -19,7 +19,7 @@ imports Ray):
    `id` = `{sha256[:16]}-{start_ms:08d}-{end_ms:08d}`, `mp4` (H.264 bytes, None unless kept),
    `caption`, `thumbnail` (JPEG of the middle frame, None only when a piece has no frames),
    the metadata columns, `score_<name>` for each filter in `pipelines.filters.FILTERS`,
-   `phash` (16 hex digits), `status` ("kept" or "rejected"), `reject_stage` ("probe",
+   `phash` (96 hex digits, filters.perceptual_hash), `status` ("kept" or "rejected"), `reject_stage` ("probe",
    "clips", "filter:<name>", "decode"), `reject_reason`, `reject_score`, `reject_threshold`.
    A probe-rejected row in gives one rejected row out. A source that fails mid-decode gives
    the clips completed before the error plus one "decode" row covering the rest. Near-duplicate

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from pipelines.dedup import NearDuplicateIndex, find_near_duplicates
+from pipelines.filters import PHASH_BITS
 
 
 def _brute_force(clips: list[tuple[str, str]], max_distance: int) -> dict[str, tuple[str, int]]:
@@ -28,15 +29,15 @@ def _flip(value: int, bits: int, count: int, rng: random.Random) -> int:
     return value
 
 
-@pytest.mark.parametrize("max_distance", [0, 3, 10, 64])
-def test_banded_index_matches_brute_force(max_distance: int) -> None:
+@pytest.mark.parametrize(("bits", "max_distance"), [(64, 0), (64, 3), (64, 10), (64, 64), (PHASH_BITS, 12), (PHASH_BITS, 30)])
+def test_banded_index_matches_brute_force(bits: int, max_distance: int) -> None:
     rng = random.Random(max_distance)
-    bases = [rng.getrandbits(64) for _ in range(40)]
+    bases = [rng.getrandbits(bits) for _ in range(40)]
     clips = []
     for i in range(400):
         # near copies of a few bases at distances around the threshold, plus unrelated hashes
-        value = _flip(rng.choice(bases), 64, rng.randint(0, 14), rng) if i % 3 else rng.getrandbits(64)
-        clips.append((f"clip-{i:04d}", f"{value:016x}"))
+        value = _flip(rng.choice(bases), bits, rng.randint(0, min(bits, 2 * max_distance + 4)), rng) if i % 3 else rng.getrandbits(bits)
+        clips.append((f"clip-{i:04d}", f"{value:0{bits // 4}x}"))
     assert find_near_duplicates(clips, max_distance) == _brute_force(clips, max_distance)
 
 

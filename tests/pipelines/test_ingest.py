@@ -26,7 +26,7 @@ from pipelines.ingest import main
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64",
-            "shards.target_mb=0.02", "filters.dedup_hamming=2", "caption.backend=metadata"]  # fmt: skip
+            "shards.target_mb=0.02", "caption.backend=metadata"]  # fmt: skip
 ARGS = [arg for setting in SETTINGS for arg in ("--set", setting)]
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from infra.config import load_config
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig
 from pipelines.decode import FrameConverter, FrameGeometry, iter_frames
+from pipelines.filters import PHASH_BITS
 from pipelines.footage import FootageSpec, bad_files, render_frames, standard_specs, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import CLIP_COLUMNS, IngestSettings, SourceProcessor
@@ -67,7 +68,7 @@ def test_rows_have_one_schema_and_consistent_status(results, name):
         assert (row["scene_detector"], row["scene_threshold"]) == ("content", 27.0)
         if row["status"] == "kept":
             assert isinstance(row["mp4"], bytes) and row["reject_stage"] is None and row["reject_reason"] is None
-            assert len(row["phash"]) == 16 and all(row[f"score_{n}"] is not None for n in ("motion", "brightness"))
+            assert len(row["phash"]) == PHASH_BITS // 4 and all(row[f"score_{n}"] is not None for n in ("motion", "brightness"))
         else:
             assert row["status"] == "rejected" and row["mp4"] is None and row["reject_reason"]
             assert row["reject_stage"] == "clips" or row["reject_stage"].startswith("filter:")
