@@ -41,6 +41,10 @@ BUNDLE_FORMAT_VERSION = 1
 # Sampling defaults a request may leave out. 30 Euler steps is where rectified-flow video models
 # (SD3, Wan) stop gaining visibly; guidance 5 is Wan 2.1's default.
 DEFAULT_GENERATION = {"steps": 30, "guidance": 5.0}
+# Generation settings a bundle may record without a default: "shift" is the timestep shift the model
+# was trained with (training's `train.timestep_shift`); absent, sampling uses the resolution default,
+# which is what training used then too.
+OPTIONAL_GENERATION = ("shift",)
 
 # Prefixes that wrappers add to parameter names: torch.compile (`_orig_mod.`), DDP/DeepSpeed
 # (`module.`), activation checkpointing (`_checkpoint_wrapped_module.`). Stripped so a state dict
@@ -124,7 +128,7 @@ def save_bundle(
     full weights itself and may pass them as `state_dict=` instead. Weights keep their dtype.
     `autoencoder` / `text_encoder` are specs or the loaded objects (their `.spec` is stored).
     `extra` adds keys to model_config.json (e.g. the MLflow run id, the training step); its
-    "generation" entry overrides the sampling defaults (steps, guidance).
+    "generation" entry overrides the sampling defaults (steps, guidance) and may add "shift".
     """
     if (model is None) == (state_dict is None):
         raise ValueError("save_bundle needs exactly one of a model / state dict (positional) or state_dict=")
@@ -156,9 +160,13 @@ def save_bundle(
     }
     for key, value in (extra or {}).items():
         if key == "generation":
-            unknown = set(value) - set(DEFAULT_GENERATION)
+            allowed = {*DEFAULT_GENERATION, *OPTIONAL_GENERATION}
+            unknown = set(value) - allowed
             if unknown:
-                raise ValueError(f"unknown generation defaults {sorted(unknown)}; allowed {sorted(DEFAULT_GENERATION)}")
+                raise ValueError(f"unknown generation defaults {sorted(unknown)}; allowed {sorted(allowed)}")
+            shift = value.get("shift")
+            if shift is not None and not (isinstance(shift, (int, float)) and shift > 0):
+                raise ValueError(f"generation shift {shift!r} must be a number > 0")
             config["generation"].update(value)
         elif key in config:
             raise ValueError(f"extra key {key!r} would overwrite a bundle field")

@@ -148,6 +148,8 @@ class VideoPipeline:
         self.window_frames = int(config["num_frames"])
         self.default_size = (int(config["width"]), int(config["height"]))
         self.defaults = config.get("generation", {})
+        # The timestep shift training used; None (older bundles, default training) = the resolution default.
+        self.shift: float | None = self.defaults.get("shift")
         param = next(self.dit.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.patch_size = tuple(self.dit.config.patch_size)
@@ -359,6 +361,7 @@ class VideoPipeline:
                     text_mask,
                     steps=plan.steps,
                     guidance=plan.guidance,
+                    shift=self.shift,
                     cond_latents=latents[:, :, start:end] if held else None,
                     cond_mask=window_mask if held else None,
                     start_t=spec.start_t,

@@ -57,6 +57,17 @@ class ModelSection(Section):
     # allows with the aspect ratio nearest its own, so mixed durations and shapes train without padding.
     # Empty: one bucket, `num_frames` x `size`. Batch size per bucket keeps tokens per batch ~constant.
     buckets: list[str] = Field(default_factory=list)
+    # DiT spacetime patch (pt, ph, pw) in latent cells; None keeps the preset's (1, 2, 2). A token
+    # carries C*pt*ph*pw numbers, which must stay well below the preset's width or the network cannot
+    # carry the noise through: tiny (width 192) on the pixel autoencoder's 48 channels needs (1, 1, 1).
+    patch_size: tuple[int, int, int] | None = None
+
+    @field_validator("patch_size")
+    @classmethod
+    def _check_patch(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"model.patch_size {value} must be three positive ints (pt, ph, pw)")
+        return value
 
     @field_validator("size")
     @classmethod
@@ -78,6 +89,10 @@ class ModelSection(Section):
     @property
     def height(self) -> int:
         return parse_size(self.size)[1]
+
+    def dit_overrides(self) -> dict[str, tuple[int, int, int]]:
+        """Fields this section overrides in `model.dit.dit_config(preset, ...)`."""
+        return {} if self.patch_size is None else {"patch_size": self.patch_size}
 
     def bucket_shapes(self) -> list[tuple[int, int, int]]:
         """Every (frames, width, height) bucket, the reference one first, duplicates removed."""
@@ -129,7 +144,22 @@ class TrainSection(Section):
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     # Per-sample probabilities of clean conditioning frames (image-to-video, extend, connect, ...).
     conditioning: ConditioningSection = Field(default_factory=lambda: ConditioningSection())
+    # Timestep shift s (SD3's t' = s t / (1 + (s - 1) t)) for training AND sampling: the exported
+    # bundle records it as `generation.shift`. None: model.rectified_flow.timestep_shift of each
+    # batch's latent size, which is 1 below a 64x64-position latent; tiny low-variance latents (the
+    # pixel autoencoder's) need far more noise than that to learn layout (see configs/train/tiny.yaml).
+    timestep_shift: float | None = Field(default=None, gt=0)
     log_every_steps: int = Field(default=10, ge=1)
+    # Every this many steps rank 0 samples `eval_prompts` with the EMA weights
+    # and logs the MP4s to MLflow as samples/step-NNNNNN/<prompt>.mp4; 0 disables. Counted as eval
+    # time, not step time.
+    eval_every_steps: int = Field(default=500, ge=0)
+    eval_prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle moving right on a dark blue background", "a person walking on a beach"]
+    )
+    # Euler steps per eval sample: few, since eval samples only need to show progress cheaply.
+    eval_sampling_steps: int = Field(default=10, ge=1, le=1000)
+    eval_guidance: float = Field(default=5.0, ge=0)
     # DataLoader processes per training worker (decode + resize run there).
     data_workers: int = Field(default=2, ge=0)
     # Caption embeddings kept per worker; a caption is encoded once while it stays in the cache.

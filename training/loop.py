@@ -187,7 +187,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     torch.manual_seed(cfg.train.seed)
     autoencoder = load_autoencoder(cfg.model.autoencoder, device=device)
     text_encoder = load_text_encoder(cfg.model.text_encoder, device=device)
-    dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, text_encoder.dim)
+    dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, text_encoder.dim, **cfg.model.dit_overrides())
     # Longer captions are truncated to what the DiT's cross-attention accepts.
     text_encoder.max_length = min(text_encoder.max_length, dit_cfg.max_text_tokens)
     ds_config = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size)
@@ -220,9 +220,9 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
 
     # --- tracking (rank 0) ---
     tracker = Tracker(cfg.mlflow, out, rank=rank)
-    run_id = tracker.start_or_resume(
-        state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=run_tags(state.config_hash, args.data)
-    )
+    # Tags hash the data manifest and ask git: work only rank 0's (active) tracker needs.
+    tags = run_tags(state.config_hash, args.data) if rank == 0 else {}
+    run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=tags)
     if rank == 0:
         state.mlflow_run_id = run_id
         if state.step == 0:
@@ -270,6 +270,7 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
                 text.to(device, compute_dtype),
                 text_mask.to(device),
                 cond_mask,
+                shift=cfg.train.timestep_shift,  # None: the latent size's default
             )
             engine.backward(loss)
             engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
@@ -308,6 +309,11 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
             state.samples_seen += _sum_over_ranks(unsynced_samples, device)
             unsynced_samples = 0
             _checkpoint(engine, ema, state, position, session, out, tracker)
+        if cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0:
+            # Outside step_s: the window's clips/s and step time measure training only.
+            eval_start = time.perf_counter()
+            _log_eval_samples(ema, dit_cfg, cfg, autoencoder, text_encoder, device, rank, tracker, state.step)
+            window.eval_s += time.perf_counter() - eval_start
 
     if sample_log is not None:
         sample_log.close()
@@ -333,6 +339,7 @@ class _Window:
         self.steps = 0
         self.step_s = 0.0
         self.data_wait_s = 0.0
+        self.eval_s = 0.0  # rank 0 sampling eval videos (other ranks wait for it in the next collective)
 
     def reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
         local = torch.tensor(
@@ -349,6 +356,7 @@ class _Window:
             "step_s": step_s_per_rank / max(1, self.steps),
             "data_wait_fraction": data_wait_s / max(step_s, 1e-9),
             "skipped_clips": skipped,
+            "eval_s": self.eval_s,
         }
 
 
@@ -393,10 +401,74 @@ def _export_bundle(ema: ParameterEMA, dit_cfg: Any, cfg: ReelforgeConfig, out: P
         num_frames=cfg.model.num_frames,
         width=cfg.model.width,
         height=cfg.model.height,
-        extra={"config_hash": config_hash(cfg), "ema_decay": cfg.train.ema_decay},
+        extra={
+            "config_hash": config_hash(cfg),
+            "ema_decay": cfg.train.ema_decay,
+            # Sampling must integrate the same shifted schedule the model was trained on.
+            "generation": {"shift": cfg.train.timestep_shift},
+        },
     )
     tracker.log_artifacts(bundle_dir, "bundle")
     logger.info("inference bundle (EMA weights) in %s", bundle_dir)
+
+
+@torch.no_grad()
+def _log_eval_samples(
+    ema: ParameterEMA,
+    dit_cfg: Any,
+    cfg: ReelforgeConfig,
+    autoencoder: Any,
+    text_encoder: Any,
+    device: torch.device,
+    rank: int,
+    tracker: Any,
+    step: int,
+) -> None:
+    """Rank 0 samples each of `train.eval_prompts` with the EMA weights at the reference bucket and
+    logs the MP4s as samples/step-NNNNNN/<prompt slug>.mp4. The EMA gather is collective (ZeRO-3
+    shards), so every rank calls this; only rank 0 samples."""
+    weights = ema.full_state_dict()
+    if rank == 0:
+        _sample_eval_videos(weights, dit_cfg, cfg, autoencoder, text_encoder, device, tracker, step)
+    if dist.is_initialized():
+        # Other ranks wait here, inside the eval time, not in the next step's gradient all-reduce.
+        dist.barrier()
+
+
+def _sample_eval_videos(
+    weights: dict[str, torch.Tensor],
+    dit_cfg: Any,
+    cfg: ReelforgeConfig,
+    autoencoder: Any,
+    text_encoder: Any,
+    device: torch.device,
+    tracker: Any,
+    step: int,
+) -> None:
+    from model.dit import DiT
+    from model.rectified_flow import sample
+    from model.video_io import from_model, write_mp4
+
+    # A plain fp32 DiT on the EMA weights: the training engine's weights (and its ZeRO state) stay untouched.
+    with torch.device("meta"):
+        dit = DiT(dit_cfg)
+    dit.load_state_dict({name: w.to(device) for name, w in weights.items()}, assign=True)
+    dit.eval()
+    num_latent = autoencoder.latent_frames(cfg.model.num_frames)
+    sf = autoencoder.spatial_factor
+    latent_shape = (1, autoencoder.latent_channels, num_latent, cfg.model.height // sf, cfg.model.width // sf)
+    # Fixed noise per prompt (seeded by its position), so samples at different steps are comparable.
+    for i, prompt in enumerate(cfg.train.eval_prompts):
+        generator = torch.Generator().manual_seed(cfg.train.seed + i)
+        noise = torch.randn(latent_shape, generator=generator).to(device)  # (1, C, T, H, W)
+        text, text_mask = text_encoder.encode([prompt])  # (1, L, Dt), (1, L)
+        latents = sample(
+            dit, noise, text.to(device), text_mask.to(device),
+            steps=cfg.train.eval_sampling_steps, guidance=cfg.train.eval_guidance, shift=cfg.train.timestep_shift,
+        )  # fmt: skip
+        frames = from_model(autoencoder.decode(latents)[:, :, : cfg.model.num_frames])  # (T, H, W, 3) uint8
+        tracker.log_sample_video(write_mp4(frames, cfg.model.fps), prompt, step)
+    logger.info("step %d: logged %d eval samples", step, len(cfg.train.eval_prompts))
 
 
 def _open_sample_log(path: Path) -> Any:

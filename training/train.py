@@ -197,7 +197,7 @@ def preflight(cfg: ReelforgeConfig, data: str, resume: str | None) -> dict[str, 
         dim = text_encoder_dim(cfg.model.text_encoder)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
-    dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, dim)
+    dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, dim, **cfg.model.dit_overrides())
     check_shapes(cfg, autoencoder, dit_cfg.patch_size)
     num_params = count_params(cfg.model.preset, autoencoder.latent_channels, dim)
     return {"clips": len(index), "params": num_params, "resume_state": resume_state}

@@ -23,15 +23,21 @@ WINDOW = 8  # trained clip length (frames) of the test bundle
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> VideoPipeline:
+def _random_dit(depth: int):
+    """A small DiT for the pixel AE (48 channels) and MiniLM (384): (config, model)."""
     torch.manual_seed(0)
-    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=2, hidden_size=64, num_heads=4, max_text_tokens=32)
+    cfg = dit_config("tiny", in_channels=48, text_dim=384, depth=depth, hidden_size=64, num_heads=4, max_text_tokens=32)
     model = DiT(cfg)
     with torch.no_grad():
         # A freshly initialised DiT predicts exactly 0 (adaLN-Zero); random weights make it a real function.
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    return cfg, model
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> VideoPipeline:
+    cfg, model = _random_dit(depth=2)
     path = save_bundle(
         tmp_path_factory.mktemp("bundle"), model, cfg, autoencoder="pixel", text_encoder="minilm",
         fps=FPS, num_frames=WINDOW, width=SIZE, height=SIZE, extra={"generation": {"steps": 2, "guidance": 1.0}},  # guidance 1: one forward per step
@@ -248,3 +254,29 @@ def test_causal_vae_bundle_lengths_are_exact(tmp_path, inputs):
     assert image.frames.shape[0] == 5
     with pytest.raises(ValueError, match="num_frames 4 must be 1 \\+ a multiple of 2"):
         wan_pipeline.check_request(GenerationRequest(prompt="a cat", num_frames=4))
+
+
+def test_bundle_recorded_shift_is_used_for_sampling(tmp_path):
+    """A bundle trained with `train.timestep_shift` records it as generation.shift; sampling must use
+    it (a model trained on one noise schedule and sampled on another gives noise: the demo regression)."""
+    from model.rectified_flow import sample
+    from model.video_io import from_model
+
+    cfg, model = _random_dit(depth=1)
+    common = dict(autoencoder="pixel", text_encoder="minilm", fps=FPS, num_frames=4, width=16, height=16)
+    shifted = VideoPipeline(load_bundle(save_bundle(
+        tmp_path / "shifted", model, cfg, **common, extra={"generation": {"steps": 3, "guidance": 1.0, "shift": 16.0}}
+    )))  # fmt: skip
+    default = VideoPipeline(load_bundle(save_bundle(
+        tmp_path / "default", model, cfg, **common, extra={"generation": {"steps": 3, "guidance": 1.0}}
+    )))  # fmt: skip
+    assert shifted.shift == 16.0 and default.shift is None
+    request = GenerationRequest(prompt="a red square", seed=5)
+    out = shifted.generate(request).frames
+
+    # The same request by hand through the sampler with shift 16 (noise drawn as the pipeline documents).
+    noise = torch.randn(4, 1, 48, 4, 4, generator=torch.Generator().manual_seed(5)).permute(1, 2, 0, 3, 4)
+    text, mask = shifted.text_encoder.encode(["a red square"])
+    latents = sample(shifted.dit, noise, text, mask, steps=3, guidance=1.0, shift=16.0)
+    assert torch.equal(out, from_model(shifted.autoencoder.decode(latents)))
+    assert not torch.equal(out, default.generate(request).frames)

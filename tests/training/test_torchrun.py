@@ -14,6 +14,7 @@ import pytest
 from tests.training.conftest import uniform_clips, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
+EVAL_PROMPT = "a red square moving right"
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
@@ -31,7 +32,9 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     tiny_shards = write_shards(tmp_path / "shards", clips, clips_per_shard=6)
     out = tmp_path / "run"
     common = ["--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out)]
-    settings = ["deepspeed.zero_stage=2", "train.log_every_steps=1", "checkpoint.every_steps=3", f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-torchrun"]
+    settings = ["deepspeed.zero_stage=2", "train.log_every_steps=1", "checkpoint.every_steps=3", f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-torchrun",
+                # eval samples at steps 3 and 6 (2 Euler steps, one prompt); a non-default shift the bundle must record
+                "train.eval_every_steps=3", f"train.eval_prompts=[{EVAL_PROMPT!r}]", "train.eval_sampling_steps=2", "train.timestep_shift=4.0"]
     first = torchrun([*common, *[a for s in [*settings, "train.max_steps=6"] for a in ("--set", s)]])
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = out / "checkpoints"
@@ -42,6 +45,8 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     state = json.loads((checkpoints / "step-000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["samples_seen"] == 3 * 2 * 4 and len(state["rng"]) == 2
     assert (out / "bundle" / "weights.safetensors").is_file()
+    assert json.loads((out / "bundle" / "model_config.json").read_text())["generation"]["shift"] == 4.0
+    _check_eval_samples(tracking_uri, state["mlflow_run_id"], [3, 6])
 
     second = torchrun(
         [*common, "--resume", str(checkpoints / "step-000003"), *[a for s in [*settings, "train.max_steps=8"] for a in ("--set", s)]]
@@ -55,6 +60,21 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     assert sorted(steps) == list(range(1, 9))  # replayed steps 4-6 were not logged again
     skipped = client.get_metric_history(state["mlflow_run_id"], "skipped_clips")
     assert sum(m.value for m in skipped) >= 2  # 8 steps x 8 clips = 4 epochs, each meets both bad clips
+
+
+def _check_eval_samples(tracking_uri: str, run_id: str, steps: list[int]) -> None:
+    """Each eval step logged samples/step-NNNNNN/<slug>.mp4 that decodes to the trained clip format."""
+    import mlflow.artifacts
+
+    from model.video_io import read_video
+
+    for step in steps:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"samples/step-{step:06d}/a-red-square-moving-right.mp4", tracking_uri=tracking_uri
+        )
+        frames = read_video(local)
+        assert tuple(frames.shape) == (8, 32, 32, 3)  # tiny.yaml: 8 frames of 32x32
+        assert frames.float().std() > 0  # decoded pixels, not an empty clip
 
 
 def test_bad_resume_path_is_one_line(tiny_shards, tmp_path):
