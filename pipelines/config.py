@@ -78,17 +78,20 @@ class FiltersConfig(Section):
 
     # "filter" drops clips that fail a threshold; "score" keeps every clip and only records scores.
     mode: Literal["filter", "score"] = "filter"
-    # Mean |frame difference| of luma, 0-255, at 64 px wide. Under 0.2 is a still image with
-    # codec noise; over 40 is mostly strobing or shaky, unusable footage.
-    min_motion: float | None = Field(default=0.2, ge=0)
+    # Mean |frame difference| of luma, 0-255, on frames area-averaged to 64 px wide (any clip
+    # size). Frozen and black shots score 0; the slowest moving shot of the footage suites (a
+    # shape crossing 60% of the frame in 3 s) 0.3. Over 40 is mostly strobing or shaky, unusable footage.
+    min_motion: float | None = Field(default=0.1, ge=0)
     max_motion: float | None = Field(default=40.0, ge=0)
-    # Mean luma 0-255: black frames and blown-out white are not training material.
-    min_brightness: float | None = Field(default=16.0, ge=0, le=255)
+    # Mean luma 0-255: black frames and blown-out white are not training material. Near-black
+    # footage scores ~9; a clip fading out to black, ~17 over the whole fade.
+    min_brightness: float | None = Field(default=13.0, ge=0, le=255)
     max_brightness: float | None = Field(default=240.0, ge=0, le=255)
     # Variance of the Laplacian at clip size; out-of-focus footage scores in the single digits.
     min_sharpness: float | None = Field(default=10.0, ge=0)
-    # Fraction of consecutive frames that are identical: frozen video, slideshows.
-    max_static_fraction: float | None = Field(default=0.9, ge=0, le=1)
+    # Fraction of frames showing the same picture as 0.25 s later (pipelines.filters.static_score):
+    # 1 for frozen video and slideshows, 0 for every moving shot of the footage suites.
+    max_static_fraction: float | None = Field(default=0.5, ge=0, le=1)
     # Clips whose 384-bit perceptual hashes (pipelines.filters.perceptual_hash) differ in at most
     # this many bits are near duplicates; the ingest job keeps the first one seen. Measured on the
     # footage suites: distinct shots are >= 16 bits apart, a re-encode of one clip a median of 8.

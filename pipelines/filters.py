@@ -7,7 +7,8 @@ filter, also when `filters.mode="score"` keeps everything.
 
 Scores work on small grayscale copies where the property survives downscaling (motion,
 stillness, brightness) and on the clip-size frames only for sharpness, so scoring costs a
-fraction of the encode.
+fraction of the encode. The small copies are area-averaged to a fixed width whatever
+`clips.size` is, so motion and stillness scores mean the same at 64x64 and at 512x512.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ import numpy as np
 from pipelines.config import FiltersConfig
 
 SMALL_WIDTH = 64  # px; motion and stillness are visible at this size and 16x cheaper than 256
-STATIC_DIFF = 0.5  # mean |Δ| (0-255) under which two consecutive frames count as identical
+# A small pixel "changed" when its luma moved by more than this (0-255): area averaging at 64 px
+# leaves codec noise of a frozen picture at 0-2 levels, while the edge of an object moving
+# a quarter of a small pixel changes by a quarter of its contrast (tens of levels).
+CHANGE_LEVEL = 8.0
+# Two frames are the same picture when under this fraction of small pixels changed (about 8 of
+# the 4096 of a 64x64 frame): a moving shape's edges alone change over 0.5% per frame.
+STILL_FRACTION = 0.002
+# Stillness compares frames this far apart, so that frames repeated by the fps resampler
+# (15 -> 24 fps repeats every other frame or so) do not count as frozen picture.
+STILL_LAG_S = 0.25
 SHARPNESS_SAMPLES = 4  # frames; Laplacian variance is stable across a shot
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601 R, G, B
 
@@ -30,10 +40,12 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601 R, G, B
 class ClipPixels:
     """One clip's frames plus lazily computed views the filters share."""
 
-    def __init__(self, rgb: np.ndarray):
+    def __init__(self, rgb: np.ndarray, fps: float | None = None):
         if rgb.ndim != 4 or rgb.shape[0] == 0:
             raise ValueError(f"ClipPixels needs (T, H, W, 3) frames with T >= 1, got shape {rgb.shape}")
         self.rgb = rgb  # (T, H, W, 3) uint8
+        # Frames STILL_LAG_S apart (consecutive frames when the rate is unknown).
+        self.still_lag = max(1, round(fps * STILL_LAG_S)) if fps else 1
 
     def gray(self, index: int) -> np.ndarray:
         """(H, W) uint8 luma of one frame (BT.601, as cv2 computes it)."""
@@ -41,12 +53,12 @@ class ClipPixels:
 
     @functools.cached_property
     def gray_small(self) -> np.ndarray:
-        """(T, h, w) float32 luma of every `step`-th pixel, h/w about SMALL_WIDTH: one vectorised
-        pass over the clip instead of a resize and colour conversion per frame (these are the
-        only per-frame costs of filtering). Point sampling is enough for mean differences and means."""
-        step = max(1, self.rgb.shape[2] // SMALL_WIDTH)
-        sampled = self.rgb[:, ::step, ::step].astype(np.float32)  # (T, h, w, 3)
-        return sampled @ LUMA_WEIGHTS  # (T, h, w)
+        """(T, h, SMALL_WIDTH) float32 luma, area-averaged (h keeps the aspect ratio): the same
+        picture gives the same small frames at any clip size."""
+        width = min(SMALL_WIDTH, self.rgb.shape[2])
+        height = max(1, round(self.rgb.shape[1] * width / self.rgb.shape[2]))
+        small = [cv2.cvtColor(cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY) for frame in self.rgb]
+        return np.stack(small).astype(np.float32)  # (T, h, w)
 
     @functools.cached_property
     def frame_diffs(self) -> np.ndarray:
@@ -56,12 +68,21 @@ class ClipPixels:
             return np.zeros(0, np.float32)
         return np.abs(np.diff(small, axis=0)).mean(axis=(1, 2))
 
+    @functools.cached_property
+    def changed_fractions(self) -> np.ndarray:
+        """(T-lag,) fraction of small pixels changed by more than CHANGE_LEVEL between frames
+        `still_lag` apart; empty when the clip is shorter than the lag."""
+        small, lag = self.gray_small, self.still_lag
+        if len(small) <= lag:
+            return np.zeros(0, np.float32)
+        return (np.abs(small[lag:] - small[:-lag]) > CHANGE_LEVEL).mean(axis=(1, 2))
+
     def sample_indices(self, count: int) -> np.ndarray:
         return np.unique(np.linspace(0, len(self.rgb) - 1, num=min(count, len(self.rgb))).round().astype(int))
 
 
 def motion_score(pixels: ClipPixels) -> float:
-    """Mean absolute luma change between consecutive frames (0-255): 0 for a still image."""
+    """Mean absolute luma change between consecutive frames at SMALL_WIDTH (0-255): 0 for a still image."""
     diffs = pixels.frame_diffs
     return float(diffs.mean()) if len(diffs) else 0.0
 
@@ -77,9 +98,15 @@ def sharpness_score(pixels: ClipPixels) -> float:
 
 
 def static_score(pixels: ClipPixels) -> float:
-    """Fraction of consecutive frame pairs that are near-identical (frozen or still footage)."""
-    diffs = pixels.frame_diffs
-    return float((diffs < STATIC_DIFF).mean()) if len(diffs) else 1.0
+    """Fraction of frames (compared STILL_LAG_S ahead) showing the same picture: 1 for frozen
+    or still footage, 0 when something moves all the time. Counting changed pixels instead of
+    averaging differences keeps a small, slow object (a few percent of the frame) moving."""
+    fractions = pixels.changed_fractions
+    if not len(fractions):  # shorter than the lag: compare first and last frame
+        fractions = (np.abs(pixels.gray_small[-1] - pixels.gray_small[0]) > CHANGE_LEVEL).mean(keepdims=True)
+        if len(pixels.gray_small) < 2:
+            return 1.0
+    return float((fractions < STILL_FRACTION).mean())
 
 
 # name -> (score function, FiltersConfig field of the lower bound, field of the upper bound)

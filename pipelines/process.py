@@ -286,7 +286,7 @@ class SourceProcessor:
         if clip.reject_reason is not None:
             out.update(status="rejected", reject_stage="clips", reject_reason=clip.reject_reason)
             return out
-        pixels = ClipPixels(clip.frames)
+        pixels = ClipPixels(clip.frames, self.settings.clips.fps)
         scores = score_clip(pixels)
         out.update({f"score_{name}": value for name, value in scores.items()}, phash=perceptual_hash(pixels))
         verdict = judge(scores, self.settings.filters)

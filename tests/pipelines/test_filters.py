@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import cv2
@@ -11,7 +12,7 @@ import pytest
 
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig
 from pipelines.filters import FILTERS, PHASH_BITS, ClipPixels, hamming, judge, perceptual_hash, score_clip
-from pipelines.footage import demo_suite, standard_suite
+from pipelines.footage import FootageSpec, demo_suite, standard_suite, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.transcode import encode_mp4
@@ -60,14 +61,24 @@ def test_judge_rejects_on_the_first_failed_bound_and_score_mode_keeps_everything
     scores = _scores(_textured_scene(speed=0, level=0.05))  # still and nearly black
     verdict = judge(scores, FiltersConfig())
     assert verdict.failed == "motion"
-    assert verdict.reason.startswith("motion ") and "below filters.min_motion 0.2" in verdict.reason
-    assert verdict.score == scores["motion"] and verdict.threshold == 0.2
+    assert verdict.reason.startswith("motion ") and "below filters.min_motion 0.1" in verdict.reason
+    assert verdict.score == scores["motion"] and verdict.threshold == 0.1
 
     verdict = judge(scores, FiltersConfig(min_motion=None))
-    assert verdict.failed == "brightness" and verdict.threshold == 16.0
+    assert verdict.failed == "brightness" and verdict.threshold == 13.0
 
     assert judge(scores, FiltersConfig(mode="score")).failed is None
     assert judge(_scores(_textured_scene()), FiltersConfig()).failed is None
+
+
+def test_frames_repeated_by_the_fps_resampler_are_not_frozen():
+    """15 -> 24 fps repeats about every other frame; with the clip rate known, stillness compares
+    frames 0.25 s apart, so a moving clip stays at 0 while a frozen one is 1."""
+    frames = _textured_scene(num_frames=48, speed=1)
+    repeated = frames[(np.arange(48) * 15 // 24)]  # (48, H, W, 3) as a 15 -> 24 fps resample gives
+    assert _scores(repeated)["static"] > 0.3  # consecutive frames: repeats look frozen
+    assert score_clip(ClipPixels(repeated, fps=24))["static"] == 0.0
+    assert score_clip(ClipPixels(np.repeat(frames[:1], 48, axis=0), fps=24))["static"] == 1.0
 
 
 def test_every_filter_bound_is_a_config_field():
@@ -122,6 +133,35 @@ def test_distinct_shots_of_the_footage_suites_are_never_near_duplicates(suite_cl
         if a["shot"] != b["shot"] and hamming(a["phash"], b["phash"]) <= threshold
     ]
     assert not close
+
+
+def test_default_filters_keep_every_moving_shot_and_reject_frozen_and_black_ones(suite_clips):
+    """Footage truth decides: moving shots (fades included) pass every default bound, frozen and
+    near-black shots fail one. The old point-sampled stillness score rejected slow moving shots."""
+    cfg = FiltersConfig()
+    kinds = set()
+    for clip in suite_clips:
+        verdict = judge({name: clip[f"score_{name}"] for name in FILTERS}, cfg)
+        kinds.add(clip["kind"])
+        if clip["kind"] in ("static", "black"):
+            assert verdict.failed in ("motion", "static", "brightness"), (clip["shot"], verdict)
+        else:
+            assert verdict.failed is None, (clip["shot"], verdict.reason)
+    assert kinds == {"moving", "static", "black", "fade_in", "fade_out"}
+
+
+def test_motion_scores_do_not_depend_on_the_clip_size(tmp_path):
+    """Slow shots on 640x360 footage (a shape crossing 60% of the frame in 6 s) are kept at any
+    clips.size, with nearly the same scores: the small frames are area-averaged to one width."""
+    spec = FootageSpec("slow_640x360", "mp4", "libx264", 640, 360, Fraction(30), varied_shots([("moving", 6.0)] * 2, offset=3))
+    row = probe_source(str(write_video(spec, tmp_path / spec.filename).path))
+    scores = {}
+    for size in ("64x64", "256x256"):
+        settings = IngestSettings(clips=ClipsConfig(size=size, max_seconds=3.0), caption=CaptionConfig(backend="none"))
+        rows = SourceProcessor(settings)(row)
+        assert len(rows) == 4 and all(r["status"] == "kept" for r in rows), [r["reject_reason"] for r in rows]
+        scores[size] = np.array([r["score_motion"] for r in rows])
+    np.testing.assert_allclose(scores["64x64"], scores["256x256"], rtol=0.15)
 
 
 def _reencode(frames: np.ndarray, width: int, height: int, crf: int) -> np.ndarray:
