@@ -114,3 +114,30 @@ def test_report_of_an_output_without_clips_still_renders() -> None:
              "clip_seconds": 0.0, "shards": [], "config_hash": "x"}  # fmt: skip
     page = render_report(None, None, None, load_config(None, []).filters, stats)
     assert "no scores" in page and "Nothing was rejected" in page and "No thumbnails" in page
+
+
+def test_histogram_axis_follows_the_scores_and_pins_far_bounds_to_the_edge() -> None:
+    """Real footage: motion 0.3-9 against filters.max_motion 40 used to squeeze every clip into the
+    first bins; the axis now spans the scores and the far bound is drawn, dashed, at the edge."""
+    import pyarrow as pa
+
+    motion = [0.3, 0.7, 1.1, 2.6, 3.5, 4.4, 8.7, 9.1]
+    columns = {f"score_{name}": [50.0 + i for i in range(len(motion))] for name in FILTERS}
+    columns["score_motion"] = motion
+    filters = load_config(None, []).filters
+    stats = {"clips": {"kept": len(motion), "rejected": 0}, "sources": {"ok": 1, "rejected": 0}, "source_seconds": 1.0,
+             "clip_seconds": 1.0, "shards": [], "config_hash": "x"}  # fmt: skip
+    dom = _Elements()
+    dom.feed(render_report(pa.table(columns), None, None, filters, stats))
+    svg_start = next(i for i, (t, a) in enumerate(dom.elements) if t == "figure" and a.get("data-filter") == "motion")
+    svg_end = next(i for i, (t, a) in enumerate(dom.elements) if i > svg_start and t == "figure")
+    shapes = dom.elements[svg_start:svg_end]
+    bars = [float(a["x"]) for t, a in shapes if t == "rect"]
+    lines = {float(a["data-value"]): a for t, a in shapes if t == "line" and a.get("class") == "threshold"}
+    # Bars spread over most of the plot, not the first tenth of it.
+    assert max(bars) - min(bars) > 0.8 * (420 - 2 * 28 - 420 / 30)
+    # min_motion 0.2 is within the scores' reach: drawn where it is; max_motion 40 is pinned, dashed.
+    assert set(lines) == {filters.min_motion, filters.max_motion}
+    assert "data-off-scale" not in lines[filters.min_motion]
+    assert lines[filters.max_motion]["data-off-scale"] == "1"
+    assert float(lines[filters.max_motion]["x1"]) == pytest.approx(420 - 28, abs=0.1)
