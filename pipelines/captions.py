@@ -122,6 +122,7 @@ class SidecarCaptioner:
         # One source's sidecar, cached: a source yields many clips in a row.
         self._cached_uri: str | None = None
         self._cached: str | list[Subtitle] = ""
+        self._warned_missing = False  # one warning per captioner (per worker), not per source
 
     def __call__(self, request: CaptionRequest) -> str:
         if request.source_uri != self._cached_uri:
@@ -142,7 +143,19 @@ class SidecarCaptioner:
             with fs.open_input_stream(candidate) as stream:
                 text = stream.read().decode("utf-8", errors="replace")
             return self._parse(candidate, extension, text)
-        logger.debug("no sidecar caption for %s", source_uri)
+        if not self._warned_missing:
+            # caption.backend=sidecar on footage without sidecars (e.g. `--config ingest/demo` on
+            # one's own files) used to give every clip an empty caption without a word.
+            self._warned_missing = True
+            logger.warning(
+                "caption.backend=sidecar: no %s next to %s, its clips get an empty caption "
+                "(further sources without a sidecar are logged at debug level; caption.backend=metadata "
+                "describes clips without sidecars)",
+                "/".join(stem.rsplit("/", 1)[-1] + ext for ext in self.cfg.sidecar_extensions),
+                source_uri,
+            )
+        else:
+            logger.debug("no sidecar caption for %s", source_uri)
         return ""
 
     def _parse(self, path: str, extension: str, text: str) -> str | list[Subtitle]:

@@ -101,3 +101,19 @@ def test_model_backends_fail_at_construction(backend):
 def test_parse_srt_skips_malformed_blocks():
     cues = parse_srt("garbage\n\n" + SRT + "\n\n4\nno timing here\n")
     assert [c.start_s for c in cues] == [0.0, 2.0, 4.5] and cues[1].text == "A green square stands still."
+
+
+def test_missing_sidecars_are_warned_about_once(tmp_path, caplog):
+    """`--config ingest/demo` (sidecar captions) on real footage without sidecars gave 88 of 88
+    clips an empty caption and printed nothing; now the first source without one is named."""
+    (tmp_path / "has.txt").write_text("a caption")
+    captioner = make_captioner(CaptionConfig(backend="sidecar"))
+    with caplog.at_level("DEBUG", logger="pipelines.captions"):
+        assert captioner(_request(str(tmp_path / "has.mp4"))) == "a caption"
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert captioner(_request(str(tmp_path / "vtest.avi"))) == ""
+        assert captioner(_request(str(tmp_path / "tree.avi"))) == ""
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "vtest.srt/vtest.txt/vtest.json" in warnings[0] and str(tmp_path / "vtest.avi") in warnings[0]
+    assert any("tree.avi" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
