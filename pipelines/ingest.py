@@ -80,7 +80,9 @@ class ProcessSource:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         source = dict(row)
         try:
-            return write_source_result(self.out, source, self.processor(source))
+            # A generator: write_source_result streams each clip's MP4 into the work tar as it is
+            # finished, so an actor holds one clip's bytes, not a whole source's.
+            return write_source_result(self.out, source, self.processor.iter_rows(source))
         except Exception as exc:  # bad input never stops the job: the source becomes a reject row
             logger.exception("reject %s: processing failed", source["uri"])
             return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": _one_line(exc)}, [])

@@ -125,13 +125,19 @@ class SourceProcessor:
         self.encoder = h264_encoder()  # fails here, on worker start, if no H.264 encoder works
         self.captioner = make_captioner(self.settings.caption, filesystem)
         self.scene_threshold = detector_threshold(self.settings.scenes)
+        # Frames decoded so far from the source being processed (progress, and how tests see
+        # that rows stream out before the decode ends).
+        self.frames_decoded = 0
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """All of one source's rows in a list: for tests and tools. A job streams `iter_rows`
+        instead, since the list holds every kept clip's MP4 bytes at once."""
         return list(self.iter_rows(row))
 
     def iter_rows(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The same rows as `processor(row)`, each yielded as soon as its clip is finished, so a
         caller that streams them holds only one clip's MP4 bytes (a 1-hour source makes ~180 MiB)."""
+        self.frames_decoded = 0
         if row.get("reject_stage"):
             yield self._source_reject(row, row["reject_stage"], row.get("reject_reason") or "rejected", 0.0, row.get("duration_s"))
             return
@@ -207,6 +213,7 @@ class SourceProcessor:
                 yield self._source_reject(row, "decode", reason, start_s, end_s)
                 return
             decoded += 1
+            self.frames_decoded = decoded
             last_time_s = time_s
             cuts = tracker.push(time_s, detect_bgr)
             while rgb is not None and next_slot / clips_cfg.fps <= time_s + 1e-6:

@@ -13,7 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import tracemalloc
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,8 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset
 
+from infra.config import load_config
+from pipelines.discover import discover_sources
 from pipelines.footage import FootageSpec, bad_files, damaged_files, varied_shots, write_video
-from pipelines.ingest import main
+from pipelines.ingest import ProcessSource, ingest_settings, main
+from pipelines.probe import probe_source
+from pipelines.shards import OutputDir
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64",
@@ -191,6 +197,36 @@ def test_only_bad_sources_exit_1_with_every_reject_recorded(ray_local, footage: 
     assert main([str(footage["src"] / "bad"), "--out", str(tmp_path / "out"), *ARGS]) == 1
     rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
     assert len(rejects) == 5 and all(r["reason"] for r in rejects)
+
+
+def test_process_source_streams_each_clip_into_the_work_tar(tmp_path: Path) -> None:
+    """The actor hands write_source_result a generator, so its memory is one clip's MP4 bytes,
+    not a source's: peak Python memory for 48 s of footage stays within two clips of the peak
+    for 8 s. Lossless 256x256 clips (~100 kB each) make holding them all stand out."""
+    settings = ingest_settings(load_config(None, [
+        "clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=256x256", "clips.crf=0",
+        "clips.x264_preset=ultrafast", "filters.mode=score", "caption.backend=none"]))  # fmt: skip
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    actor = ProcessSource(settings, out)
+    sources = {}
+    for seconds in (8, 48):
+        spec = FootageSpec(f"long{seconds}", "mp4", "libx264", 128, 96, Fraction(12), varied_shots([("moving", 4.0)] * (seconds // 4)))
+        path = write_video(spec, tmp_path / spec.filename).path
+        sources[seconds] = discover_sources([str(path)])[0].as_row() | probe_source(str(path))
+    actor(sources[8] | {"source_key": "warm-up"})  # first-call allocations (codec tables) are not per-source
+    peaks = {}
+    for seconds, source in sources.items():
+        tracemalloc.start()
+        summary = actor(source)
+        peaks[seconds] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert summary["clips_kept"] >= seconds // 2 - 1 and not summary["rejected"]
+    with tarfile.open(tmp_path / "out" / "_work" / f"{sources[48]['source_key']}.tar") as tar:
+        sizes = [member.size for member in tar.getmembers()]
+    assert len(sizes) >= 23 and max(sizes) > 50_000
+    # Holding the 48 s source's clips would add sum(sizes) (~2 MB) over the 8 s peak.
+    assert peaks[48] < peaks[8] + 2 * max(sizes), (peaks, max(sizes), sum(sizes))
 
 
 def test_bad_arguments_fail_before_any_work(footage: dict[str, Path], tmp_path: Path) -> None:
