@@ -52,7 +52,7 @@ def encode_mp4(
     frames: np.ndarray,
     fps: float,
     crf: int = 23,
-    preset: str = "veryfast",
+    preset: str = "superfast",
     encoder: str | None = None,
 ) -> bytes:
     """MP4 bytes of `frames`, (T, H, W, 3) uint8 RGB with even H and W, at constant `fps`."""
