@@ -242,16 +242,6 @@ def test_late_reporting_detectors_never_put_a_cut_inside_a_clip(videos, detector
         assert not any(clip["start_s"] + tolerance < cut < clip["end_s"] - tolerance for cut in cuts), (clip["id"], cuts)
 
 
-def test_decoding_uses_slice_threads_only(videos):
-    """Frame-threaded decoding costs 25% more CPU per frame for no gain when every core runs a
-    worker (docs/benchmarks.md); iter_frames must leave the codec on slice threads."""
-    video = videos["cuts_h264_320x240_25fps"]
-    with av.open(str(video.path)) as container:
-        times = [time_s for time_s, _ in iter_frames(container, float(video.spec.fps))]
-        assert container.streams.video[0].thread_type.name == "SLICE"
-    assert len(times) == video.num_frames and times == sorted(times)
-
-
 def test_iter_rows_streams_clips_before_the_source_ends(videos, results, processor):
     rows = processor.iter_rows(probe_source(str(videos["cuts_h264_320x240_25fps"].path)))
     first = next(rows)  # the first clip is out while the decoder is still open on the source
