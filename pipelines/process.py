@@ -57,7 +57,7 @@ from pipelines.transcode import encode_mp4, jpeg_thumbnail
 logger = logging.getLogger(__name__)
 
 # Bump when a change alters clip bytes, spans or scores, so shards record what made them.
-PIPELINE_VERSION = "reelforge-ingest/1"
+PIPELINE_VERSION = "reelforge-ingest/2"  # 2: 384-bit phash, resolution-independent motion/static scores, x264 superfast
 
 CLIP_COLUMNS = (
     "id",
