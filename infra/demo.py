@@ -47,7 +47,7 @@ def run(command: str, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reelforge demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("demo"), help="where everything is written (default ./demo)")
-    parser.add_argument("--steps", type=int, default=400, help="training steps for the tiny model (400: ~4 min on 2 CPUs)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps for the tiny model (800: ~5 min on 2 idle CPUs)")
     args = parser.parse_args(argv)
     setup_logging()
     started = time.monotonic()
