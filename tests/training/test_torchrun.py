@@ -60,6 +60,20 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     assert sorted(steps) == list(range(1, 9))  # replayed steps 4-6 were not logged again
     skipped = client.get_metric_history(state["mlflow_run_id"], "skipped_clips")
     assert sum(m.value for m in skipped) >= 2  # 8 steps x 8 clips = 4 epochs, each meets both bad clips
+    _check_throughput_metrics(client, state["mlflow_run_id"])
+
+
+def _check_throughput_metrics(client, run_id: str) -> None:
+    """tokens/s is the sum of the per-bucket rates, grad norm is a real number, and no MFU on a CPU."""
+    metrics = client.get_run(run_id).data.metrics
+    buckets = {key: value for key, value in metrics.items() if key.startswith("bucket/")}
+    assert buckets and all(key.endswith("/tokens_per_s") for key in buckets)
+    assert metrics["tokens_per_s"] > 0
+    assert sum(buckets.values()) == pytest.approx(metrics["tokens_per_s"], rel=1e-6)
+    # each clip of this run is 8 frames at 32x32 -> (8, 8, 8) pixel latents -> 8*4*4 tokens of patch (1,2,2)
+    assert metrics["tokens_per_s"] == pytest.approx(128 * metrics["clips_per_s"], rel=1e-6)
+    assert 0 < metrics["grad_norm"] < float("inf")
+    assert "mfu" not in metrics
 
 
 def _check_eval_samples(tracking_uri: str, run_id: str, steps: list[int]) -> None:
