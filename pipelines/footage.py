@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import filecmp
 import hashlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -502,9 +504,12 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
     pts_list, shot_of, _ = _plan(spec)
     tb = _time_base(spec)
     end_tick = pts_list[-1] + ((2 if len(pts_list) % 2 else 4) if spec.vfr else 1)
+    # Encode beside the target and replace it only when the bytes differ: an unchanged file keeps its
+    # mtime, so rerunning `make demo` (or a test) lets incremental ingest skip it as already done.
+    tmp_path = path.with_name(f".tmp-{path.name}")
     try:
         options = MUXER_OPTIONS | ({"movflags": "+faststart"} if spec.faststart else {})
-        with av.open(str(path), "w", options=options) as container:
+        with av.open(str(tmp_path), "w", options=options) as container:
             video = _add_video_stream(container, spec)
             audio = _AudioTrack(container) if spec.audio else None
             last_img, last_frame = None, None
@@ -522,11 +527,15 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
                 audio.encode_until(float(end_tick * tb))
                 audio.encode_until(None)
     except (av.error.FFmpegError, ValueError) as exc:
-        path.unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)
         raise ValueError(
             f"{spec.name}: cannot encode {spec.width}x{spec.height} {spec.resolved_pix_fmt} with {spec.codec} "
             f"in .{spec.container}: {exc}"
         ) from exc
+    if path.is_file() and filecmp.cmp(tmp_path, path, shallow=False):
+        tmp_path.unlink()
+    else:
+        os.replace(tmp_path, path)
 
     frame_times = [float(p * tb) for p in pts_list]
     duration_s = float(end_tick * tb)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import json
 import re
 from dataclasses import dataclass, replace
@@ -330,3 +331,14 @@ def test_unencodable_specs_fail_early_without_leaving_a_file(tmp_path: Path) -> 
     too_short = FootageSpec("short", "mp4", "libx264", 320, 240, 10, (Shot("moving", 1.05), Shot("static", 0.03)))
     with pytest.raises(ValueError, match=r"shot 1 \(static, 0.03s\) gets 0 frame"):
         footage.write_video(too_short, tmp_path / too_short.filename)
+
+
+def test_rewriting_unchanged_footage_keeps_the_file_and_its_mtime(tmp_path: Path) -> None:
+    """A rerun of demo-footage must not touch identical files, or incremental ingest would redo them."""
+    spec = footage.demo_specs()[0]
+    first = footage.write_video(spec, tmp_path / spec.filename)
+    os.utime(first.path, ns=(1_000_000_000, 1_000_000_000))  # an old mtime that a rewrite would change
+    again = footage.write_video(spec, tmp_path / spec.filename)
+    assert again.sha256 == first.sha256
+    assert first.path.stat().st_mtime_ns == 1_000_000_000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
