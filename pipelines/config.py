@@ -47,6 +47,11 @@ class ClipsConfig(Section):
     ] = "superfast"
     # Width of the JPEG thumbnail each clip row carries for report.html.
     thumbnail_width: int = Field(default=128, ge=16, le=1024)
+    # Largest scale factor a source may need to cover `size` (aspect kept, rotation applied)
+    # before the whole source is rejected (stage "size") instead of silently upscaled: past 2x
+    # an upscale invents no detail, it only teaches the model blur (160x120 -> 256x256 is 2.13x).
+    # None: no limit.
+    max_upscale: float | None = Field(default=2.0, ge=1.0)
 
     @field_validator("size")
     @classmethod

@@ -22,6 +22,9 @@ import av
 import numpy as np
 import pyarrow.fs as pafs
 
+from pipelines.config import ClipsConfig
+from pipelines.decode import FrameGeometry, normalize_rotation
+
 logger = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to stream at disk speed, small enough for any worker
@@ -169,6 +172,46 @@ def _reject(row: dict[str, Any], reason: str) -> dict[str, Any]:
     return row
 
 
+# --- size: a source too small for clips.size is rejected, never silently upscaled -------
+
+
+def upscale_factor(row: dict[str, Any], clips: ClipsConfig) -> float:
+    """The scale a probed source needs so that, rotated for display, it covers `clips.size`
+    (aspect kept; the excess is center-cropped). Below 1 means a downscale."""
+    geometry = FrameGeometry(
+        source_width=row["width"],
+        source_height=row["height"],
+        rotation=normalize_rotation(row.get("rotation")),
+        clip_width=clips.width,
+        clip_height=clips.height,
+        detect_width=clips.width,  # unused here
+    )
+    # resize_size is in coded orientation. The covering axis lands exactly on the clip size and
+    # the other is rounded up before the crop, so the smaller of the two ratios is the scale.
+    resized_w, resized_h = geometry.resize_size
+    return min(resized_w / row["width"], resized_h / row["height"])
+
+
+def size_reject(row: dict[str, Any], clips: ClipsConfig) -> dict[str, Any]:
+    """`row` with `reject_stage="size"` and a human reason when it needs more upscaling than
+    `clips.max_upscale` allows; rows already rejected or without a size pass through unchanged.
+    Decided from the probe alone, so a too-small source is never decoded."""
+    if row.get("reject_stage") or not row.get("width") or not row.get("height") or clips.max_upscale is None:
+        return row
+    factor = upscale_factor(row, clips)
+    if factor <= clips.max_upscale:
+        return row
+    reason = f"source {_display_size(row)} needs {factor:.2f}x upscaling to {clips.size}; clips.max_upscale is {clips.max_upscale}"
+    logger.info("reject %s: %s", row["uri"], reason)
+    return row | {"reject_stage": "size", "reject_reason": reason}
+
+
+def _display_size(row: dict[str, Any]) -> str:
+    if normalize_rotation(row.get("rotation")) in (90, 270):
+        return f"{row['height']}x{row['width']}"
+    return f"{row['width']}x{row['height']}"
+
+
 def one_line(exc: BaseException) -> str:
     # FFmpeg errors repeat the file name; the row already carries the uri.
     text = exc.strerror if isinstance(exc, av.error.FFmpegError) and exc.strerror else str(exc)
@@ -219,15 +262,35 @@ def can_decode(codec_name: str) -> bool:
         return False
 
 
-def preflight(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Human lines for the job's log before any worker starts: the H.264 encoder in use and the
-    probed source codecs this machine cannot decode. Raises RuntimeError if no H.264 encoder works."""
+# Sources named one by one in the preflight's size line; the rest are counted.
+PREFLIGHT_NAMED = 5
+
+
+def preflight(rows: Iterable[dict[str, Any]], clips: ClipsConfig | None = None) -> list[str]:
+    """Human lines for the job's log before any worker starts: the H.264 encoder in use, the
+    probed source codecs this machine cannot decode and, given `clips`, the sources that will be
+    rejected for size (rows carry `uri`, `codec`, `reject_stage`, `reject_reason`; see size_reject).
+    Raises RuntimeError if no H.264 encoder works."""
     lines = [f"H.264 encoder: {h264_encoder()}"]
     undecodable: dict[str, int] = {}
+    too_small: list[dict[str, Any]] = []
     for row in rows:
         codec = row.get("codec")
         if codec and not can_decode(codec):
             undecodable[codec] = undecodable.get(codec, 0) + 1
+        if row.get("reject_stage") == "size":
+            too_small.append(row)
     for codec, count in sorted(undecodable.items()):
         lines.append(f"cannot decode codec {codec} here ({count} source{'s' if count > 1 else ''} will be rejected)")
+    if too_small and clips is not None:
+        count = len(too_small)
+        too_small.sort(key=lambda r: r["uri"])
+        named = ", ".join(
+            f"{r['uri']} ({_display_size(r)}, {upscale_factor(r, clips):.2f}x)" for r in too_small[:PREFLIGHT_NAMED]
+        )
+        more = f" and {count - PREFLIGHT_NAMED} more" if count > PREFLIGHT_NAMED else ""
+        lines.append(
+            f"{count} source{'s' if count > 1 else ''} smaller than {clips.size} beyond clips.max_upscale "
+            f"{clips.max_upscale} will be rejected (stage size): {named}{more}"
+        )
     return lines

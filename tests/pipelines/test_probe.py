@@ -9,7 +9,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipelines.footage import bad_files, standard_specs, write_video
-from pipelines.probe import PROBE_FIELDS, h264_encoder, preflight, probe_source
+from pipelines.config import ClipsConfig
+from pipelines.probe import PROBE_FIELDS, h264_encoder, preflight, probe_source, size_reject, upscale_factor
 
 NAMES = (
     "cuts_h264_320x240_25fps",
@@ -91,3 +92,27 @@ def test_preflight_names_the_encoder_and_undecodable_codecs(videos):
     assert lines[0] == f"H.264 encoder: {h264_encoder()}"
     assert h264_encoder() == "libx264"  # the PyPI PyAV wheels ship it
     assert lines[1:] == ["cannot decode codec no_such_codec here (2 sources will be rejected)"]
+
+
+def test_sources_needing_more_upscaling_than_allowed_are_rejected_for_size(videos):
+    rows = {name: probe_source(str(video.path)) for name, video in videos.items()}
+    default = ClipsConfig()  # 256x256, max_upscale 2.0
+    small = size_reject(rows["cinepak_160x120_30fps"], default)
+    assert small["reject_stage"] == "size"
+    assert small["reject_reason"] == "source 160x120 needs 2.13x upscaling to 256x256; clips.max_upscale is 2.0"
+    assert size_reject(rows["vp9_256x144_2997fps"], default)["reject_stage"] is None  # 1.78x is allowed
+    assert size_reject(rows["cinepak_160x120_30fps"], ClipsConfig(max_upscale=None))["reject_stage"] is None
+    assert size_reject(rows["cinepak_160x120_30fps"], ClipsConfig(size="64x64"))["reject_stage"] is None
+    # The limit applies to the displayed picture: 320x240 coded, turned 90 degrees, is 240 wide.
+    tall = ClipsConfig(size="512x256")
+    assert upscale_factor(rows["cuts_h264_320x240_25fps"], tall) == pytest.approx(1.6)
+    rotated = size_reject(rows["rotated90_h264_320x240_30fps"], tall)
+    assert rotated["reject_reason"] == "source 240x320 needs 2.13x upscaling to 512x256; clips.max_upscale is 2.0"
+    # A probe reject keeps its own stage and reason.
+    assert size_reject({"uri": "x", "reject_stage": "probe", "reject_reason": "empty file"}, default)["reject_stage"] == "probe"
+
+    lines = preflight([size_reject(row, default) for row in rows.values()], default)
+    assert lines[1:] == [
+        f"1 source smaller than 256x256 beyond clips.max_upscale 2.0 will be rejected (stage size): "
+        f"{videos['cinepak_160x120_30fps'].path} (160x120, 2.13x)"
+    ]
