@@ -70,6 +70,8 @@ REJECT_FIELDS = ("status", "reject_stage", "reject_reason", "reject_score", "rej
 # is stable across incremental runs and bounded whatever the corpus size.
 SAMPLES_KEPT = 24
 SAMPLES_PER_REASON = 8
+# Whole-source rejects of a run that stats.json (and the end-of-run summary) name with their reason.
+STATS_SOURCE_REJECTS = 20
 
 
 def shard_name(number: int) -> str:
@@ -232,15 +234,60 @@ def write_source_result(out: OutputDir, source: dict[str, Any], clips: Iterable[
     table = rows_to_table(rows) if rows else pa.table({})
     table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
     out.write_table(table_name, table)
-    kept = [r for r in rows if r.get("status") == "kept"]
+    return _summary(source, rows)
+
+
+def work_summary(out: OutputDir, key: str) -> dict[str, Any]:
+    """The summary row write_source_result returned for an already finished work result."""
+    source, rows = _read_work(out, key)
+    return _summary(source, rows)
+
+
+def _summary(source: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    kept = sum(1 for r in rows if r.get("status") == "kept")
     return {
-        "source_key": key,
+        "source_key": source["source_key"],
         "uri": source["uri"],
         "rejected": source.get("reject_stage") is not None,
+        "reject_stage": source.get("reject_stage"),
         "reject_reason": source.get("reject_reason"),
-        "clips_kept": len(kept),
-        "clips_rejected": len(rows) - len(kept),
+        "clips_kept": kept,
+        "clips_rejected": len(rows) - kept,
     }
+
+
+# --- attempts: a source that kills its worker becomes a reject, not an endless retry -------
+#
+# Ray restarts a dead actor (or reruns a dead task) and sends it the same source again, as often
+# as it takes. A source that crashes FFmpeg or exhausts memory would do that forever, so before
+# working on a source a worker records an attempt marker `_work/<key>.<stage>-attempt-<n>`, and
+# clears its markers once the source's outcome is written. A worker that finds `max_attempts`
+# markers knows every earlier attempt died with the source in hand: it writes a "crash" reject.
+# Markers live in --out, so they also count attempts of runs whose driver was killed with them.
+
+ATTEMPT_MARK = "-attempt-"
+
+
+def _attempt_name(key: str, stage: str, number: int) -> str:
+    return f"{WORK_DIR}/{key}.{stage}{ATTEMPT_MARK}{number}"
+
+
+def read_attempts(out: OutputDir, key: str, stage: str, limit: int) -> list[dict[str, Any]]:
+    """Markers of earlier attempts at `key` in `stage`, oldest first, at most `limit`. Probes names
+    one by one instead of listing _work, which holds a file per source."""
+    attempts = []
+    while len(attempts) < limit and out.exists(name := _attempt_name(key, stage, len(attempts) + 1)):
+        attempts.append(json.loads(out.read_bytes(name)))
+    return attempts
+
+
+def record_attempt(out: OutputDir, key: str, stage: str, number: int, info: dict[str, Any]) -> None:
+    out.write_bytes(_attempt_name(key, stage, number), json.dumps(info, sort_keys=True).encode())
+
+
+def clear_attempts(out: OutputDir, key: str, stage: str, count: int) -> None:
+    for number in range(1, count + 1):
+        out.delete(_attempt_name(key, stage, number))
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -278,6 +325,8 @@ class PackResult:
     source_seconds: float = 0.0
     clip_seconds: float = 0.0
     rejected_by_stage: Counter = field(default_factory=Counter)
+    # (uri, stage, reason) of every source rejected whole in this run, for the end-of-run summary.
+    source_rejects: list[dict[str, Any]] = field(default_factory=list)
 
 
 def committed_keys(out: OutputDir) -> set[str]:
@@ -320,6 +369,7 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
         rejected_before = len(reject_rows)
         if source.get("reject_stage"):
             reject_rows.append(_source_reject(source))
+            result.source_rejects.append({k: reject_rows[-1][k] for k in ("uri", "stage", "reason")})
         for row in sorted(clips, key=lambda r: (r.get("start_s") or 0.0, r.get("id") or "")):
             reason = _dedup_reason(row, seen_ids, index, dedup_hamming)
             if row.get("status") != "kept" or reason is not None:
@@ -650,6 +700,8 @@ def write_stats(
             "clips_kept": run.clips_kept,
             "clips_rejected": run.clips_rejected,
             "rejected_by_stage": dict(sorted(run.rejected_by_stage.items())),
+            # The first few whole-source rejects with their reasons (all are in rejects.parquet).
+            "rejected_sources": sorted(run.source_rejects, key=lambda r: r["uri"])[:STATS_SOURCE_REJECTS],
             "new_shards": run.shards,
             "source_seconds": round(run.source_seconds, 3),
             "clip_seconds": round(run.clip_seconds, 3),

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -26,9 +27,9 @@ import webdataset
 from infra.config import load_config
 from pipelines.discover import discover_sources
 from pipelines.footage import FootageSpec, bad_files, damaged_files, varied_shots, write_video
-from pipelines.ingest import ProcessSource, ingest_settings, main
-from pipelines.probe import probe_source
-from pipelines.shards import OutputDir
+from pipelines.ingest import ProcessSource, ingest_settings, main, probe_row
+from pipelines.probe import PROBE_FIELDS, probe_source
+from pipelines.shards import OutputDir, record_attempt
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64",
@@ -235,3 +236,93 @@ def test_bad_arguments_fail_before_any_work(footage: dict[str, Path], tmp_path: 
     with pytest.raises(SystemExit, match="clips.fps"):
         main([str(footage["src"]), "--out", str(tmp_path / "out"), "--set", "clips.fps=-1"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local, tmp_path: Path) -> None:
+    """A real worker process killed under a real source, as FFmpeg crashing or the OOM killer would:
+    every time the source's next attempt marker appears, the test signals the pid written in it
+    (SIGKILL twice, then SIGSEGV). Ray restarts the actor and resends the source; the fourth
+    attempt finds three markers and writes a "crash" reject. The other sources finish, exit 0."""
+    import psutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, width, height, seconds in (("ok", 160, 120, 5.0), ("poison", 160, 120, 20.0), ("tiny", 40, 30, 3.0)):
+        spec = FootageSpec(name, "mp4", "libx264", width, height, Fraction(12), varied_shots([("moving", seconds / 2)] * 2))
+        write_video(spec, src / spec.filename)
+    out = tmp_path / "out"
+    poison = discover_sources([str(src / "poison.mp4")])[0]
+    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pipelines.ingest", str(src), "--out", str(out), "--workers", "1", *ARGS]
+    log = tmp_path / "run.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)
+    killed: list[int] = []
+    deadline = time.monotonic() + 150
+    try:
+        for attempt, sig in enumerate((signal.SIGKILL, signal.SIGKILL, signal.SIGSEGV), start=1):
+            marker = out / "_work" / f"{poison.source_key}.process-attempt-{attempt}"
+            while not marker.exists():
+                assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, f"no attempt {attempt} on the poisoned source"
+                time.sleep(0.01)
+            pid = json.loads(marker.read_text())["pid"]
+            assert pid not in killed, "each attempt runs in a new worker process"
+            psutil.Process(pid).send_signal(sig)
+            killed.append(pid)
+        assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    rejects = {r["uri"]: r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["id"] is None}
+    crash = rejects.pop(str(src / "poison.mp4"))
+    assert crash["stage"] == "crash"
+    assert crash["reason"].startswith(f"worker process died 3 times while processing this source (last: pid {killed[-1]} ")
+    assert "Segmentation fault, while in " in crash["reason"]  # the last death was a SIGSEGV: faulthandler named it
+    tiny = rejects.pop(str(src / "tiny.mp4"))
+    assert (tiny["stage"], tiny["reason"]) == ("size", "source 40x30 needs 2.13x upscaling to 64x64; clips.max_upscale is 2.0")
+    assert not rejects
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert manifest and {r["source_uri"] for r in manifest} == {str(src / "ok.mp4")}
+    sources = {r["uri"]: r["status"] for r in pq.read_table(out / "sources.parquet").to_pylist()}
+    assert sources == {str(src / "ok.mp4"): "ok", str(src / "poison.mp4"): "rejected", str(src / "tiny.mp4"): "rejected"}
+    assert not list((out / "_work").glob("*attempt*")), "markers go once the outcome is committed"
+    text = log.read_text(errors="replace")
+    assert "will be rejected (stage size)" in text and f"{src / 'tiny.mp4'} (40x30, 2.13x)" in text  # preflight
+    assert f"| {src / 'poison.mp4'} | crash | worker process died 3 times" in text  # end-of-run summary
+
+    before = _files(out)
+    assert main([str(src), "--out", str(out), *ARGS]) == 0
+    assert _files(out) == before, "a rerun neither retries the crashed source nor the too-small one"
+
+
+def test_probe_attempts_of_dead_workers_are_counted_then_give_a_crash_reject(tmp_path: Path) -> None:
+    """The probe stage's attempt markers without Ray: markers left by workers that died (as after
+    a killed run) are counted, a probe under the limit proceeds and clears them, and at the limit
+    the source becomes a "crash" reject naming the last worker's pid and host."""
+    spec = FootageSpec("v", "mp4", "libx264", 160, 120, Fraction(12), varied_shots([("moving", 1.0)]))
+    source = discover_sources([str(write_video(spec, tmp_path / spec.filename).path)])[0]
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    info = {"pid": int(dead.stdout), "host": socket.gethostname(), "started_at": 0.0}
+    clips = load_config(None, SETTINGS).clips
+
+    for number in (1, 2):
+        record_attempt(out, source.source_key, "probe", number, info)
+    row = probe_row(source.as_row(), clips, out, max_attempts=3)
+    assert row["reject_stage"] is None and row["sha256"]
+    assert not list((tmp_path / "out" / "_work").iterdir()), "a finished probe clears its markers"
+
+    for number in (1, 2, 3):
+        record_attempt(out, source.source_key, "probe", number, info)
+    row = probe_row(source.as_row(), clips, out, max_attempts=3)
+    assert row["reject_stage"] == "crash"
+    assert row["reject_reason"] == (
+        f"worker process died 3 times while probing this source (last: pid {info['pid']} on {info['host']}, "
+        "no fatal-signal report, so SIGKILL (the kernel OOM killer, kill -9, or its run being killed))"
+    )
+    assert set(row) >= set(PROBE_FIELDS) and not list((tmp_path / "out" / "_work").iterdir())
