@@ -121,6 +121,7 @@ class ProcessSource:
         key = source["source_key"]
         if self.out.exists(f"{WORK_DIR}/{key}.parquet"):
             # Ray resent a source whose result was written just before its worker died.
+            clear_attempts(self.out, key, "process")
             return work_summary(self.out, key)
         return self.guard.run(key, lambda: self._process(source), lambda reason: self._crashed(source, reason))
 
@@ -309,7 +310,8 @@ def _process(
     phase_s["probe"] = time.monotonic() - started
     logger.info("probed %d sources in %.1f s", len(todo), phase_s["probe"])
     try:
-        lines = preflight(probed.select_columns(["uri", "codec", "width", "height", "rotation", "reject_stage"]).iter_rows(), cfg.clips)
+        columns = ["uri", "codec", "width", "height", "rotation", "reject_stage"]
+        lines = preflight(probed.select_columns(columns).iter_rows(), cfg.clips)
     except RuntimeError as exc:  # no working H.264 encoder: nothing could be written
         raise SystemExit(f"ingest: {exc}") from None
     for line in lines:

@@ -201,7 +201,10 @@ def size_reject(row: dict[str, Any], clips: ClipsConfig) -> dict[str, Any]:
     factor = upscale_factor(row, clips)
     if factor <= clips.max_upscale:
         return row
-    reason = f"source {_display_size(row)} needs {factor:.2f}x upscaling to {clips.size}; clips.max_upscale is {clips.max_upscale}"
+    reason = (
+        f"source {_display_size(row)} needs {factor:.2f}x upscaling to {clips.size}; "
+        f"clips.max_upscale is {clips.max_upscale}"
+    )
     logger.info("reject %s: %s", row["uri"], reason)
     return row | {"reject_stage": "size", "reject_reason": reason}
 

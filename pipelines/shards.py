@@ -285,9 +285,12 @@ def record_attempt(out: OutputDir, key: str, stage: str, number: int, info: dict
     out.write_bytes(_attempt_name(key, stage, number), json.dumps(info, sort_keys=True).encode())
 
 
-def clear_attempts(out: OutputDir, key: str, stage: str, count: int) -> None:
-    for number in range(1, count + 1):
+def clear_attempts(out: OutputDir, key: str, stage: str, count: int | None = None) -> None:
+    """Delete markers 1..count, or, with count None, every marker there is."""
+    number = 1
+    while number <= count if count is not None else out.exists(_attempt_name(key, stage, number)):
         out.delete(_attempt_name(key, stage, number))
+        number += 1
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -326,3 +326,36 @@ def test_probe_attempts_of_dead_workers_are_counted_then_give_a_crash_reject(tmp
         "no fatal-signal report, so SIGKILL (the kernel OOM killer, kill -9, or its run being killed))"
     )
     assert set(row) >= set(PROBE_FIELDS) and not list((tmp_path / "out" / "_work").iterdir())
+
+
+def test_process_source_skips_a_source_already_written_and_rejects_one_out_of_attempts(tmp_path: Path) -> None:
+    """The actor's side without Ray: a source Ray resends after its result was written (the worker
+    died just after) is not processed again, and one whose attempts are used up is a crash reject."""
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    actor = ProcessSource(ingest_settings(load_config(None, SETTINGS)), out, max_attempts=2)
+    rows = []
+    for name in ("done", "poison"):
+        spec = FootageSpec(name, "mp4", "libx264", 160, 120, Fraction(12), varied_shots([("moving", 1.5)]))
+        path = str(write_video(spec, tmp_path / spec.filename).path)
+        rows.append(discover_sources([path])[0].as_row() | probe_source(path))
+    done, poison = rows
+    info = {"pid": 1, "host": "another-node", "started_at": 0.0}
+
+    first = actor(done)
+    assert first["clips_kept"] and not first["rejected"]
+    work = tmp_path / "out" / "_work" / f"{done['source_key']}.parquet"
+    written = work.stat().st_mtime_ns
+    record_attempt(out, done["source_key"], "process", 1, info)  # its worker died before clearing this
+    assert actor(done) == first and work.stat().st_mtime_ns == written
+    assert not list((tmp_path / "out" / "_work").glob("*attempt*"))
+
+    for number in (1, 2):
+        record_attempt(out, poison["source_key"], "process", number, info)
+    summary = actor(poison)
+    assert summary["rejected"] and summary["reject_stage"] == "crash" and summary["clips_kept"] == 0
+    assert summary["reject_reason"] == (
+        "worker process died 2 times while processing this source "
+        "(last: pid 1 on another-node, cause not visible from this host; see that node's Ray worker logs)"
+    )
+    assert not list((tmp_path / "out" / "_work").glob("*attempt*"))
