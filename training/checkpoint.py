@@ -6,22 +6,35 @@ A checkpoint is one directory, the same under Ray Train and torchrun:
     ema.safetensors           the full fp32 EMA weights (gathered, so any world size can resume)
     deepspeed/latest          DeepSpeed's tag file
     deepspeed/step-000010/    DeepSpeed's own checkpoint: module, optimizer and LR scheduler, ZeRO shards
+    universal/                only after a resume at another world size: DeepSpeed's universal
+                              checkpoint of deepspeed/, converted once and reused
 
 Under Ray each rank writes into its own local folder and reports it with `ray.train.report`;
 Ray merges the ranks' files into one storage directory, which is what `ray.train.get_checkpoint()`
 (and `--resume`) hand back. Under torchrun all ranks write into one folder on a shared disk.
 
-Resuming at another world size: the data position and EMA are world-size independent; DeepSpeed's
-optimizer shards are not for ZeRO >= 1, so training/train.py refuses that combination at launch.
+Resuming at another world size: the data position, the EMA (stored gathered, re-partitioned on load
+under ZeRO-3) and the LR schedule are world-size independent. DeepSpeed's ZeRO 1-3 optimizer shards
+are not: each rank's file holds a flat slice of every fp32 weight and Adam moment, cut for the old
+world size. Such a checkpoint is converted once to DeepSpeed's *universal* checkpoint (one folder
+per parameter holding its full fp32 weight, exp_avg and exp_avg_sq; `ds_to_universal`), which any
+world size loads with `"checkpoint": {"load_universal": true}`. ZeRO-0 needs no
+conversion: every rank saves and loads the same full state.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import contextlib
+import io
 import json
 import logging
+import os
 import pickle
 import random
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +50,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 DEEPSPEED_DIR = "deepspeed"
+UNIVERSAL_DIR = "universal"
 
 
 @dataclass
@@ -61,6 +75,80 @@ def read_trainer_state(directory: str | Path) -> TrainerState:
 
 def checkpoint_tag(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def needs_universal(state: TrainerState, world_size: int) -> bool:
+    """A ZeRO 1-3 checkpoint resumed at another world size must go through the universal format."""
+    return state.zero_stage >= 1 and state.world_size != world_size
+
+
+# --- universal checkpoints ------------------------------------------------------------------
+
+
+def universal_complete(directory: str | Path) -> bool:
+    return (Path(directory) / UNIVERSAL_DIR / "latest_universal").is_file()
+
+
+def convert_to_universal(directory: str | Path) -> Path:
+    """`<directory>/universal/<tag>/`: the ZeRO shards of `<directory>/deepspeed/<tag>/` re-cut per
+    parameter by DeepSpeed's `ds_to_universal` (CPU only; reads every shard, writes fp32 weight and
+    Adam moments per parameter, ~3x the fp32 model size). Reused if already there.
+
+    Written into a temporary sibling and renamed at the end, so a conversion killed half-way never
+    passes for a complete one. Returns the folder to give `engine.load_checkpoint`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    directory = Path(directory)
+    target = directory / UNIVERSAL_DIR
+    if universal_complete(directory):
+        return target
+    state = read_trainer_state(directory)
+    scratch = directory / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(directory / DEEPSPEED_DIR / state.deepspeed_tag),
+        output_folder=str(scratch / state.deepspeed_tag),
+        # serial: a process pool forked from a worker that holds a gloo group and DataLoader
+        # processes is asking for trouble, and the shards of a run we can resume here are small
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # our engines set no universal_checkpoint_info; plain data parallel needs none
+        inject_missing_state=True,
+    )
+    started = time.perf_counter()
+    chatter = io.StringIO()  # ds_to_universal prints its progress; keep it for the error case
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except Exception:
+        logger.error("ds_to_universal failed on %s:\n%s", args.input_folder, chatter.getvalue()[-4000:])
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    try:
+        scratch.rename(target)
+    except OSError:
+        if not universal_complete(directory):  # else another process finished first: use theirs
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+    logger.info(
+        "converted the ZeRO-%d checkpoint of %d workers in %s to a universal checkpoint in %.1f s",
+        state.zero_stage, state.world_size, directory, time.perf_counter() - started,
+    )
+    return target
+
+
+def universal_everywhere(directory: str | Path) -> Path:
+    """Collective: rank 0 converts `directory` (if not done before), then every rank has it. A rank
+    that still sees no conversion holds a private copy of the checkpoint (e.g. Ray downloaded it
+    from object storage per worker) and converts its own."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        convert_to_universal(directory)
+    if dist.is_initialized():
+        dist.barrier()
+    return convert_to_universal(directory)
 
 
 # --- RNG ----------------------------------------------------------------------------------
@@ -181,10 +269,31 @@ def save_checkpoint(engine: Any, ema: ParameterEMA, state: TrainerState, directo
 
 
 def load_checkpoint(engine: Any, ema: ParameterEMA, directory: str | Path) -> TrainerState:
-    """Restore DeepSpeed (module, optimizer, scheduler), the EMA and this rank's RNG from `directory`."""
+    """Restore DeepSpeed (module, optimizer, scheduler), the EMA and this rank's RNG from `directory`.
+
+    An engine configured with `"checkpoint": {"load_universal": true}` (deepspeed_config's
+    `load_universal`, set when `needs_universal`) loads the universal conversion, made here if
+    missing; collective then, like DeepSpeed's own load."""
     directory = Path(directory)
     state = read_trainer_state(directory)
-    load_path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=state.deepspeed_tag)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if state.zero_stage != engine.zero_optimization_stage():
+        raise ValueError(
+            f"--resume {directory}: written at deepspeed.zero_stage={state.zero_stage}, this run uses "
+            f"{engine.zero_optimization_stage()}; resume at the stage it was written with"
+        )
+    if engine.load_universal_checkpoint():
+        if state.zero_stage == 0:
+            raise ValueError(f"--resume {directory}: a ZeRO-0 checkpoint has no ZeRO shards to load as universal")
+        load_dir = universal_everywhere(directory)
+    elif needs_universal(state, world_size):
+        raise ValueError(
+            f"--resume {directory}: written by {state.world_size} workers at ZeRO-{state.zero_stage}, loaded by "
+            f"{world_size}: the engine needs deepspeed_config(load_universal=True)"
+        )
+    else:
+        load_dir = directory / DEEPSPEED_DIR
+    load_path, _ = engine.load_checkpoint(str(load_dir), tag=state.deepspeed_tag)
     if load_path is None:
         raise ValueError(f"--resume {directory}: DeepSpeed checkpoint {state.deepspeed_tag} missing or unreadable")
     from safetensors.torch import load_file

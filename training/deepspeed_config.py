@@ -29,9 +29,15 @@ def use_bf16(deepspeed: DeepSpeedSection, scaling: ScalingSection) -> bool:
 
 
 def deepspeed_config(
-    train: TrainSection, deepspeed: DeepSpeedSection, scaling: ScalingSection, world_size: int
+    train: TrainSection,
+    deepspeed: DeepSpeedSection,
+    scaling: ScalingSection,
+    world_size: int,
+    *,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for `world_size` data-parallel workers."""
+    """The DeepSpeed config dict for `world_size` data-parallel workers. `load_universal`: the engine
+    will resume a universal checkpoint (a ZeRO checkpoint of another world size, training/checkpoint.py)."""
     offload = deepspeed.offload_optimizer and deepspeed.zero_stage > 0
     zero: dict[str, Any] = {
         "stage": deepspeed.zero_stage,
@@ -68,6 +74,7 @@ def deepspeed_config(
         # Our loop logs; DeepSpeed's own step prints would repeat it on every rank.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 

@@ -17,6 +17,7 @@ the clips trained on, never those a DataLoader worker had merely prefetched.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -40,6 +41,7 @@ from training.checkpoint import (
     TrainerState,
     checkpoint_tag,
     load_checkpoint,
+    needs_universal,
     read_trainer_state,
     save_checkpoint,
 )
@@ -191,7 +193,12 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, text_encoder.dim, **cfg.model.dit_overrides())
     # Longer captions are truncated to what the DiT's cross-attention accepts.
     text_encoder.max_length = min(text_encoder.max_length, dit_cfg.max_text_tokens)
-    ds_config = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size)
+    # The checkpoint to resume (Ray's own restart checkpoint wins over --resume) is looked at before
+    # the engine exists: DeepSpeed must be told at initialize to load a universal checkpoint.
+    resources = contextlib.ExitStack()
+    resume_dir = _resume_dir(session, args, resources)
+    universal = resume_dir is not None and needs_universal(read_trainer_state(resume_dir), world_size)
+    ds_config = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size, load_universal=universal)
     with build_context(cfg.deepspeed, ds_config):
         module = TrainingModule(DiT(dit_cfg))
     engine, _, scheduler = wrap_model(module, cfg.deepspeed, ds_config, make_lr_scheduler(cfg.train))
@@ -200,19 +207,16 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
 
     # --- resume ---
     index = read_clip_index(args.data)
-    restart = session.restart_checkpoint()
     state = TrainerState(config_hash=config_hash(cfg), world_size=world_size, zero_stage=cfg.deepspeed.zero_stage)
-    if restart is not None:
-        with restart.as_directory() as directory:
-            state = load_checkpoint(engine, ema, directory)
-    elif args.resume_from is not None:
-        state = load_checkpoint(engine, ema, args.resume_from)
+    with resources:
+        if resume_dir is not None:
+            state = load_checkpoint(engine, ema, resume_dir)
     if state.step == 0 or rank >= len(state.rng):
         # fresh start, or a rank that did not exist before the resume: its own seeded streams
         torch.manual_seed(cfg.train.seed * 1_000_003 + state.step * 101 + rank)
     if state.config_hash and state.config_hash != config_hash(cfg):
         logger.warning("config changed since the checkpoint (hash %s -> %s)", state.config_hash, config_hash(cfg))
-    state.config_hash, state.world_size = config_hash(cfg), world_size
+    state.config_hash, state.world_size, state.zero_stage = config_hash(cfg), world_size, cfg.deepspeed.zero_stage
     position = (
         DataPosition.from_state_dict(state.data_position, len(index))
         if state.data_position is not None
@@ -329,6 +333,15 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
         )
     tracker.end("FINISHED")
     return state
+
+
+def _resume_dir(session: RaySession | TorchrunSession, args: WorkerArgs, resources: contextlib.ExitStack) -> Path | None:
+    """Ray's restart checkpoint (entered on `resources`, which keeps a downloaded copy alive until
+    it is closed), else --resume, else None."""
+    restart = session.restart_checkpoint()
+    if restart is not None:
+        return Path(resources.enter_context(restart.as_directory()))
+    return Path(args.resume_from) if args.resume_from is not None else None
 
 
 class _Window:
@@ -563,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     out = str(default_out(args))
     if args.resume is not None:
+        from training.train import check_world_size
+
         try:
-            read_trainer_state(args.resume)
+            check_world_size(cfg, read_trainer_state(args.resume))
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
     run_training(WorkerArgs(config=cfg, data=args.data, out=out, resume_from=args.resume), session)

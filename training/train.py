@@ -13,13 +13,13 @@ Preflight rules (before any worker starts):
   * `--data` is an ingest output: folder exists, has `_SUCCESS`, shard-*.tar and manifest.parquet.
   * Some clip is long enough for a bucket: `model.num_frames` frames at `model.fps` (or a bucket's).
   * Every bucket's frames and size divide into the autoencoder's factors and then the DiT's patch grid.
-  * World size: ZeRO stages 1-3 need `scaling.num_workers >= 2` (they partition across workers; on
-    one worker they only add copies). The dataset must give every reader (worker x DataLoader
-    process) at least one clip. Batch sizes are per worker, so the global batch
+  * World size: any, ZeRO stages 1-3 included (DeepSpeed runs them on one worker; they only add
+    copies there). The dataset must give every reader (worker x DataLoader process) at least one clip. Batch sizes are per worker, so the global batch
     (batch_size x grad_accum_steps x num_workers) always divides evenly; DeepSpeed pads ZeRO
     partitions, so no parameter-count divisibility applies.
-  * Resuming at another world size is allowed for ZeRO-0 only: the data position and EMA are world-size
-    independent, DeepSpeed's ZeRO optimizer shards are not.
+  * Resuming at another world size works at every ZeRO stage: the data position and EMA are world-size
+    independent, and ZeRO 1-3 shards are converted once to DeepSpeed's universal checkpoint (by rank 0
+    of the resumed group, training/checkpoint.py). The ZeRO stage itself must stay as it was.
   * Memory: weights + gradients + AdamW states + EMA per worker (split by the ZeRO stage) must fit
     in 90% of a worker's memory (GPU memory with use_gpu, else the host RAM Ray gives a worker).
     Activations come on top; a preset that fails here would fail an hour in.
@@ -28,6 +28,7 @@ Preflight rules (before any worker starts):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ from typing import Any
 
 from infra.config import ReelforgeConfig, config_from_args, config_hash, flatten
 from infra.logs import setup_logging
-from training.checkpoint import read_trainer_state
+from training.checkpoint import STATE_FILE, TrainerState, needs_universal, read_trainer_state
 from training.data import ClipIndex, read_clip_index, usable_clips
 from training.loop import BUNDLE_DIR, WorkerArgs, add_run_args, default_out
 
@@ -97,17 +98,22 @@ def check_shapes(cfg: ReelforgeConfig, autoencoder: Any, patch_size: tuple[int, 
             )
 
 
-def check_world_size(cfg: ReelforgeConfig, resume_world_size: int | None) -> None:
-    if cfg.deepspeed.zero_stage > 0 and cfg.scaling.num_workers < 2:
+def check_world_size(cfg: ReelforgeConfig, resume_state: TrainerState | None) -> None:
+    """A checkpoint resumes at any world size (ZeRO 1-3 through a universal checkpoint,
+    training/checkpoint.py), but only at the ZeRO stage it was written with."""
+    if resume_state is not None and resume_state.zero_stage != cfg.deepspeed.zero_stage:
         raise PreflightError(
-            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} with scaling.num_workers=1: ZeRO partitions across "
-            "workers; use zero_stage=0 on one worker"
+            f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} but the checkpoint was written at zero_stage="
+            f"{resume_state.zero_stage}: DeepSpeed lays out each stage's checkpoint differently; resume with "
+            f"deepspeed.zero_stage={resume_state.zero_stage}"
         )
-    if resume_world_size is not None and resume_world_size != cfg.scaling.num_workers and cfg.deepspeed.zero_stage > 0:
-        raise PreflightError(
-            f"scaling.num_workers={cfg.scaling.num_workers} but the checkpoint was written by {resume_world_size} "
-            f"workers with deepspeed.zero_stage={cfg.deepspeed.zero_stage}: ZeRO optimizer shards cannot be "
-            f"re-split; resume with num_workers={resume_world_size}"
+    if cfg.deepspeed.zero_stage > 0 and cfg.scaling.num_workers == 1:
+        # Allowed (it is what a resume on one machine may need), but it only costs copies.
+        logger.info("deepspeed.zero_stage=%d on one worker: ZeRO has nothing to partition", cfg.deepspeed.zero_stage)
+    if resume_state is not None and needs_universal(resume_state, cfg.scaling.num_workers):
+        logger.info(
+            "checkpoint of %d workers resumed by %d at ZeRO-%d: its shards are converted once to a universal checkpoint",
+            resume_state.world_size, cfg.scaling.num_workers, cfg.deepspeed.zero_stage,
         )
 
 
@@ -190,7 +196,7 @@ def preflight(cfg: ReelforgeConfig, data: str, resume: str | None) -> dict[str, 
             resume_state = read_trainer_state(resume)
         except ValueError as exc:
             raise PreflightError(str(exc)) from None
-    check_world_size(cfg, resume_state.world_size if resume_state else None)
+    check_world_size(cfg, resume_state)
     index = check_data(cfg, data)
     try:
         autoencoder = load_autoencoder(cfg.model.autoencoder)
@@ -244,12 +250,39 @@ def build_trainer(cfg: ReelforgeConfig, worker_args: WorkerArgs, out: Path, run_
     )
 
 
+def ray_restart_checkpoint(out: Path) -> Path | None:
+    """The checkpoint Ray Train will hand the workers when `out` already holds this run: V2 restores
+    the latest checkpoint listed in `<out>/ray/<name>/checkpoint_manager_snapshot.json` (rerunning
+    the same command after a crash, or `make demo` twice). None when there is none."""
+    run_dir = out / "ray" / out.name
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except json.JSONDecodeError:
+        logger.warning("unreadable Ray snapshot %s: the driver cannot tell which checkpoint Ray resumes", snapshot)
+        return None
+    name = latest.get("checkpoint_dir_name")
+    if not name or not (run_dir / name / STATE_FILE).is_file():
+        return None
+    return run_dir / name
+
+
 def train(cfg: ReelforgeConfig, data: str, out: Path, resume: str | None = None, register: bool = True) -> dict[str, Any]:
     """Preflight, fit on Ray, register; returns the summary (also logged)."""
     from training.tracking import Tracker, resolve_tracking_uri, run_tags
 
     started = time.time()
     out = out.resolve()
+    # Ray's restart checkpoint wins over --resume in the workers (training/loop.py), so it is also
+    # the one whose world size, ZeRO stage and MLflow run the driver checks and continues.
+    restart = ray_restart_checkpoint(out)
+    if restart is not None:
+        logger.info("%s holds a Ray run: continuing from its latest checkpoint %s", out, restart)
+        if resume is not None and Path(resume).resolve() != restart.resolve():
+            logger.warning("--resume %s is ignored: Ray resumes %s (use a new --out to start from --resume)", resume, restart)
+        resume = str(restart)
     facts = preflight(cfg, data, resume)
     start_ray(cfg)
     check_memory(cfg, facts["params"])

@@ -17,6 +17,7 @@ from infra.config import load_config
 from training.checkpoint import (
     EMA_FILE,
     STATE_FILE,
+    UNIVERSAL_DIR,
     ParameterEMA,
     TrainerState,
     load_checkpoint,
@@ -24,7 +25,7 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.deepspeed_config import deepspeed_config, make_lr_scheduler
-from training.wrap import TrainingModule, wrap_model
+from training.wrap import TrainingModule, build_context, wrap_model
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,14 @@ def process_group():
             os.environ[key] = value
 
 
-def _engine(seed: int, stage: int = 0):
+def _engine(seed: int, stage: int = 0, universal: bool = False):
     from model.dit import DiT, dit_config
 
     cfg = load_config("train/tiny", [f"deepspeed.zero_stage={stage}", "scaling.num_workers=1", "train.batch_size=2"])
     torch.manual_seed(seed)
-    module = TrainingModule(DiT(dit_config("tiny", 48, 384)))
-    ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size=1)
+    ds = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size=1, load_universal=universal)
+    with build_context(cfg.deepspeed, ds):
+        module = TrainingModule(DiT(dit_config("tiny", 48, 384)))
     engine, _, scheduler = wrap_model(module, cfg.deepspeed, ds, make_lr_scheduler(cfg.train))
     return engine, scheduler, ParameterEMA(engine.module, 0.9, zero3=stage == 3)
 
@@ -81,8 +83,13 @@ def _steps(engine, ema, batch, n: int) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_resume_continues_bit_for_bit(process_group, tmp_path, stage):
+@pytest.mark.parametrize(
+    ("stage", "universal"),
+    # universal: the path of a resume at another world size (tests/training/test_train_ray.py,
+    # test_torchrun.py), here at the same one, where it must change nothing at all
+    [(0, False), (2, False), (2, True), (3, True)],
+)
+def test_resume_continues_bit_for_bit(process_group, tmp_path, stage, universal):
     generator = torch.Generator().manual_seed(7)
     batch = (
         torch.randn(2, 48, 2, 8, 8, generator=generator),  # (B, C, T, H, W) latents
@@ -99,8 +106,9 @@ def test_resume_continues_bit_for_bit(process_group, tmp_path, stage):
 
     # a fresh engine with other initial weights and RNG, then the checkpoint
     torch.manual_seed(12345)
-    engine2, scheduler2, ema2 = _engine(seed=1, stage=stage)
+    engine2, scheduler2, ema2 = _engine(seed=1, stage=stage, universal=universal)
     restored = load_checkpoint(engine2, ema2, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / UNIVERSAL_DIR).is_dir() == universal
     assert (restored.step, restored.samples_seen, restored.mlflow_run_id) == (3, 6, "run-1")
     assert _steps(engine2, ema2, batch, 3) == expected_losses  # same weights, Adam moments, LR and noise
     assert scheduler2.get_last_lr() == expected_lr

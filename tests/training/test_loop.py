@@ -1,5 +1,5 @@
 """training/loop.py under Ray Train: 2 real workers x 1 CPU, real DeepSpeed (gloo), real shards,
-real MLflow (SQLite). Loss falls at ZeRO 2 and 3 (ZeRO 0: the killed-worker run in
+real MLflow (SQLite). Loss falls at ZeRO 0 and 3 (ZeRO 2: the killed-worker run in
 test_train_ray.py, which saves a Ray start), and the exported bundle holds exactly the
 weights DeepSpeed's own consolidation (zero_to_fp32) reads from the ZeRO shards."""
 
@@ -50,7 +50,7 @@ def loss_history(tracking_uri: str, out: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-0 learning: tests/training/test_train_ray.py
+@pytest.mark.parametrize("stage", [0, 3])  # ZeRO-2 learning: tests/training/test_train_ray.py
 def test_loss_falls_and_bundle_holds_the_trained_weights(ray_local, tiny_shards, tmp_path, tracking_uri, stage):
     out = tmp_path / f"zero{stage}"
     overrides = [

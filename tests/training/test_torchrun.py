@@ -1,5 +1,6 @@
-"""The same loop without Ray: `torchrun --nproc_per_node 2 -m training.loop` (gloo, 2 CPU processes),
-then `--resume` from its middle checkpoint continues the same MLflow run to a later max_steps."""
+"""The same loop without Ray: `torchrun --nproc_per_node 2 -m training.loop` (gloo, 2 CPU processes)
+at ZeRO-3, then `--resume` from its middle checkpoint with ONE process (the ZeRO-3 shards go
+through DeepSpeed's universal checkpoint) continues the same MLflow run to a later max_steps."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 EVAL_PROMPT = "a red square moving right"
 
 
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training.loop", *args]
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "training.loop", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
@@ -32,15 +33,15 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     tiny_shards = write_shards(tmp_path / "shards", clips, clips_per_shard=6)
     out = tmp_path / "run"
     common = ["--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out)]
-    settings = ["deepspeed.zero_stage=2", "train.log_every_steps=1", "checkpoint.every_steps=3", f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-torchrun",
+    settings = ["deepspeed.zero_stage=3", "train.log_every_steps=1", "checkpoint.every_steps=3", f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-torchrun",
                 # eval samples at steps 3 and 6 (2 Euler steps, one prompt); a non-default shift the bundle must record
                 "train.eval_every_steps=3", f"train.eval_prompts=[{EVAL_PROMPT!r}]", "train.eval_sampling_steps=2", "train.timestep_shift=4.0"]
     first = torchrun([*common, *[a for s in [*settings, "train.max_steps=6"] for a in ("--set", s)]])
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = out / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000003", "step-000006"]
-    # both ranks' ZeRO-2 optimizer shards landed in the one shared folder
-    shards = sorted(p.name for p in (checkpoints / "step-000003" / "deepspeed" / "step-000003").glob("zero_pp_rank_*"))
+    # both ranks' ZeRO-3 optimizer shards landed in the one shared folder
+    shards = sorted(p.name for p in (checkpoints / "step-000003" / "deepspeed" / "step-000003").glob("zero_pp_rank_*optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     state = json.loads((checkpoints / "step-000003" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["samples_seen"] == 3 * 2 * 4 and len(state["rng"]) == 2
@@ -49,10 +50,14 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     _check_eval_samples(tracking_uri, state["mlflow_run_id"], [3, 6])
 
     second = torchrun(
-        [*common, "--resume", str(checkpoints / "step-000003"), *[a for s in [*settings, "train.max_steps=8"] for a in ("--set", s)]]
+        [*common, "--resume", str(checkpoints / "step-000003"), *[a for s in [*settings, "train.max_steps=8"] for a in ("--set", s)]],
+        nproc=1,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "from step 3" in second.stderr
+    assert (checkpoints / "step-000003" / "universal" / "latest_universal").is_file()
+    # Adam's moments and step count were re-cut for one process, not restarted: 3 + 5 steps
+    assert _adam_step_count(checkpoints / "step-000008") == 8
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("test-torchrun").experiment_id])
     assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]
@@ -61,6 +66,17 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     skipped = client.get_metric_history(state["mlflow_run_id"], "skipped_clips")
     assert sum(m.value for m in skipped) >= 2  # 8 steps x 8 clips = 4 epochs, each meets both bad clips
     _check_throughput_metrics(client, state["mlflow_run_id"])
+
+
+def _adam_step_count(checkpoint: Path) -> int:
+    """Adam's step count in a one-process ZeRO-3 checkpoint (DeepSpeed's own file layout)."""
+    import torch
+
+    shard = checkpoint / "deepspeed" / checkpoint.name / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optimizer = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+    steps = {int(state["step"]) for state in optimizer["state"].values()}
+    assert len(steps) == 1, steps
+    return steps.pop()
 
 
 def _check_throughput_metrics(client, run_id: str) -> None:

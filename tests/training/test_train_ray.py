@@ -8,6 +8,7 @@ loop writes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,13 +50,14 @@ def test_preflight_rejects_shapes_and_world_sizes(tiny_shards, tmp_path):
     # 36 px / 4 (autoencoder) = 9 latent cells: not a whole number of 2x2 patches
     with pytest.raises(PreflightError, match=r"bucket 8x36x36 .*latent grid 8x9x9 .*not divisible by the DiT patch 1x2x2"):
         preflight(load_config("train/tiny", ["model.size=36x36"]), str(tiny_shards), None)
-    with pytest.raises(PreflightError, match=r"deepspeed.zero_stage=2 with scaling.num_workers=1"):
-        preflight(load_config("train/tiny", ["scaling.num_workers=1"]), str(tiny_shards), None)
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 4, "zero_stage": 2}))
-    with pytest.raises(PreflightError, match=r"written by 4 workers with deepspeed.zero_stage=2"):
-        preflight(load_config("train/tiny"), str(tiny_shards), str(checkpoint))
+    with pytest.raises(PreflightError, match=r"deepspeed.zero_stage=3 but the checkpoint was written at zero_stage=2"):
+        preflight(load_config("train/tiny", ["deepspeed.zero_stage=3"]), str(tiny_shards), str(checkpoint))
+    # another world size (ZeRO-2 on one worker included) is no longer refused: the universal checkpoint
+    facts = preflight(load_config("train/tiny", ["scaling.num_workers=1"]), str(tiny_shards), str(checkpoint))
+    assert facts["resume_state"].world_size == 4
 
 
 def test_memory_rule_splits_states_by_zero_stage():
@@ -88,13 +90,16 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
 
 RUN = [
-    "deepspeed.zero_stage=0",  # the only stage whose checkpoints re-split across worker counts
+    # ZeRO-2: the resume at another worker count goes through the universal checkpoint (ZeRO-0
+    # resumes a full copy; it is covered by tests/training/test_loop.py and test_checkpoint.py)
+    "deepspeed.zero_stage=2",
     "train.max_steps=24",
     "train.log_every_steps=1",
     "train.log_sample_ids=true",
     "train.lr=3e-3",
     "train.warmup_steps=2",
-    "checkpoint.every_steps=8",
+    # 2 workers x 4 clips x 5 steps = 2.5 epochs of 16 clips: step 15 is mid-epoch
+    "checkpoint.every_steps=5",
     "checkpoint.num_to_keep=3",
     "scaling.max_failures=2",
 ]
@@ -180,25 +185,46 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_max_steps(killed_run,
     losses = mlflow_losses(killed_run["tracking_uri"], run_id)
     assert sorted(losses) == list(range(1, 25))  # every step once, none past max_steps
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (22, 23, 24)) / 3
-    assert last < 0.85 * first, losses  # ZeRO-0 learns (ZeRO 2 and 3: tests/training/test_loop.py)
+    assert last < 0.85 * first, losses  # ZeRO-2 learns (ZeRO 0 and 3: tests/training/test_loop.py)
     counts = trained_clips(sorted((out / "workers").glob("samples-rank-*.jsonl")), range(1, 25))
     assert sum(counts.values()) == 24 * 2 * 4
     assert_each_epoch_once(counts, num_clips=16)
     assert (out / "bundle" / "weights.safetensors").is_file()
 
 
+def adam_step_count(checkpoint: Path) -> int:
+    """Adam's step count in a ZeRO-1/2 checkpoint of one worker (DeepSpeed's own file layout)."""
+    import torch
+
+    (shard,) = checkpoint.glob("deepspeed/step-*/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    optimizer = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    steps = {int(state["step"]) for state in optimizer["base_optimizer_state"]["state"].values()}
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
+def experiment_runs(tracking_uri: str, experiment: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return [run.info.run_id for run in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])]
+
+
 @pytest.mark.slow
 def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_shards, tmp_path):
-    from training.checkpoint import read_trainer_state
+    """ZeRO-2 shards of 2 workers, resumed mid-epoch by 1 worker (2 DataLoader readers) through the
+    universal checkpoint; then the same command again, which Ray resumes at its final step."""
+    from training.checkpoint import UNIVERSAL_DIR, read_trainer_state
     from training.train import train
 
     first = killed_run["out"]
     checkpoint = next(
         path.parent
         for path in sorted((first / "ray" / first.name).glob("checkpoint_*/trainer_state.json"))
-        if read_trainer_state(path.parent).step == 16
+        if read_trainer_state(path.parent).step == 15
     )
     state = read_trainer_state(checkpoint)
+    assert (state.world_size, state.zero_stage, state.data_position["epoch"]) == (2, 2, 7)  # mid-epoch 7
     cfg = load_config(
         "train/tiny",
         [*RUN, "train.max_steps=28", "scaling.num_workers=1", "train.data_workers=2",
@@ -207,10 +233,25 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
     out = tmp_path / "resumed"
     summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint), register=False)
     assert summary["steps"] == 28 and summary["mlflow_run_id"] == state.mlflow_run_id
-    # steps 1-16 from the first run (2 workers), 17-28 from the resumed one (1 worker, 2 readers)
-    counts = trained_clips(sorted((first / "workers").glob("samples-rank-*.jsonl")), range(1, 17))
-    counts += trained_clips([out / "workers" / "samples-rank-0.jsonl"], range(17, 29))
-    assert sum(counts.values()) == 16 * 8 + 12 * 4
+    assert (checkpoint / UNIVERSAL_DIR / "latest_universal").is_file()  # converted once, beside the shards
+    # Adam's moments came along: its step count went on from the checkpoint's 15, not from 0
+    assert adam_step_count(Path(summary["checkpoint"])) == 28
+    # steps 1-15 from the first run (2 workers), 16-28 from the resumed one (1 worker, 2 readers)
+    counts = trained_clips(sorted((first / "workers").glob("samples-rank-*.jsonl")), range(1, 16))
+    counts += trained_clips([out / "workers" / "samples-rank-0.jsonl"], range(16, 29))
+    assert sum(counts.values()) == 15 * 8 + 13 * 4
     assert_each_epoch_once(counts, num_clips=16)
     losses = mlflow_losses(killed_run["tracking_uri"], state.mlflow_run_id)
     assert sorted(losses) == list(range(1, 29))
+    assert all(math.isfinite(loss) for loss in losses.values())
+    # the weights came along: the loss goes on near where it was, far below the untrained start
+    start, before, after = (sum(losses[s] for s in steps) / 3 for steps in ((1, 2, 3), (13, 14, 15), (16, 17, 18)))
+    assert after < 0.85 * start and after < 1.5 * before, losses
+    assert experiment_runs(killed_run["tracking_uri"], "test-killed") == [state.mlflow_run_id]
+
+    # The same command again: Ray finds the run in <out>/ray and hands the workers its final
+    # checkpoint; the driver continues that checkpoint's MLflow run instead of opening an empty one.
+    again = train(cfg, str(tiny_shards), out, register=False)
+    assert again["steps"] == 28 and again["mlflow_run_id"] == state.mlflow_run_id
+    assert experiment_runs(killed_run["tracking_uri"], "test-killed") == [state.mlflow_run_id]
+    assert sorted(mlflow_losses(killed_run["tracking_uri"], state.mlflow_run_id)) == list(range(1, 29))
