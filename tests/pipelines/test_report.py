@@ -16,7 +16,7 @@ from infra.config import load_config
 from pipelines.discover import discover_sources
 from pipelines.filters import FILTERS
 from pipelines.footage import FootageSpec, bad_files, varied_shots, write_video
-from pipelines.probe import probe_source
+from pipelines.probe import probe_source, size_reject
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import render_report, write_report
 from pipelines.shards import REJECTS, OutputDir, pack, write_source_result, write_stats
@@ -27,11 +27,15 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 class _Elements(HTMLParser):
-    """Every start tag with its attributes, in document order."""
+    """Every start tag with its attributes, in document order, and the page text."""
 
     def __init__(self) -> None:
         super().__init__()
         self.elements: list[tuple[str, dict[str, str]]] = []
+        self.text = ""
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.elements.append((tag, {k: v or "" for k, v in attrs}))
@@ -43,18 +47,20 @@ class _Elements(HTMLParser):
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ingest output with kept clips, filter rejects (a frozen shot), short-scene rejects and bad files."""
+    """An ingest output with kept clips, filter rejects (a frozen shot), short-scene rejects, bad files
+    and a source too small for clips.size."""
     src = tmp_path_factory.mktemp("footage")
     for i in range(2):
         shots = varied_shots([("moving", 2.5), ("static", 2.5), ("moving", 2.5)], offset=6 * i)
         write_video(FootageSpec(f"v{i}", "mp4", "libx264", 160, 120, Fraction(12), shots), src / f"v{i}.mp4")
     bad_files(src / "bad")
+    write_video(FootageSpec("tiny", "mp4", "libx264", 40, 30, Fraction(12), varied_shots([("moving", 1.0)])), src / "tiny.mp4")
     cfg = load_config(None, ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64"])
     processor = SourceProcessor(IngestSettings.from_config(cfg))
     out = OutputDir(str(tmp_path_factory.mktemp("out")))
     out.make_dirs()
     for source in discover_sources([str(src)]):
-        row = source.as_row() | probe_source(source.uri)
+        row = size_reject(source.as_row() | probe_source(source.uri), cfg.clips)
         write_source_result(out, row, processor(row) if row["reject_stage"] is None else [])
     result = pack(out, cfg.filters.dedup_hamming, cfg.shards.target_mb)
     stats = write_stats(out, result, 1.0, {}, "0123456789abcdef", {"reelforge": "test"})
@@ -88,7 +94,8 @@ def test_report_renders_in_a_browser_with_histograms_reasons_and_decoded_thumbna
     # One row per reject stage, with the count rejects.parquet holds.
     stages = pq.read_table(output / REJECTS, columns=["stage"]).column("stage").to_pylist()
     rows = {a["data-stage"] for a in dom.find("tr", **{"class": "reason"})}
-    assert rows == set(stages) and {"probe", "clips"} <= rows and any(s.startswith("filter:") for s in rows)
+    assert rows == set(stages) and {"probe", "clips", "size"} <= rows and any(s.startswith("filter:") for s in rows)
+    assert "source 40x30 needs 2.13x upscaling to 64x64; clips.max_upscale is 2.0" in dom.text
 
     # Thumbnails: a kept section and per-stage sections; the in-page script saw every one decode.
     groups = {a["data-group"] for a in dom.find("section", **{"class": "thumbs"})}
