@@ -231,7 +231,7 @@ def death_cause(attempt: dict[str, Any]) -> str:
         report = ""
     fatal = [line for line in report.splitlines() if line.startswith("Fatal Python error:")]
     if not fatal:
-        return "no fatal-signal report, so SIGKILL (the kernel OOM killer, kill -9, or its run being killed)"
+        return "no fatal-signal report, so SIGKILL (an out-of-memory kill by the kernel or Ray, kill -9, or its run being killed)"
     # Innermost frames first; a frame of ours says what the worker was doing (decode, encode...).
     frames = [(Path(m[1]), m[2], m[3]) for m in _FRAME_RE.finditer(report)]
     ours = [f for f in frames if "pipelines" in f[0].parts] or frames

@@ -323,7 +323,7 @@ def test_probe_attempts_of_dead_workers_are_counted_then_give_a_crash_reject(tmp
     assert row["reject_stage"] == "crash"
     assert row["reject_reason"] == (
         f"worker process died 3 times while probing this source (last: pid {info['pid']} on {info['host']}, "
-        "no fatal-signal report, so SIGKILL (the kernel OOM killer, kill -9, or its run being killed))"
+        "no fatal-signal report, so SIGKILL (an out-of-memory kill by the kernel or Ray, kill -9, or its run being killed))"
     )
     assert set(row) >= set(PROBE_FIELDS) and not list((tmp_path / "out" / "_work").iterdir())
 
