@@ -214,9 +214,9 @@ def _sweep_fault_logs() -> None:
 def crash_reason(attempts: list[dict[str, Any]], stage: str) -> str:
     """One line for rejects.parquet: how many workers died on the source, and how the last one did."""
     verb = {"probe": "probing", "process": "processing"}.get(stage, stage)
-    last = attempts[-1]
+    last, count = attempts[-1], len(attempts)
     return (
-        f"worker process died {len(attempts)} times while {verb} this source "
+        f"worker process died {'once' if count == 1 else f'{count} times'} while {verb} this source "
         f"(last: pid {last['pid']} on {last['host']}, {death_cause(last)})"
     )
 

@@ -235,6 +235,10 @@ def test_bad_arguments_fail_before_any_work(footage: dict[str, Path], tmp_path: 
         main([str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="clips.fps"):
         main([str(footage["src"]), "--out", str(tmp_path / "out"), "--set", "clips.fps=-1"])
+    with pytest.raises(SystemExit, match="clips.max_upscale"):
+        main([str(footage["src"]), "--out", str(tmp_path / "out"), "--set", "clips.max_upscale=0.5"])
+    with pytest.raises(SystemExit, match="--max-attempts must be >= 1, got 0"):
+        main([str(footage["src"]), "--out", str(tmp_path / "out"), "--max-attempts", "0"])
     assert not (tmp_path / "out").exists()
 
 
