@@ -10,7 +10,8 @@ API (all deterministic: the same spec gives the same pixels, and byte-identical 
     Shot(kind, duration_s, color, shape, direction, background)   one shot between cuts;
         .caption is a true sentence, e.g. "a red circle moving right on a dark blue background"
     FootageSpec(name, container, codec, width, height, fps, shots, pix_fmt=None,
-                audio=False, rotation=0, vfr=False, sidecar="none", faststart=False)
+                audio=False, rotation=0, vfr=False, sidecar="none", faststart=False,
+                grain=0.0, crf=None)
     varied_shots([(kind, duration_s), ...], offset=0)   shots that change colour/shape/direction/background
     write_video(spec, path) -> GeneratedVideo            encode one file (+ its .srt/.txt sidecar)
     render_frames(spec) -> Iterator[(pts, rgb)]          the drawn frames, without encoding
@@ -59,6 +60,7 @@ from pathlib import Path
 from typing import Literal
 
 import av
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -195,6 +197,11 @@ class FootageSpec:
     vfr: bool = False
     sidecar: Literal["none", "srt", "txt"] = "none"
     faststart: bool = False  # MP4/MOV: index (moov) before the data, as web-optimised files have
+    # Camera-like noise, in luma levels (0: the flat, cheap-to-decode look every test uses). A static
+    # blotchy texture of twice this amplitude plus per-frame grain of this standard deviation make
+    # the encoder spend bits everywhere, so the file decodes about as slowly as real footage.
+    grain: float = 0.0
+    crf: int | None = None  # libx264 crf; None: CODEC_OPTIONS' 16
 
     def __post_init__(self) -> None:
         # Accept 25, 25.0 or Fraction(30000, 1001); a float is taken as the decimal it prints as.
@@ -218,6 +225,10 @@ class FootageSpec:
         if self.sidecar == "txt" and len(self.shots) != 1:
             # A .txt sidecar is one caption for the whole file: only true for a single shot.
             raise ValueError(f"{self.name}: a 'txt' sidecar needs exactly one shot, got {len(self.shots)}")
+        if not 0.0 <= self.grain <= 64.0:
+            raise ValueError(f"{self.name}: grain {self.grain!r} must be between 0 and 64 levels")
+        if self.crf is not None and (self.codec != "libx264" or not 0 <= self.crf <= 51):
+            raise ValueError(f"{self.name}: crf {self.crf!r} needs codec libx264 and 0..51, codec is {self.codec!r}")
         if self.faststart and self.container not in ("mp4", "mov", "m4a"):
             raise ValueError(f"{self.name}: faststart applies to mp4/mov/m4a, not .{self.container}")
         if self.pix_fmt is None and self.codec not in DEFAULT_PIX_FMT:
@@ -419,6 +430,7 @@ def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
     per_shot_count = [shot_of.count(k) for k in range(len(spec.shots))]
     backgrounds: dict[int, np.ndarray] = {}
     frozen: dict[int, np.ndarray] = {}
+    grain = _Grain(spec.grain, disp_h, disp_w) if spec.grain > 0 else None
     index_in_shot = 0
     for i, (pts, k) in enumerate(zip(pts_list, shot_of)):
         index_in_shot = 0 if i == 0 or shot_of[i - 1] != k else index_in_shot + 1
@@ -429,6 +441,8 @@ def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
         if k not in backgrounds:
             backgrounds.clear()  # one shot at a time: a 1080p background is 6 MB
             backgrounds[k] = _background(shot, disp_h, disp_w)
+            if grain:
+                backgrounds[k] = grain.add_texture(backgrounds[k])
         img = backgrounds[k].copy()  # (H, W, 3) display orientation
         if shot.kind != "black":
             progress = float((pts * tb - boundaries[k]) / _exact_s(shot.duration_s))
@@ -439,11 +453,55 @@ def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
             if shot.kind == "fade_out":
                 alpha = 1.0 - alpha
             img = (img.astype(np.float32) * alpha + 0.5).astype(np.uint8)
+        if grain:
+            grain.add_noise(img, i)
         if turns:
             img = np.ascontiguousarray(np.rot90(img, turns))  # (W, H, 3) → coded orientation
-        if shot.kind in ("static", "black"):
+        if shot.kind in ("static", "black") and not grain:
             frozen[k] = img
         yield pts, img
+
+
+class _Grain:
+    """Film grain and texture for `FootageSpec.grain`, deterministic: the texture is seeded by a
+    constant, each frame's grain by its index.
+
+    Grain comes from 4 noise fields drawn once, a little larger than the frame; frame i adds a
+    window of one of them at an offset drawn from seed i. Drawing 2 M Gaussians per 1080p frame
+    would cost ~50 ms; this costs two saturating cv2 adds. Luma only (the same value on R, G, B).
+    """
+
+    FIELDS = 4
+    MARGIN = 64  # px of slack for the per-frame window offset
+
+    def __init__(self, sigma: float, height: int, width: int):
+        self.sigma, self.height, self.width = sigma, height, width
+        rng = np.random.default_rng(0x6A41)
+        shape = (height + self.MARGIN, width + self.MARGIN)
+        self.positive, self.negative = [], []
+        for _ in range(self.FIELDS):
+            noise = np.clip(np.rint(rng.standard_normal(shape, dtype=np.float32) * sigma), -255, 255)
+            # Split into the parts above and below zero, so adding is two uint8 saturating ops.
+            self.positive.append(np.repeat(np.maximum(noise, 0).astype(np.uint8)[..., None], 3, axis=2))
+            self.negative.append(np.repeat(np.maximum(-noise, 0).astype(np.uint8)[..., None], 3, axis=2))
+
+    def add_texture(self, background: np.ndarray) -> np.ndarray:
+        """The background plus a static blotchy texture (noise drawn at 1/8 size, upscaled)."""
+        rng = np.random.default_rng(0x7E47)
+        small = rng.standard_normal((self.height // 8 + 2, self.width // 8 + 2), dtype=np.float32)
+        texture = cv2.resize(small, (self.width, self.height), interpolation=cv2.INTER_CUBIC)  # (H, W)
+        out = background.astype(np.float32) + (2.0 * self.sigma) * texture[..., None]  # (H, W, 3)
+        np.clip(out, 0, 255, out=out)
+        return out.astype(np.uint8)
+
+    def add_noise(self, img: np.ndarray, frame_index: int) -> None:
+        """Add frame `frame_index`'s grain to `img` ((H, W, 3) uint8) in place."""
+        rng = np.random.default_rng(frame_index)
+        field_index = int(rng.integers(self.FIELDS))
+        dy, dx = (int(v) for v in rng.integers(self.MARGIN, size=2))
+        window = np.s_[dy : dy + self.height, dx : dx + self.width]
+        cv2.add(img, self.positive[field_index][window], dst=img)
+        cv2.subtract(img, self.negative[field_index][window], dst=img)
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -461,7 +519,7 @@ def _add_video_stream(container: av.container.OutputContainer, spec: FootageSpec
     stream.codec_context.gop_size = max(int(round(float(spec.fps))), 1)
     if spec.codec not in ("libx264", "cinepak", "ffv1"):
         stream.codec_context.bit_rate = int(BITS_PER_PIXEL * spec.width * spec.height * float(spec.fps))
-    stream.codec_context.options = dict(CODEC_OPTIONS.get(spec.codec, {}))
+    stream.codec_context.options = dict(CODEC_OPTIONS.get(spec.codec, {})) | ({"crf": str(spec.crf)} if spec.crf is not None else {})
     if spec.rotation:
         stream.set_display_rotation(spec.rotation)
     return stream

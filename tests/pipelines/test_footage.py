@@ -316,6 +316,8 @@ def test_catalogue_covers_containers_codecs_sizes_and_rates() -> None:
         (lambda: FootageSpec("x", "mp4", "no_such_encoder", 320, 240, 25, (Shot("moving", 1.0),)), "no_such_encoder"),
         (lambda: FootageSpec("x", "mp4", "libx264", 320, 240, 25, (Shot("moving", 1.0),) * 2, sidecar="txt"), "txt"),
         (lambda: FootageSpec("x", "avi", "mpeg4", 320, 240, 25, (Shot("moving", 1.0),), faststart=True), ".avi"),
+        (lambda: FootageSpec("x", "mp4", "libx264", 320, 240, 25, (Shot("moving", 1.0),), grain=-1.0), "-1.0"),
+        (lambda: FootageSpec("x", "avi", "mpeg4", 320, 240, 25, (Shot("moving", 1.0),), crf=20), "'mpeg4'"),
     ],
 )
 def test_bad_specs_fail_with_the_value_named(make, message: str) -> None:
@@ -342,3 +344,23 @@ def test_rewriting_unchanged_footage_keeps_the_file_and_its_mtime(tmp_path: Path
     assert again.sha256 == first.sha256
     assert first.path.stat().st_mtime_ns == 1_000_000_000
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
+
+
+def test_grain_is_deterministic_noise_that_costs_bits_and_keeps_cuts(tmp_path: Path) -> None:
+    """Grainy footage (the benchmark's camera-like input) differs frame to frame even where the
+    picture stands still, is the same on every run, and its cuts stay where the truth says."""
+    shots = footage.varied_shots([("moving", 1.0), ("static", 1.0)])
+    flat = FootageSpec("flat", "mp4", "libx264", 320, 240, 25, shots, crf=20)
+    grainy = replace(flat, name="grainy", grain=3.0)
+    a, b = list(footage.render_frames(grainy)), list(footage.render_frames(grainy))
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+    still = [img.astype(np.int16) for _, img in a[30:34]]  # the static shot: only grain changes
+    assert 1.0 < np.abs(still[1] - still[0]).mean() < 8.0
+    clean = dict(footage.render_frames(flat))
+    assert abs(np.mean([img.mean() - clean[pts].mean() for pts, img in a])) < 2.0  # noise, not a shift
+    flat_video = footage.write_video(flat, tmp_path / flat.filename)
+    grainy_video = footage.write_video(grainy, tmp_path / grainy.filename)
+    assert grainy_video.path.stat().st_size > 3 * flat_video.path.stat().st_size
+    assert grainy_video.cut_frames == flat_video.cut_frames == (25,)
+    diffs = frame_diffs(decode(str(grainy_video.path)).frames)
+    assert int(np.argmax(diffs)) + 1 == 25 and diffs.max() > CUT_DIFF
