@@ -9,6 +9,11 @@ run's logged model. A run that has no logged model yet is logged first, from `--
 or else from the run's `bundle/` artifact; with neither it stops with a one-line error.
 Registering never retrains or re-exports: the bundle the run produced is what ships.
 
+Registering is idempotent: a version of NAME from the same run with the same bundle (its sha256,
+tag `reelforge.bundle_sha256` on the logged model and the version, or else the same logged model)
+is reused and only the alias moves, so rerunning a finished training (`make demo` twice) adds no
+version for unchanged weights.
+
 The tracking store is `--tracking-uri`, else `mlflow.tracking_uri` (`--set`), else
 `$MLFLOW_TRACKING_URI`, else the SQLite store of the training output folder `--out DIR`.
 The model registry lives in the same store.
@@ -17,6 +22,7 @@ The model registry lives in the same store.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 import tempfile
@@ -35,6 +41,48 @@ logger = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc inside its run
 BUNDLE_ARTIFACT_DIR = "bundle"  # where training stores the inference bundle among run artifacts
+TAG_BUNDLE_SHA256 = "reelforge.bundle_sha256"  # on the logged model and the version: which bytes ship
+TAG_RUN_ID = "reelforge.run_id"
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """sha256 over every file of a bundle (relative path, then bytes, in path order): two bundles
+    hash alike exactly when they would load alike. Streams 1 MiB reads (a 7B bundle is 14 GB)."""
+    bundle_dir = Path(bundle_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(bundle_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_registered_version(
+    client: Any, name: str, run_id: str, *, sha256: str | None = None, model_id: str | None = None
+) -> Any:
+    """The newest READY version of `name` registered from run `run_id` with bundle hash `sha256` (or,
+    for versions without the hash, from logged model `model_id`); None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        if version.status != "READY" or version.tags.get(TAG_RUN_ID) != run_id:
+            continue
+        if sha256 is not None and version.tags.get(TAG_BUNDLE_SHA256) == sha256:
+            return version
+        if model_id is not None and getattr(version, "model_id", None) == model_id:
+            return version
+    return None
+
+
+def _reuse(client: Any, version: Any, name: str, alias: str) -> Any:
+    client.set_registered_model_alias(name, alias, version.version)
+    logger.info("%s: this run's bundle is already registered as version %s; alias %s -> it", name, version.version, alias)
+    return version
 
 
 def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
@@ -55,6 +103,7 @@ def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
 
     bundle_dir = Path(bundle_dir)
     artifacts = component_artifacts(bundle_dir)  # raises ValueError naming a dir that is no bundle
+    sha256 = bundle_sha256(bundle_dir)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     prior_status = client.get_run(run_id).info.status
@@ -70,6 +119,7 @@ def log_model(bundle_dir: str | Path, run_id: str, *, tracking_uri: str) -> Any:
             signature=model_signature(),
             input_example=input_example(bundle_dir),
             pip_requirements=serving_requirements(),
+            tags={TAG_BUNDLE_SHA256: sha256},
         )
     finally:
         mlflow.end_run(status="FINISHED" if prior_status == "RUNNING" else prior_status)
@@ -104,9 +154,10 @@ def register(
     tracking_uri: str,
     bundle_dir: str | Path | None = None,
 ) -> Any:
-    """Register the run's logged model under `name`, set `alias` on the new version; returns it.
+    """Register the run's logged model under `name`, set `alias` on the version; returns it.
 
-    No logged model yet: log `bundle_dir`, else the run's `bundle/` artifact, first."""
+    No logged model yet: log `bundle_dir`, else the run's `bundle/` artifact, first. A version of
+    `name` from this run with the same bundle already there: reuse it (only the alias moves)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -115,11 +166,17 @@ def register(
     model_uri = find_logged_model(run_id, tracking_uri=tracking_uri)
     if model_uri is None:
         model_uri = _log_from_bundle(run_id, client, tracking_uri, bundle_dir)
+    model_id = model_uri.removeprefix("models:/")
+    sha256 = client.get_logged_model(model_id).tags.get(TAG_BUNDLE_SHA256)
+    existing = find_registered_version(client, name, run_id, sha256=sha256, model_id=model_id)
+    if existing is not None:
+        return _reuse(client, existing, name, alias)
     mlflow.set_tracking_uri(tracking_uri)
     run_tags = client.get_run(run_id).data.tags
     # carry the provenance tags onto the version so the registry page alone says what it is
     tags = {k: v for k, v in run_tags.items() if k.startswith("reelforge.") or k == "mlflow.source.git.commit"}
-    model_version = mlflow.register_model(model_uri, name, tags=tags | {"reelforge.run_id": run_id})
+    tags |= {TAG_RUN_ID: run_id} | ({TAG_BUNDLE_SHA256: sha256} if sha256 else {})
+    model_version = mlflow.register_model(model_uri, name, tags=tags)
     client.set_registered_model_alias(name, alias, model_version.version)
     logger.info("registered %s as %s version %s, alias %s", model_uri, name, model_version.version, alias)
     return model_version
@@ -134,7 +191,16 @@ def check_names(name: str, alias: str) -> None:
 
 
 def log_and_register(bundle_dir: str | Path, run_id: str, registry: RegistrySection, tracking_uri: str) -> Any:
-    """What the training driver calls at the end: log the bundle, register it, set the alias."""
+    """What the training driver calls at the end: log the bundle, register it, set the alias. A run
+    that registered this very bundle before (a finished training run again) logs nothing new and
+    reuses its version."""
+    from mlflow import MlflowClient
+
+    check_names(registry.model_name, registry.alias)
+    client = MlflowClient(tracking_uri)
+    existing = find_registered_version(client, registry.model_name, run_id, sha256=bundle_sha256(bundle_dir))
+    if existing is not None:
+        return _reuse(client, existing, registry.model_name, registry.alias)
     log_model(bundle_dir, run_id, tracking_uri=tracking_uri)
     return register(run_id, registry.model_name, registry.alias, tracking_uri=tracking_uri)
 

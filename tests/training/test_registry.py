@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,11 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from model.bundle import save_bundle
 from model.dit import DiT, dit_config
 from training.config import MlflowSection, RegistrySection
-from training.registry import find_logged_model, log_and_register
+from training.registry import TAG_BUNDLE_SHA256, bundle_sha256, find_logged_model, log_and_register
 from training.tracking import TAG_CONFIG_HASH, Tracker
 
 pytestmark = pytest.mark.slow
@@ -95,10 +97,22 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
     assert client.get_run(run_id).info.status == "FINISHED"  # logging into the run left its status alone
     logged = find_logged_model(run_id, tracking_uri=uri)
 
-    # registering again reuses the logged model (no second upload) and moves the alias
-    assert cli(registry, ["--run-id", run_id, "--name", "fox", "--out", str(tmp_path)], capsys)[0] == 0
-    assert str(client.get_model_version_by_alias("fox", "candidate").version) == "2"
+    # registering again is idempotent: same run, same bundle -> version 1 again, nothing uploaded
+    client.set_registered_model_alias("fox", "candidate", "1")
+    assert cli(registry, ["--run-id", run_id, "--name", "fox", "--alias", "reviewed", "--out", str(tmp_path)], capsys)[0] == 0
+    assert str(client.get_model_version_by_alias("fox", "reviewed").version) == "1"
+    # the training driver's path (a rerun of a finished training): the bundle's hash finds version 1
+    assert str(log_and_register(bundle, run_id, RegistrySection(model_name="fox"), uri).version) == "1"
     assert find_logged_model(run_id, tracking_uri=uri) == logged
+    assert [str(v.version) for v in client.search_model_versions("name = 'fox'")] == ["1"]
+    # other weights from the same run are a new version, and the alias moves to it
+    changed = tmp_path / "changed"
+    shutil.copytree(bundle, changed)
+    weights = load_file(str(changed / "weights.safetensors"))
+    save_file({k: v + 1 if k.endswith("bias") else v for k, v in weights.items()}, str(changed / "weights.safetensors"))
+    assert str(log_and_register(changed, run_id, RegistrySection(model_name="fox"), uri).version) == "2"
+    assert str(client.get_model_version_by_alias("fox", "candidate").version) == "2"
+    assert client.get_model_version("fox", "2").tags[TAG_BUNDLE_SHA256] == bundle_sha256(changed) != bundle_sha256(bundle)
 
     rc, out, _ = cli(promote, ["fox", "--from-alias", "candidate", "--alias", "champion", "--tracking-uri", uri], capsys)
     assert (rc, out.strip()) == (0, "fox@champion -> version 2")
