@@ -16,9 +16,10 @@ DiT, the trainer and the generation pipeline never ask which one they hold:
 
 Two implementations:
 
-* `PixelAutoencoder` ("pixel", "pixel:s=2,t=1"): parameter-free space-to-depth, exactly
-  lossless. It keeps tiny runs and tests honest: anything the DiT is conditioned on comes back
-  bit-for-bit, and there are no weights to download.
+* `PixelAutoencoder` ("pixel", "pixel:s=2,t=1", "pixel:s=2,t=1,scale=4"): parameter-free
+  space-to-depth, optionally times a power-of-two scale, exactly lossless. It keeps tiny runs and
+  tests honest: anything the DiT is conditioned on comes back bit-for-bit, and there are no weights
+  to download.
 * `DiffusersAutoencoder` ("wan:<dir or id>", "cogvideox:<...>", "kl:<...>"): a pretrained
   diffusers VAE. Wan 2.x and CogVideoX are causal 3D VAEs (the first frame is encoded alone,
   then `temporal_factor` frames per latent frame); "kl" is a per-frame image VAE (SD/SDXL/Flux
@@ -28,6 +29,7 @@ Two implementations:
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -67,19 +69,31 @@ def _check_video(video: torch.Tensor) -> None:
 
 
 class PixelAutoencoder:
-    """Lossless space-to-depth: each `t x s x s` block of RGB pixels becomes `3*t*s*s` channels.
+    """Lossless space-to-depth: each `t x s x s` block of RGB pixels becomes `3*t*s*s` channels,
+    multiplied by `scale`.
 
-    No normalisation is applied: pixels in [-1, 1] already have a variance of order one, and any
-    non-power-of-two scale would make decode(encode(x)) == x inexact in floating point.
+    Pixels in [-1, 1] of real footage have a per-clip std of ~0.3 against the unit-variance noise of
+    rectified flow, so at scale 1 the noise swamps the clip after the first few percent of the path
+    and training spends most timesteps where the output is already decided (the reason pixel runs
+    otherwise need a large timestep shift). `scale` brings the latents to ~unit variance, as the
+    latent scaling factors of SD3 / Wan VAEs do. It must be a power of two, so encode and decode
+    only change the float exponent and decode(encode(x)) == x stays exact, bit for bit.
     """
 
-    def __init__(self, spatial_factor: int = 4, temporal_factor: int = 1, spec: str | None = None) -> None:
+    def __init__(
+        self, spatial_factor: int = 4, temporal_factor: int = 1, spec: str | None = None, *, scale: float = 1.0
+    ) -> None:
         if spatial_factor < 1 or temporal_factor < 1:
             raise ValueError(f"pixel autoencoder factors must be >= 1, got s={spatial_factor} t={temporal_factor}")
+        if not _is_power_of_two(scale):
+            raise ValueError(
+                f"pixel autoencoder scale={scale!r} must be a power of two (0.5, 1, 2, 4, ...) to stay exactly invertible"
+            )
         self.spatial_factor = spatial_factor
         self.temporal_factor = temporal_factor
+        self.scale = float(scale)
         self.latent_channels = 3 * temporal_factor * spatial_factor**2
-        self.spec = spec or f"pixel:s={spatial_factor},t={temporal_factor}"
+        self.spec = spec or f"pixel:s={spatial_factor},t={temporal_factor}" + (f",scale={scale:g}" if scale != 1 else "")
 
     def latent_frames(self, num_frames: int) -> int:
         self.check_frames(num_frames)
@@ -106,13 +120,16 @@ class PixelAutoencoder:
         s, t = self.spatial_factor, self.temporal_factor
         x = video.reshape(b, c, frames // t, t, height // s, s, width // s, s)
         x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, 3, t, s, s, T/t, H/s, W/s)
-        return x.reshape(b, self.latent_channels, frames // t, height // s, width // s)  # (B, C, T/t, H/s, W/s)
+        latent = x.reshape(b, self.latent_channels, frames // t, height // s, width // s)  # (B, C, T/t, H/s, W/s)
+        return latent * self.scale if self.scale != 1 else latent
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         b, channels, frames, h, w = latent.shape
         if channels != self.latent_channels:
             raise ValueError(f"latent has {channels} channels, {self.spec!r} expects {self.latent_channels}")
         s, t = self.spatial_factor, self.temporal_factor
+        if self.scale != 1:
+            latent = latent / self.scale  # exact: a power of two only changes the exponent
         x = latent.reshape(b, 3, t, s, s, frames, h, w)
         x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)  # (B, 3, T/t, t, H/s, s, W/s, s)
         return x.reshape(b, 3, frames * t, h * s, w * s)  # (B, 3, T, H, W)
@@ -216,23 +233,39 @@ class DiffusersAutoencoder:
 
 
 def parse_autoencoder_spec(spec: str) -> tuple[str, str]:
-    """"wan:/models/wan" -> ("wan", "/models/wan"); "pixel" / "pixel:s=2,t=1" -> ("pixel", options)."""
+    """"wan:/models/wan" -> ("wan", "/models/wan"); "pixel" / "pixel:s=2,t=1,scale=4" -> ("pixel", options)."""
     kind, _, rest = spec.partition(":")
     if kind not in AUTOENCODER_KINDS:
-        raise ValueError(f"unknown autoencoder {spec!r}: expected pixel[:s=S,t=T] or one of wan|cogvideox|kl:<dir or hub id>")
+        raise ValueError(f"unknown autoencoder {spec!r}: expected pixel[:s=S,t=T,scale=K] or one of wan|cogvideox|kl:<dir or hub id>")
     if kind != "pixel" and not rest:
         raise ValueError(f"autoencoder {spec!r} needs a location: {kind}:<local dir or hub id>")
     return kind, rest
 
 
+def _is_power_of_two(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0 and math.frexp(value)[0] == 0.5
+
+
 def _pixel_from_options(spec: str, options: str) -> PixelAutoencoder:
+    """"s=2,t=1,scale=4" -> PixelAutoencoder(2, 1, scale=4.0); a bad item raises naming it."""
     factors = {"s": 4, "t": 1}  # 32x32 frames -> 8x8 latents with 48 channels
+    scale = 1.0
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        if key not in factors or not value.isdigit():
-            raise ValueError(f"bad pixel autoencoder option {item!r} in {spec!r}: expected s=N or t=N")
-        factors[key] = int(value)
-    return PixelAutoencoder(spatial_factor=factors["s"], temporal_factor=factors["t"], spec=spec)
+        if key in factors and value.isdigit():
+            factors[key] = int(value)
+            continue
+        if key == "scale":
+            try:
+                scale = float(value)
+            except ValueError:
+                scale = math.nan  # reported below, with the spec
+            if _is_power_of_two(scale):
+                continue
+        raise ValueError(
+            f"bad pixel autoencoder option {item!r} in {spec!r}: expected s=N, t=N or scale=<power of two>"
+        )
+    return PixelAutoencoder(spatial_factor=factors["s"], temporal_factor=factors["t"], spec=spec, scale=scale)
 
 
 def _load_vae(cls: type, location: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -263,7 +296,7 @@ def load_autoencoder(
     *,
     tiling: bool = True,
 ) -> PixelAutoencoder | DiffusersAutoencoder:
-    """Build the autoencoder a spec names: "pixel[:s=S,t=T]", "wan:<loc>", "cogvideox:<loc>", "kl:<loc>".
+    """Build the autoencoder a spec names: "pixel[:s=S,t=T,scale=K]", "wan:<loc>", "cogvideox:<loc>", "kl:<loc>".
 
     <loc> is a local folder (a VAE folder, or a diffusers pipeline folder with a "vae" subfolder)
     or a hub id. diffusers is imported only here, so `model/` imports with torch alone.

@@ -33,6 +33,48 @@ def test_pixel_autoencoder_is_exactly_lossless(spec, shape):
     assert ae.latent_channels == 3 * ae.temporal_factor * ae.spatial_factor**2
     assert torch.equal(ae.decode(latent), video)
     assert ae.spec == spec
+    assert ae.scale == 1.0
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 4.0, 8.0])
+def test_pixel_scale_is_exactly_invertible_and_in_the_spec(scale):
+    spec = f"pixel:s=2,t=1,scale={scale:g}"
+    ae = load_autoencoder(spec)
+    assert (ae.spatial_factor, ae.temporal_factor, ae.scale, ae.spec) == (2, 1, scale, spec)
+    video = torch.rand(2, 3, 4, 8, 12) * 2 - 1
+    latent = ae.encode(video)
+    # The scale multiplies the unscaled latent, so the DiT sees a `scale` times wider spread.
+    assert torch.equal(latent, load_autoencoder("pixel:s=2,t=1").encode(video) * scale)
+    assert latent.std().item() == pytest.approx(video.std().item() * scale, rel=1e-5)
+    assert torch.equal(ae.decode(latent), video)
+    # Uint8 frames (what training decodes) come back bit for bit, too.
+    frames = torch.randint(0, 256, (1, 3, 2, 4, 4)).float() / 127.5 - 1
+    assert torch.equal(ae.decode(ae.encode(frames)), frames)
+    # A bundle stores only the spec: loading it again gives the same autoencoder.
+    again = load_autoencoder(ae.spec)
+    assert again.scale == scale and torch.equal(again.decode(latent), video)
+
+
+def test_pixel_spec_round_trips_when_built_directly():
+    assert PixelAutoencoder(spatial_factor=2, temporal_factor=1).spec == "pixel:s=2,t=1"
+    ae = PixelAutoencoder(spatial_factor=2, temporal_factor=2, scale=4)
+    assert ae.spec == "pixel:s=2,t=2,scale=4"
+    rebuilt = load_autoencoder(ae.spec)
+    assert (rebuilt.spatial_factor, rebuilt.temporal_factor, rebuilt.scale) == (2, 2, 4.0)
+    video = torch.rand(1, 3, 4, 4, 4) * 2 - 1
+    assert torch.equal(rebuilt.encode(video), ae.encode(video))
+    assert load_autoencoder("pixel:scale=1").scale == 1.0
+
+
+@pytest.mark.parametrize("value", ["3", "0", "-2", "abc", "inf", "nan", ""])
+def test_pixel_scale_must_be_a_power_of_two(value):
+    with pytest.raises(ValueError, match=f"bad pixel autoencoder option 'scale={value}' in 'pixel:s=2,scale={value}'"):
+        load_autoencoder(f"pixel:s=2,scale={value}")
+
+
+def test_pixel_scale_refused_when_built_directly():
+    with pytest.raises(ValueError, match="scale=3 must be a power of two"):
+        PixelAutoencoder(spatial_factor=2, scale=3)
 
 
 def test_pixel_default_factors_and_locality():
