@@ -1,23 +1,32 @@
 """Ingestion throughput against the tools it replaces, on the same files in one run.
 
-    python benchmarks/ingest.py [--files 4] [--seconds 60] [--size 640x360] [--long-seconds 600]
+    python benchmarks/ingest.py [--files 4] [--seconds 60] [--size 1920x1080[,960x540,...]] [--grain 2.5]
+    python benchmarks/ingest.py --footage DIR          # any folder of real video files instead
+    python benchmarks/ingest.py --long-seconds 3600 --only-long   # memory on a 1-hour source
 
-Methods, each over the same synthetic H.264 footage with the same number of worker processes
-(`--workers`, default: CPU count), measured as source seconds per wall second:
+Methods, each over the same files with the same number of worker processes (`--workers`,
+default: CPU count), measured as source seconds per wall second:
 
   (a) PyAV decode        every frame decoded, nothing else (the floor any pipeline pays)
   (b) PySceneDetect      `scenedetect.detect(path, ContentDetector())`
   (c) (b) + split        `split_video_ffmpeg` to one file per scene (needs the ffmpeg binary)
-  (d) reelforge ingest   the real command in a subprocess (own local Ray; start-up included),
+  (d) reelforge ingest   the real command in a subprocess that starts its own local Ray (cold),
                          `caption.backend=none`, default clips (256x256, 24 fps, 2-10 s), and
                          `filters.mode=score` so every clip is encoded like (c) splits every scene
-  (d') the same run's processing phase alone (from its stats.json phase timings)
+  (d warm)               the same command against an already running Ray (`ray start --head`,
+                         RAY_ADDRESS), as production runs it (`ray job submit` to a cluster)
+  (d') the warm run's processing phase alone (from its stats.json phase timings)
   (e) pipelines.process.SourceProcessor in the same process pool as (a)-(c): the stage code
                          without Ray, to tell job overhead from per-frame cost
 
-Peak RSS is sampled every 50 ms over the whole process tree of each method. (d) is run
-again on one long source (`--long-seconds`, drawn at a small size so it encodes quickly),
-to show whether memory grows with source length. Prints a markdown table and writes JSON.
+Synthetic footage (default) is H.264 with `--grain` film grain and texture (pipelines.footage
+FootageSpec.grain), so it decodes like camera footage rather than like flat colour (which decodes
+~20x faster per pixel than real video and makes every per-clip cost look huge). Files are cached
+under ~/.cache/reelforge/bench. One table per `--size`.
+
+Peak RSS is sampled every 50 ms over the whole process tree of each method. (d) is run again on
+one long source (`--long-seconds`, drawn at `--long-size` without grain so it encodes quickly), to
+show whether memory grows with source length. Prints markdown tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,14 +37,18 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -49,38 +62,80 @@ logger = logging.getLogger("benchmarks.ingest")
 
 # (d): no captions, and score-only filters so every clip is encoded, as (c) writes every scene.
 INGEST_SETTINGS = ["caption.backend=none", "filters.mode=score"]
+CACHE = Path.home() / ".cache" / "reelforge" / "bench"
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".ogv", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv"}
 
 
 # --- footage -----------------------------------------------------------------------------
 
 
-def make_footage(folder: Path, files: int, seconds: float, size: str, fps: int) -> list[Path]:
+def _encode(spec: FootageSpec, path: str) -> str:
+    logger.info("encoding %s", Path(path).name)
+    write_video(spec, Path(path))
+    return path
+
+
+def make_footage(folder: Path, files: int, seconds: float, size: str, fps: int, grain: float = 0.0,
+                 crf: int | None = None, workers: int = 1) -> list[Path]:  # fmt: skip
     """Synthetic H.264 files with a cut every 6 s (cached: the same spec is not re-encoded)."""
     width, height = (int(v) for v in size.split("x"))
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    todo, paths = [], []
     for i in range(files):
-        path = folder / f"bench_{i}_{size}_{fps}fps_{seconds:g}s.mp4"
+        texture = f"_grain{grain:g}_crf{crf}" if grain else ""
+        path = folder / f"bench_{i}_{size}_{fps}fps_{seconds:g}s{texture}.mp4"
         if not path.exists():
-            logger.info("encoding %s", path.name)
             shots = varied_shots([("moving", 6.0)] * max(1, round(seconds / 6.0)), offset=3 * i)
-            write_video(FootageSpec(path.stem, "mp4", "libx264", width, height, Fraction(fps), shots), path)
+            todo.append((FootageSpec(path.stem, "mp4", "libx264", width, height, Fraction(fps), shots, grain=grain, crf=crf), str(path)))
         paths.append(path)
+    if todo:  # one file per process: the footage encoder is single-threaded for determinism
+        with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+            list(pool.map(_encode, *zip(*todo)))
     return paths
 
 
-def duration_s(path: Path) -> float:
+def real_footage(folder: Path) -> list[Path]:
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"--footage {str(folder)!r}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    return paths
+
+
+def describe(path: Path) -> dict:
+    """Duration (from decoding the container's own numbers), size and bit rate of one file."""
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        return float(stream.duration * stream.time_base)
+        if stream.duration is not None and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / 1_000_000
+        else:
+            seconds = float(stream.frames / stream.average_rate) if stream.frames and stream.average_rate else 0.0
+        return {"file": path.name, "seconds": seconds, "width": stream.codec_context.width,
+                "height": stream.codec_context.height, "codec": stream.codec_context.name,
+                "mbit_s": path.stat().st_size * 8 / 1e6 / seconds if seconds else 0.0}  # fmt: skip
 
 
 # --- the methods (run in worker processes) -----------------------------------------------
 
 
-def decode_all(path: str) -> int:
+class _Guarded:
+    """A method failing on one file (a real folder can hold anything) logs it and returns -1."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, path: str, *extra: str) -> int:
+        try:
+            return self.function(path, *extra)
+        except Exception as exc:  # noqa: BLE001 - the table says how many files failed
+            logger.warning("%s failed on %s: %s", self.function.__name__, path, exc)
+            return -1
+
+
+def _decode_all(path: str) -> int:
     import av
 
     frames = 0
@@ -90,13 +145,13 @@ def decode_all(path: str) -> int:
     return frames
 
 
-def scenedetect_detect(path: str) -> int:
+def _scenedetect_detect(path: str) -> int:
     from scenedetect import ContentDetector, detect
 
     return len(detect(path, ContentDetector()))
 
 
-def scenedetect_split(path: str, out_dir: str) -> int:
+def _scenedetect_split(path: str, out_dir: str) -> int:
     from scenedetect import ContentDetector, detect, split_video_ffmpeg
 
     scenes = detect(path, ContentDetector())
@@ -106,7 +161,7 @@ def scenedetect_split(path: str, out_dir: str) -> int:
     return len(scenes)
 
 
-def process_source(path: str) -> int:
+def _process_source(path: str) -> int:
     """The ingest's per-source stage alone (same settings as (d)), without Ray or the output protocol."""
     from infra.config import load_config
     from pipelines.probe import probe_source
@@ -114,6 +169,12 @@ def process_source(path: str) -> int:
 
     settings = IngestSettings.from_config(load_config(None, INGEST_SETTINGS))
     return len(SourceProcessor(settings)(probe_source(path)))
+
+
+decode_all = _Guarded(_decode_all)
+scenedetect_detect = _Guarded(_scenedetect_detect)
+scenedetect_split = _Guarded(_scenedetect_split)
+process_source = _Guarded(_process_source)
 
 
 # --- measurement -------------------------------------------------------------------------
@@ -154,20 +215,29 @@ class PeakRss:
             time.sleep(0.05)
 
 
-def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[float, PeakRss]:
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU of a process and its descendants that have already finished (children_*)."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[float, PeakRss, list[int]]:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(decode_all, [str(paths[0])] * workers))  # start the workers outside the timing
         with PeakRss(os.getpid()) as rss:
             start = time.perf_counter()
-            list(pool.map(function, [str(p) for p in paths], *[[e] * len(paths) for e in extra]))
+            results = list(pool.map(function, [str(p) for p in paths], *[[e] * len(paths) for e in extra]))
             wall = time.perf_counter() - start
-    return wall, rss
+    return wall, rss, results
 
 
-def run_ingest(paths: list[Path], out: Path, workers: int) -> tuple[float, PeakRss, dict]:
+def run_ingest(paths: list[Path], out: Path, workers: int, ray_address: str | None = None) -> tuple[float, PeakRss, dict]:
+    """`reelforge ingest` in a subprocess: its own local Ray (cold), or the running one at `ray_address`."""
     sets = [arg for setting in INGEST_SETTINGS for arg in ("--set", setting)]
     command = [sys.executable, "-m", "pipelines.ingest", *map(str, paths), "--out", str(out), *sets, "--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    if ray_address:
+        env |= {"RAY_ADDRESS": ray_address, "RAY_AUTH_MODE": "disabled"}  # as the head (running_ray)
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     with PeakRss(process.pid) as rss:
@@ -178,6 +248,51 @@ def run_ingest(paths: list[Path], out: Path, workers: int) -> tuple[float, PeakR
     return wall, rss, json.loads((out / "stats.json").read_text())
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_ray(num_cpus: int) -> Iterator[tuple[str, psutil.Process]]:
+    """A local Ray head (`ray start --head --block`) in its own temp dir and process group:
+    yields (address, the head's process). Stopped by signalling that group only, not with
+    `ray stop`, which would also stop any other Ray on the machine."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    command = [str(ray_cli), "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}",
+               "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+               "--disable-usage-stats"]  # fmt: skip
+    # Token auth off: Ray turns it on for `ray start` when ~/.ray/auth_token exists, and the ingest's
+    # ray.init() then fails to authenticate; this head listens on 127.0.0.1 only. Workers import pipelines.*.
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    head = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # ready when the GCS port answers; the ingest's ray.init() waits for the rest
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start exited {head.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Ray head at {address} did not come up in 120 s") from None
+                time.sleep(0.5)
+        time.sleep(3)  # raylet registration
+        yield address, psutil.Process(head.pid)
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # --block: the CLI stops the node's processes on SIGTERM
+            head.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 # --- report ------------------------------------------------------------------------------
 
 
@@ -185,82 +300,123 @@ def gib(num_bytes: int) -> str:
     return f"{num_bytes / 1024**3:.2f}"
 
 
+def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict:
+    """Every method on `paths`; returns {"label", "files", "source_s", "rows"}."""
+    info = [describe(p) for p in paths]
+    source_s = sum(i["seconds"] for i in info)
+    rows: list[dict] = []
+
+    def record(name: str, wall: float, rss: PeakRss, note: str = "", failed: int = 0) -> None:
+        if failed:
+            note = f"{note}; failed on {failed} file(s)".lstrip("; ")
+        rows.append({"method": name, "wall_s": round(wall, 2), "source_s_per_wall_s": round(source_s / wall, 2),
+                     "peak_rss_total_bytes": rss.peak_total, "peak_rss_largest_process_bytes": rss.peak_single,
+                     "note": note})  # fmt: skip
+        logger.info("%s | %s: %.1f s", label, name, wall)
+
+    def phases(stats: dict) -> str:
+        run = stats["last_run"]["phase_s"]
+        return f"{stats['clips']['kept']} clips; phases s: " + ", ".join(f"{k} {v:.1f}" for k, v in run.items())
+
+    wall, rss, results = run_pool(decode_all, paths, workers)
+    record("(a) PyAV decode", wall, rss, failed=results.count(-1))
+    wall, rss, results = run_pool(scenedetect_detect, paths, workers)
+    record("(b) PySceneDetect detect()", wall, rss, failed=results.count(-1))
+    if shutil.which("ffmpeg"):
+        with tempfile.TemporaryDirectory() as split_dir:
+            wall, rss, results = run_pool(scenedetect_split, paths, workers, split_dir)
+        record("(c) PySceneDetect detect + split_video_ffmpeg", wall, rss, failed=results.count(-1))
+    else:
+        logger.warning("no ffmpeg binary: skipping (c); apt-get install ffmpeg to run it")
+    with tempfile.TemporaryDirectory() as out:
+        wall, rss, stats = run_ingest(paths, Path(out) / "shards", workers)
+    record("(d) reelforge ingest, cold (starts its own Ray)", wall, rss, phases(stats))
+    if warm:
+        with running_ray(workers) as (address, head), tempfile.TemporaryDirectory() as out:
+            # The head's raylet starts the workers: its tree's RSS counts with the ingest's.
+            with PeakRss(head.pid) as head_rss:
+                wall, rss, stats = run_ingest(paths, Path(out) / "shards", workers, address)
+        rss.peak_total += head_rss.peak_total
+        rss.peak_single = max(rss.peak_single, head_rss.peak_single)
+        record("(d warm) reelforge ingest, running Ray (RAY_ADDRESS)", wall, rss, phases(stats))
+        # Without its fixed costs (interpreter, Ray connect, probe, pack): the rate a long ingest settles at.
+        record("(d') warm run, process phase only", stats["last_run"]["phase_s"]["process"], rss, "includes actor start")
+    wall, rss, results = run_pool(process_source, paths, workers)
+    record("(e) SourceProcessor in a process pool, no Ray", wall, rss, "the stage code alone", failed=results.count(-1))
+    return {"label": label, "files": info, "source_s": round(source_s, 1), "rows": rows}
+
+
+def print_group(group: dict) -> None:
+    info = group["files"]
+    sizes = sorted({f"{i['width']}x{i['height']}" for i in info})
+    codecs = sorted({i["codec"] for i in info})
+    mbit = sum(i["mbit_s"] * i["seconds"] for i in info) / max(group["source_s"], 1e-9)
+    print(f"\n### {group['label']}: {len(info)} files, {group['source_s']:.0f} source s, "
+          f"{', '.join(sizes[:6])}{' ...' if len(sizes) > 6 else ''}, {', '.join(codecs)}, mean {mbit:.1f} Mbit/s\n")  # fmt: skip
+    decode_rate = group["rows"][0]["source_s_per_wall_s"]
+    print("| method | wall s | source s / wall s | vs (a) | peak RSS total GiB | largest process GiB | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for row in group["rows"]:
+        print(f"| {row['method']} | {row['wall_s']:.1f} | {row['source_s_per_wall_s']:.1f} | "
+              f"{row['source_s_per_wall_s'] / decode_rate:.2f}x | {gib(row['peak_rss_total_bytes'])} | "
+              f"{gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of each file")
-    parser.add_argument("--size", default="640x360")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each synthetic file")
+    parser.add_argument("--size", default="1920x1080", help="WxH, or several comma-separated: one table each")
     parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--grain", type=float, default=2.5, help="film grain (luma levels) of the synthetic footage; 0: flat colour")
+    parser.add_argument("--crf", type=int, default=20, help="x264 crf of grainy synthetic footage")
+    parser.add_argument("--footage", type=Path, help="benchmark the video files in this folder instead of synthetic footage")
+    parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the (d warm) row")
     parser.add_argument("--long-seconds", type=float, default=600.0, help="length of the long source (0: skip)")
     parser.add_argument("--long-size", default="320x180")
+    parser.add_argument("--only-long", action="store_true", help="run only the long-source memory measurement")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--footage", type=Path, default=Path(tempfile.gettempdir()) / "reelforge-bench-footage")
+    parser.add_argument("--cache", type=Path, default=CACHE, help="where synthetic footage is kept between runs")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = parser.parse_args(argv)
     setup_logging()
 
-    paths = make_footage(args.footage, args.files, args.seconds, args.size, args.fps)
-    source_s = sum(duration_s(p) for p in paths)
-    rows = []
-
-    def record(name: str, wall: float, rss: PeakRss, note: str = "") -> None:
-        rows.append({"method": name, "source_s": round(source_s, 1), "wall_s": round(wall, 2),
-                     "source_s_per_wall_s": round(source_s / wall, 2), "peak_rss_total_bytes": rss.peak_total,
-                     "peak_rss_largest_process_bytes": rss.peak_single, "note": note})  # fmt: skip
-        logger.info("%s: %.1f s", name, wall)
-
-    wall, rss = run_pool(decode_all, paths, args.workers)
-    record("(a) PyAV decode", wall, rss)
-    wall, rss = run_pool(scenedetect_detect, paths, args.workers)
-    record("(b) PySceneDetect detect()", wall, rss)
-    if shutil.which("ffmpeg"):
-        with tempfile.TemporaryDirectory() as split_dir:
-            wall, rss = run_pool(scenedetect_split, paths, args.workers, split_dir)
-        record("(c) PySceneDetect detect + split_video_ffmpeg", wall, rss)
-    else:
-        logger.warning("no ffmpeg binary: skipping (c); apt-get install ffmpeg to run it")
-    with tempfile.TemporaryDirectory() as out:
-        wall, rss, stats = run_ingest(paths, Path(out) / "shards", args.workers)
-    phases = stats["last_run"]["phase_s"]
-    record("(d) reelforge ingest (caption none, filters score-only)", wall, rss,
-           f"{stats['clips']['kept']} clips kept; phases s: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))  # fmt: skip
-    # The same run without its fixed costs (interpreter, Ray start, worker start, probe): the rate a
-    # long-running ingest settles at. Labelled as such; the row above is the end-to-end number.
-    record("(d') same run, process phase only", phases["process"], rss, "excludes Ray start, probe, pack; includes actor start")
-    wall, rss = run_pool(process_source, paths, args.workers)
-    record("(e) SourceProcessor in a process pool, no Ray", wall, rss, "the stage code alone: where (d') spends its time")
+    groups = []
+    if not args.only_long:
+        if args.footage:
+            groups.append(bench_group(f"Real footage in {args.footage}", real_footage(args.footage), args.workers, args.warm))
+        else:
+            for size in args.size.split(","):
+                paths = make_footage(args.cache, args.files, args.seconds, size, args.fps, args.grain,
+                                     args.crf if args.grain else None, args.workers)  # fmt: skip
+                label = f"{size}, {args.fps} fps, {'grain ' + format(args.grain, 'g') if args.grain else 'flat colour'}"
+                groups.append(bench_group(label, paths, args.workers, args.warm))
 
     long_row = None
     if args.long_seconds > 0:
-        (long_path,) = make_footage(args.footage, 1, args.long_seconds, args.long_size, args.fps)
+        (long_path,) = make_footage(args.cache, 1, args.long_seconds, args.long_size, args.fps)
         with tempfile.TemporaryDirectory() as out:
             wall, rss, stats = run_ingest([long_path], Path(out) / "shards", args.workers)
-        long_row = {"source": long_path.name, "source_s": round(duration_s(long_path), 1), "wall_s": round(wall, 2),
+        long_row = {"source": long_path.name, "source_s": round(describe(long_path)["seconds"], 1), "wall_s": round(wall, 2),
                     "peak_rss_total_bytes": rss.peak_total, "peak_rss_largest_process_bytes": rss.peak_single,
                     "clips_kept": stats["clips"]["kept"]}  # fmt: skip
 
-    decode_rate = rows[0]["source_s_per_wall_s"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
     # Other jobs on the machine skew every row; the load average says how much.
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"Ingestion throughput: {args.files} x {args.seconds:g} s H.264 {args.size} @ {args.fps} fps "
-          f"({source_s:.0f} source s), {args.workers} worker processes, {os.cpu_count()} CPUs ({cpu}), "
-          f"no GPU, load average {load} at the end, commit {commit}\n")  # fmt: skip
-    print("| method | wall s | source s / wall s | vs (a) | peak RSS total GiB | largest process GiB | note |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for row in rows:
-        print(f"| {row['method']} | {row['wall_s']:.1f} | {row['source_s_per_wall_s']:.1f} | "
-              f"{row['source_s_per_wall_s'] / decode_rate:.2f}x | {gib(row['peak_rss_total_bytes'])} | "
-              f"{gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
+    print(f"Ingestion throughput: {args.workers} worker processes, {os.cpu_count()} CPUs ({cpu}), no GPU, "
+          f"load average {load} at the end, commit {commit}")  # fmt: skip
+    for group in groups:
+        print_group(group)
     if long_row:
-        print(f"\nLong source ({long_row['source']}, {long_row['source_s']:.0f} s): reelforge ingest "
+        print(f"\nLong source ({long_row['source']}, {long_row['source_s']:.0f} s): reelforge ingest (cold) "
               f"{long_row['wall_s']:.1f} s wall, peak RSS total {gib(long_row['peak_rss_total_bytes'])} GiB, "
               f"largest process {gib(long_row['peak_rss_largest_process_bytes'])} GiB, "
               f"{long_row['clips_kept']} clips kept")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     result = {"commit": commit, "cpus": os.cpu_count(), "workers": args.workers, "load_average": os.getloadavg(),
-              "files": [p.name for p in paths], "rows": rows, "long_source": long_row}  # fmt: skip
+              "argv": sys.argv[1:] if argv is None else argv, "groups": groups, "long_source": long_row}  # fmt: skip
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
