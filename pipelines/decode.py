@@ -111,10 +111,12 @@ def iter_frames(container: av.container.InputContainer, fps_hint: float) -> Iter
     Decoding errors propagate (av.error.FFmpegError) so the caller can record where they happened.
     """
     stream = container.streams.video[0]
-    # Frame threads plus slice threads: decoding is the ingest's hot path. Slice threads alone use
-    # 25% less CPU (0.43 vs 0.54 s per 60 s 640x360 source) but the ingest test's damaged-file check
-    # failed with them (not yet investigated); see docs/benchmarks.md.
-    stream.thread_type = "AUTO"
+    # One decoding thread: a Ray ingest actor holds 1 CPU and runs beside one actor per other CPU, so
+    # throughput is CPU time per frame, and FFmpeg's frame threads (AUTO: CPUs + 1 threads) cost
+    # more of it: SourceProcessor CPU ms per source frame 2.27 vs 2.15 (540p), 1.81 vs 1.70 (360p),
+    # equal at 1080p (docs/benchmarks.md). A lone long source loses wall time; many sources do not.
+    stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = 1
     start_pts = stream.start_time or 0
     time_base = stream.time_base
     index = 0

@@ -206,7 +206,7 @@ class SourceProcessor:
                 # ValueError: swscale refusing a corrupt frame's size or format.
                 # Clips already finished stay; everything not yet in one becomes one reject row.
                 start_s = assembler.pending_start_s
-                reason = f"decode error at {last_time_s:.1f} s: {one_line(exc)}"
+                reason = f"decoding stopped at {last_time_s:.1f} s by a decode error: {one_line(exc)}"
                 logger.warning("%s: %s", row["uri"], reason)
                 end_s = max(row.get("duration_s") or 0.0, last_time_s)
                 yield from out

@@ -35,7 +35,8 @@ def videos(tmp_path_factory):
 
 def _detect_frames(path) -> tuple[float, list]:
     row = probe_source(str(path))
-    geometry = FrameGeometry(row["width"], row["height"], 0, 64, 64, detect_width=256)
+    # The configured width, so these comparisons cover whatever default the ingest runs with.
+    geometry = FrameGeometry(row["width"], row["height"], 0, 64, 64, detect_width=ScenesConfig().detect_width)
     converter = FrameConverter(geometry)
     with av.open(str(path)) as container:
         frames = [(t, converter.detect_frame(f)) for t, f in iter_frames(container, row["fps"])]
