@@ -10,6 +10,10 @@ written like `reelforge ingest` does), and reads back what the loop itself logs 
 over all workers. The first window (start-up, first DataLoader fill) is dropped. Ratios are to
 ZeRO-0; targets: ZeRO-2 <= 1.10x, data wait < 5%.
 
+For ZeRO 1-3 it then times the one-off cost of a resume at another world size: converting the
+run's final checkpoint to DeepSpeed's universal checkpoint (`training.checkpoint.convert_to_universal`,
+on this process's CPU), with the sizes of the ZeRO shards read and the universal files written.
+
 Prints a markdown table (with hardware, versions and commit) and writes JSON.
 """
 
@@ -82,11 +86,32 @@ def run_stage(stage: int, args: argparse.Namespace, shards: Path, work: Path) ->
     step_s = timed("step_s")
     wait = timed("data_wait_fraction")
     clips = timed("clips_per_s")
-    return {
+    row = {
         "zero_stage": stage,
         "step_s": sum(step_s) / len(step_s),
         "data_wait_fraction": sum(wait) / len(wait),
         "clips_per_s": sum(clips) / len(clips),
+    }
+    if stage > 0:
+        row.update(time_universal_conversion(Path(result.checkpoint.path)))
+    return row
+
+
+def time_universal_conversion(checkpoint: Path) -> dict:
+    """Seconds to convert `checkpoint` (its ZeRO shards) to a universal checkpoint, and the sizes."""
+    import time
+
+    from training.checkpoint import DEEPSPEED_DIR, UNIVERSAL_DIR, convert_to_universal
+
+    def mib(folder: Path) -> float:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+    started = time.perf_counter()
+    convert_to_universal(checkpoint)
+    return {
+        "universal_s": time.perf_counter() - started,
+        "zero_checkpoint_mib": mib(checkpoint / DEEPSPEED_DIR),
+        "universal_mib": mib(checkpoint / UNIVERSAL_DIR),
     }
 
 
@@ -138,12 +163,20 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = f"preset {args.preset}, {args.workers} Ray workers x 1 CPU (gloo, fp32), batch {args.batch}/worker of {args.frames}x{args.size}, pixel AE"
     print(f"## Training step\n\n{setup}; {hardware()}; commit {commit()}\n")
-    print("| ZeRO stage | step (s) | ratio to ZeRO-0 | data wait | clips/s (all workers) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| ZeRO stage | step (s) | ratio to ZeRO-0 | data wait | clips/s (all workers) "
+        "| universal conversion (s) | ZeRO / universal files (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
+        universal = (
+            f"{row['universal_s']:.1f} | {row['zero_checkpoint_mib']:.0f} / {row['universal_mib']:.0f}"
+            if "universal_s" in row
+            else "- | -"
+        )
         print(
             f"| {row['zero_stage']} | {row['step_s']:.3f} | {row['ratio_to_zero0']:.2f}x | "
-            f"{100 * row['data_wait_fraction']:.1f}% | {row['clips_per_s']:.1f} |"
+            f"{100 * row['data_wait_fraction']:.1f}% | {row['clips_per_s']:.1f} | {universal} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,15 @@ conversion: every rank saves and loads the same full state.
 
 from __future__ import annotations
 
-import argparse
 import base64
-import contextlib
-import io
 import json
 import logging
 import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,43 +88,40 @@ def universal_complete(directory: str | Path) -> bool:
     return (Path(directory) / UNIVERSAL_DIR / "latest_universal").is_file()
 
 
-def convert_to_universal(directory: str | Path) -> Path:
+def convert_to_universal(directory: str | Path, workers: int | None = None) -> Path:
     """`<directory>/universal/<tag>/`: the ZeRO shards of `<directory>/deepspeed/<tag>/` re-cut per
-    parameter by DeepSpeed's `ds_to_universal` (CPU only; reads every shard, writes fp32 weight and
-    Adam moments per parameter, ~3x the fp32 model size). Reused if already there.
+    parameter by DeepSpeed's `ds_to_universal` (CPU only; reads every shard once and writes fp32
+    weight and Adam moments per parameter, about the size of the shards). Reused if already there.
 
-    Written into a temporary sibling and renamed at the end, so a conversion killed half-way never
-    passes for a complete one. Returns the folder to give `engine.load_checkpoint`."""
-    from deepspeed.checkpoint import ds_to_universal
-
+    It runs as a child process with `workers` extraction processes (default: the CPUs, at most 8):
+    a process pool forked from a training worker that holds a gloo group and DataLoader processes
+    could deadlock, a fresh interpreter cannot. Written into a temporary sibling and renamed at the
+    end, so a conversion killed half-way never passes for a complete one."""
     directory = Path(directory)
     target = directory / UNIVERSAL_DIR
     if universal_complete(directory):
         return target
     state = read_trainer_state(directory)
+    workers = workers or min(8, os.cpu_count() or 1)
     scratch = directory / f"{UNIVERSAL_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(directory / DEEPSPEED_DIR / state.deepspeed_tag),
-        output_folder=str(scratch / state.deepspeed_tag),
-        # serial: a process pool forked from a worker that holds a gloo group and DataLoader
-        # processes is asking for trouble, and the shards of a run we can resume here are small
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        # our engines set no universal_checkpoint_info; plain data parallel needs none
-        inject_missing_state=True,
-    )
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(directory / DEEPSPEED_DIR / state.deepspeed_tag),
+        "--output_folder", str(scratch / state.deepspeed_tag),
+        "--num_extract_workers", str(workers),
+        # merging holds every slice of a parameter at once: fewer processes, as DeepSpeed advises
+        "--num_merge_workers", str(max(1, workers // 2)),
+        # our engines set no universal_checkpoint_info; plain data parallelism needs none
+        "--inject_missing_state",
+    ]  # fmt: skip
     started = time.perf_counter()
-    chatter = io.StringIO()  # ds_to_universal prints its progress; keep it for the error case
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal.main(args)
-    except Exception:
-        logger.error("ds_to_universal failed on %s:\n%s", args.input_folder, chatter.getvalue()[-4000:])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        logger.error("ds_to_universal output:\n%s", (done.stdout + done.stderr)[-4000:])
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"--resume {directory}: converting the ZeRO shards to a universal checkpoint failed: {last}")
     try:
         scratch.rename(target)
     except OSError:
@@ -133,8 +129,8 @@ def convert_to_universal(directory: str | Path) -> Path:
             raise
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info(
-        "converted the ZeRO-%d checkpoint of %d workers in %s to a universal checkpoint in %.1f s",
-        state.zero_stage, state.world_size, directory, time.perf_counter() - started,
+        "converted the ZeRO-%d checkpoint of %d workers in %s to a universal checkpoint in %.1f s (%d processes)",
+        state.zero_stage, state.world_size, directory, time.perf_counter() - started, workers,
     )
     return target
 

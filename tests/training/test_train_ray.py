@@ -228,10 +228,11 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
     cfg = load_config(
         "train/tiny",
         [*RUN, "train.max_steps=28", "scaling.num_workers=1", "train.data_workers=2",
-         f"mlflow.tracking_uri={killed_run['tracking_uri']}", "mlflow.experiment=test-killed"],
+         f"mlflow.tracking_uri={killed_run['tracking_uri']}", "mlflow.experiment=test-killed",
+         "registry.model_name=test-killed"],
     )
     out = tmp_path / "resumed"
-    summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint), register=False)
+    summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint))
     assert summary["steps"] == 28 and summary["mlflow_run_id"] == state.mlflow_run_id
     assert (checkpoint / UNIVERSAL_DIR / "latest_universal").is_file()  # converted once, beside the shards
     # Adam's moments came along: its step count went on from the checkpoint's 15, not from 0
@@ -250,8 +251,10 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
     assert experiment_runs(killed_run["tracking_uri"], "test-killed") == [state.mlflow_run_id]
 
     # The same command again: Ray finds the run in <out>/ray and hands the workers its final
-    # checkpoint; the driver continues that checkpoint's MLflow run instead of opening an empty one.
-    again = train(cfg, str(tiny_shards), out, register=False)
+    # checkpoint; the driver continues that checkpoint's MLflow run instead of opening an empty one,
+    # and the bundle re-exported from that checkpoint is byte-identical, so no second version.
+    again = train(cfg, str(tiny_shards), out)
     assert again["steps"] == 28 and again["mlflow_run_id"] == state.mlflow_run_id
     assert experiment_runs(killed_run["tracking_uri"], "test-killed") == [state.mlflow_run_id]
     assert sorted(mlflow_losses(killed_run["tracking_uri"], state.mlflow_run_id)) == list(range(1, 29))
+    assert summary["registered"] == again["registered"] == "models:/test-killed@candidate (version 1)"
