@@ -15,6 +15,7 @@ import torch
 
 from infra.config import load_config
 from training.checkpoint import (
+    DEEPSPEED_DIR,
     EMA_FILE,
     STATE_FILE,
     UNIVERSAL_DIR,
@@ -130,6 +131,17 @@ def test_checkpoint_files_and_bundle_names(process_group, tmp_path):
     assert read_trainer_state(tmp_path / "ckpt").data_position["num_samples"] == 3
     # the EMA is exported under the names model/ uses: a plain DiT loads it strictly
     DiT(dit_config("tiny", 48, 384)).load_state_dict(ema.full_state_dict(), strict=True)
+
+
+@pytest.mark.slow
+def test_failed_universal_conversion_is_one_line_and_leaves_nothing(process_group, tmp_path):
+    from training.checkpoint import convert_to_universal
+
+    engine, _, ema = _engine(seed=0)  # ZeRO-0: no ZeRO shards for ds_to_universal to read
+    save_checkpoint(engine, ema, TrainerState(step=2), tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match=r"^--resume .*ckpt: converting the ZeRO shards to a universal checkpoint failed: .*optim_states"):
+        convert_to_universal(tmp_path / "ckpt", workers=1)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [DEEPSPEED_DIR, EMA_FILE, STATE_FILE]
 
 
 def test_not_a_checkpoint_is_one_line(tmp_path):

@@ -112,3 +112,6 @@ def test_bad_resume_path_is_one_line(tiny_shards, tmp_path):
 
     with pytest.raises(SystemExit, match=f"--resume {tmp_path}: not a reelforge checkpoint"):
         main(["--config", "train/tiny", "--data", str(tiny_shards), "--resume", str(tmp_path)])
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 3}))
+    with pytest.raises(SystemExit, match=r"deepspeed.zero_stage=2 but the checkpoint was written at zero_stage=3"):
+        main(["--config", "train/tiny", "--data", str(tiny_shards), "--resume", str(tmp_path)])
