@@ -72,12 +72,12 @@ class PixelAutoencoder:
     """Lossless space-to-depth: each `t x s x s` block of RGB pixels becomes `3*t*s*s` channels,
     multiplied by `scale`.
 
-    Pixels in [-1, 1] of real footage have a per-clip std of ~0.3 against the unit-variance noise of
-    rectified flow, so at scale 1 the noise swamps the clip after the first few percent of the path
-    and training spends most timesteps where the output is already decided (the reason pixel runs
-    otherwise need a large timestep shift). `scale` brings the latents to ~unit variance, as the
-    latent scaling factors of SD3 / Wan VAEs do. It must be a power of two, so encode and decode
-    only change the float exponent and decode(encode(x)) == x stays exact, bit for bit.
+    Pixels in [-1, 1] spread less than rectified flow's unit-variance noise (the demo suite: std
+    0.57 over all clips, ~0.3 within one clip), so the network's input and velocity target are
+    dominated by the noise. `scale` brings the latents to ~unit variance, as the latent scaling
+    factors of SD3 / Wan VAEs do (scale 2 on the demo suite: std 1.14; measured in docs/training.md
+    "The demo preset"). It must be a power of two, so encode and decode only change the float
+    exponent and decode(encode(x)) == x stays exact, bit for bit.
     """
 
     def __init__(
