@@ -461,12 +461,22 @@ def _export_bundle(ema: ParameterEMA, dit_cfg: Any, cfg: ReelforgeConfig, out: P
         extra={
             "config_hash": config_hash(cfg),
             "ema_decay": cfg.train.ema_decay,
-            # Sampling must integrate the same shifted schedule the model was trained on.
-            "generation": {"shift": cfg.train.timestep_shift},
+            "generation": generation_defaults(cfg.train),
         },
     )
     tracker.log_artifacts(bundle_dir, "bundle")
     logger.info("inference bundle (EMA weights) in %s", bundle_dir)
+
+
+def generation_defaults(train: Any) -> dict[str, float]:
+    """Sampling defaults the bundle records for `reelforge generate` and serving."""
+    # Sampling must integrate the same shifted schedule the model was trained on.
+    defaults = {"shift": train.timestep_shift}
+    if train.text_dropout == 0:
+        # Never trained on the null text, so classifier-free guidance would extrapolate towards an
+        # unconditional prediction the model does not have: sample with the caption alone.
+        defaults["guidance"] = 1.0
+    return defaults
 
 
 @torch.no_grad()

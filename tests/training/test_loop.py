@@ -5,6 +5,8 @@ weights DeepSpeed's own consolidation (zero_to_fp32) reads from the ZeRO shards.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,9 @@ def test_loss_falls_and_bundle_holds_the_trained_weights(ray_local, tiny_shards,
 
     bundle = load_file(str(out / BUNDLE_DIR / "weights.safetensors"))
     DiT(dit_config("tiny", 48, 384)).load_state_dict(bundle, strict=True)
+    # Trained with train.text_dropout=0 (PLAIN): no null text learned, so no guidance by default.
+    generation = json.loads((out / BUNDLE_DIR / "model_config.json").read_text())["generation"]
+    assert generation["guidance"] == 1.0, generation
     checkpoint = Path(result.checkpoint.path)
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
