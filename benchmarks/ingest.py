@@ -181,50 +181,80 @@ process_source = _Guarded(_process_source)
 
 
 class PeakRss:
-    """Samples the RSS of a process and all its descendants every 50 ms (sum and largest one)."""
+    """Samples a process and all its descendants every 50 ms: peak RSS (sum, and largest one) and
+    CPU seconds used meanwhile (user + system summed over the processes seen, from each one's
+    first sample or the monitor's start; a process's last < 50 ms before it exits are missed).
 
-    def __init__(self, pid: int) -> None:
+    CPU seconds matter because the 2 CPUs here are shared: under load the wall time of a method
+    says more about the other jobs than about it, while its CPU time barely moves.
+    """
+
+    def __init__(self, pid: int, count_root_cpu: bool = True) -> None:
         self.root = psutil.Process(pid)
+        self.count_root_cpu = count_root_cpu  # False: the root is this script (its sampling thread is not the method)
         self.peak_total = 0
         self.peak_single = 0
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def cpu_s(self) -> float:
+        return sum(last - self._cpu_start.get(pid, 0.0) for pid, last in self._cpu_last.items()
+                   if self.count_root_cpu or pid != self.root.pid)  # fmt: skip
+
+    def merge(self, other: "PeakRss") -> None:
+        """Count another, simultaneously sampled tree with this one (distinct processes)."""
+        self.peak_total += other.peak_total
+        self.peak_single = max(self.peak_single, other.peak_single)
+        self._cpu_start |= other._cpu_start
+        self._cpu_last |= other._cpu_last
+
     def __enter__(self) -> "PeakRss":
+        for proc in self._tree():  # processes already running count from now on
+            try:
+                times = proc.cpu_times()
+                self._cpu_start[proc.pid] = times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _sample(self) -> None:
+        sizes = []
+        for proc in self._tree():
+            try:
+                with proc.oneshot():
+                    sizes.append(proc.memory_info().rss)
+                    times = proc.cpu_times()
+                self._cpu_last[proc.pid] = times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        self.peak_total = max(self.peak_total, sum(sizes))
+        self.peak_single = max(self.peak_single, max(sizes, default=0))
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            sizes = []
-            for proc in procs:
-                try:
-                    sizes.append(proc.memory_info().rss)
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak_total = max(self.peak_total, sum(sizes))
-            self.peak_single = max(self.peak_single, max(sizes, default=0))
+            self._sample()
             time.sleep(0.05)
-
-
-def cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU of a process and its descendants that have already finished (children_*)."""
-    times = process.cpu_times()
-    return times.user + times.system + times.children_user + times.children_system
 
 
 def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[float, PeakRss, list[int]]:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(decode_all, [str(paths[0])] * workers))  # start the workers outside the timing
-        with PeakRss(os.getpid()) as rss:
+        with PeakRss(os.getpid(), count_root_cpu=False) as rss:
             start = time.perf_counter()
             results = list(pool.map(function, [str(p) for p in paths], *[[e] * len(paths) for e in extra]))
             wall = time.perf_counter() - start
@@ -310,6 +340,7 @@ def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict
         if failed:
             note = f"{note}; failed on {failed} file(s)".lstrip("; ")
         rows.append({"method": name, "wall_s": round(wall, 2), "source_s_per_wall_s": round(source_s / wall, 2),
+                     "cpu_s": round(rss.cpu_s, 1), "source_s_per_cpu_s": round(source_s / max(rss.cpu_s, 1e-9), 2),
                      "peak_rss_total_bytes": rss.peak_total, "peak_rss_largest_process_bytes": rss.peak_single,
                      "note": note})  # fmt: skip
         logger.info("%s | %s: %.1f s", label, name, wall)
@@ -336,11 +367,11 @@ def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict
             # The head's raylet starts the workers: its tree's RSS counts with the ingest's.
             with PeakRss(head.pid) as head_rss:
                 wall, rss, stats = run_ingest(paths, Path(out) / "shards", workers, address)
-        rss.peak_total += head_rss.peak_total
-        rss.peak_single = max(rss.peak_single, head_rss.peak_single)
+        rss.merge(head_rss)
         record("(d warm) reelforge ingest, running Ray (RAY_ADDRESS)", wall, rss, phases(stats))
         # Without its fixed costs (interpreter, Ray connect, probe, pack): the rate a long ingest settles at.
-        record("(d') warm run, process phase only", stats["last_run"]["phase_s"]["process"], rss, "includes actor start")
+        # Its CPU column is the whole warm run's (phases are not separated in CPU time).
+        record("(d') warm run, process phase only", stats["last_run"]["phase_s"]["process"], rss, "includes actor start; CPU: whole warm run")
     wall, rss, results = run_pool(process_source, paths, workers)
     record("(e) SourceProcessor in a process pool, no Ray", wall, rss, "the stage code alone", failed=results.count(-1))
     return {"label": label, "files": info, "source_s": round(source_s, 1), "rows": rows}
@@ -353,13 +384,15 @@ def print_group(group: dict) -> None:
     mbit = sum(i["mbit_s"] * i["seconds"] for i in info) / max(group["source_s"], 1e-9)
     print(f"\n### {group['label']}: {len(info)} files, {group['source_s']:.0f} source s, "
           f"{', '.join(sizes[:6])}{' ...' if len(sizes) > 6 else ''}, {', '.join(codecs)}, mean {mbit:.1f} Mbit/s\n")  # fmt: skip
-    decode_rate = group["rows"][0]["source_s_per_wall_s"]
-    print("| method | wall s | source s / wall s | vs (a) | peak RSS total GiB | largest process GiB | note |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    decode = group["rows"][0]
+    print("| method | wall s | source s / wall s | vs (a) | CPU s | source s / CPU s | vs (a), CPU | "
+          "peak RSS total GiB | largest process GiB | note |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in group["rows"]:
         print(f"| {row['method']} | {row['wall_s']:.1f} | {row['source_s_per_wall_s']:.1f} | "
-              f"{row['source_s_per_wall_s'] / decode_rate:.2f}x | {gib(row['peak_rss_total_bytes'])} | "
-              f"{gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
+              f"{row['source_s_per_wall_s'] / decode['source_s_per_wall_s']:.2f}x | {row['cpu_s']:.1f} | "
+              f"{row['source_s_per_cpu_s']:.1f} | {row['source_s_per_cpu_s'] / decode['source_s_per_cpu_s']:.2f}x | "
+              f"{gib(row['peak_rss_total_bytes'])} | {gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as out:
             wall, rss, stats = run_ingest([long_path], Path(out) / "shards", args.workers)
         long_row = {"source": long_path.name, "source_s": round(describe(long_path)["seconds"], 1), "wall_s": round(wall, 2),
+                    "cpu_s": round(rss.cpu_s, 1),
                     "peak_rss_total_bytes": rss.peak_total, "peak_rss_largest_process_bytes": rss.peak_single,
                     "clips_kept": stats["clips"]["kept"]}  # fmt: skip
 
@@ -411,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print_group(group)
     if long_row:
         print(f"\nLong source ({long_row['source']}, {long_row['source_s']:.0f} s): reelforge ingest (cold) "
-              f"{long_row['wall_s']:.1f} s wall, peak RSS total {gib(long_row['peak_rss_total_bytes'])} GiB, "
+              f"{long_row['wall_s']:.1f} s wall, {long_row['cpu_s']:.0f} CPU s, peak RSS total {gib(long_row['peak_rss_total_bytes'])} GiB, "
               f"largest process {gib(long_row['peak_rss_largest_process_bytes'])} GiB, "
               f"{long_row['clips_kept']} clips kept")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
