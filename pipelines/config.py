@@ -22,9 +22,10 @@ class ScenesConfig(Section):
     detector: Literal["content", "adaptive", "threshold"] = "content"
     # None means the detector's own default (PySceneDetect: content 27, adaptive 3.0, threshold 12).
     threshold: float | None = Field(default=None, gt=0)
-    # Detection runs on frames downscaled to this width: cuts are global events, and a
-    # 256-px frame is ~30x cheaper to score than 1080p with the same cut positions.
-    detect_width: int = Field(default=256, ge=32, le=1920)
+    # Detection runs on frames downscaled to this width: cuts are global events. At 160 px the
+    # cuts equal those at 256 px on every generated and real test file (docs/benchmarks.md) for
+    # 2-13% less CPU per source frame.
+    detect_width: int = Field(default=160, ge=32, le=1920)
     min_scene_seconds: float = Field(default=0.5, ge=0)
 
 
