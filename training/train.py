@@ -222,7 +222,9 @@ def start_ray(cfg: ReelforgeConfig) -> None:
         ray.init()
         return
     cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
-    ray.init(num_cpus=cpus, include_dashboard=False)
+    # With the dashboard: Ray Train V2's PlacementGroupCleaner polls the state API it serves, and
+    # without it logs "Failed to query Ray Train Controller actor state" every few seconds.
+    ray.init(num_cpus=cpus)
 
 
 def build_trainer(cfg: ReelforgeConfig, worker_args: WorkerArgs, out: Path, run_name: str) -> Any:
