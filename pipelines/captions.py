@@ -29,9 +29,9 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
+from model.storage import resolve_uri
 from pipelines.config import CaptionConfig
 from pipelines.filters import ClipPixels
-from pipelines.probe import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class SidecarCaptioner:
 
     def load(self, source_uri: str) -> str | list[Subtitle]:
         """The sidecar next to `source_uri`: subtitle cues for .srt, text otherwise, "" if none."""
-        fs, path = resolve_filesystem(source_uri, self.filesystem)
+        fs, path = resolve_uri(source_uri, self.filesystem)
         stem = posixpath.splitext(path)[0]  # pyarrow paths are always "/"-separated
         for extension in self.cfg.sidecar_extensions:
             candidate = stem + extension

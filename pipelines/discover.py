@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+
+from model.errors import one_line
+from model.storage import resolve_uri
 
 logger = logging.getLogger(__name__)
 
@@ -95,18 +97,16 @@ def _expand(src: str) -> list[SourceFile]:
 
 def _resolve(src: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path inside it, prefix that turns a path back into the uri)."""
-    if src.startswith("file://"):
-        return pafs.LocalFileSystem(), os.path.abspath(src.removeprefix("file://")), ""
-    if src.startswith(_URI_SCHEMES):
-        scheme = src.split("://", 1)[0]
+    if src.startswith(_URI_SCHEMES) and not src.startswith("file://"):
+        scheme, bucket_path = src.split("://", 1)
         # from_uri rejects glob characters in some schemes; resolve the bucket root, keep the path.
-        bucket_path = src.split("://", 1)[1]
         try:
-            fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{bucket_path.split('/', 1)[0]}")
+            fs, _ = resolve_uri(f"{scheme}://{bucket_path.split('/', 1)[0]}")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"SRC {src!r}: cannot open filesystem ({' '.join(str(exc).split())})") from None
+            raise ValueError(f"SRC {src!r}: cannot open filesystem ({one_line(exc)})") from None
         return fs, bucket_path.rstrip("/"), f"{scheme}://"
-    return pafs.LocalFileSystem(), os.path.abspath(src), ""
+    fs, path = resolve_uri(src)  # a local path or file:// URI
+    return fs, path, ""
 
 
 def _source(info: pafs.FileInfo, prefix: str) -> SourceFile:

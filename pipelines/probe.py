@@ -12,9 +12,7 @@ Sources are local paths or any URI pyarrow understands (`s3://`, `gs://`, `file:
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
 from fractions import Fraction
 from typing import Any, BinaryIO, Iterable
 
@@ -22,12 +20,12 @@ import av
 import numpy as np
 import pyarrow.fs as pafs
 
+from model.errors import one_line
+from model.storage import file_sha256, resolve_uri
 from pipelines.config import ClipsConfig
 from pipelines.decode import FrameGeometry, normalize_rotation
 
 logger = logging.getLogger(__name__)
-
-HASH_CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to stream at disk speed, small enough for any worker
 
 # Every probe row has exactly these keys (Arrow schema stability across good and bad sources).
 PROBE_FIELDS = (
@@ -53,19 +51,10 @@ PROBE_FIELDS = (
 H264_ENCODERS = ("libx264", "libopenh264", "h264_nvenc", "h264_qsv", "h264_amf", "h264_v4l2m2m")
 
 
-def resolve_filesystem(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a pyarrow-filesystem URI."""
-    if filesystem is not None:
-        return filesystem, uri
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
 def open_source(uri: str, filesystem: pafs.FileSystem | None = None) -> str | BinaryIO:
     """Something `av.open` accepts: a plain path for local files (FFmpeg reads those fastest),
     otherwise a seekable pyarrow input file (MP4 moov atoms may sit at the end)."""
-    fs, path = resolve_filesystem(uri, filesystem)
+    fs, path = resolve_uri(uri, filesystem)
     if isinstance(fs, pafs.LocalFileSystem):
         return path
     return fs.open_input_file(path)
@@ -79,7 +68,7 @@ def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[st
     """A probe row for `uri`: size, sha256 and stream facts, or `reject_stage="probe"` with a reason."""
     row = empty_probe_row(uri)
     try:
-        fs, path = resolve_filesystem(uri, filesystem)
+        fs, path = resolve_uri(uri, filesystem)
         info = fs.get_file_info(path)
     except (OSError, ValueError) as exc:
         return _reject(row, f"cannot open source ({one_line(exc)})")
@@ -91,7 +80,7 @@ def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[st
     if info.size == 0:
         return _reject(row, "empty file")
     try:
-        row["sha256"] = sha256_of(fs, path)
+        row["sha256"] = file_sha256(path, fs)
     except OSError as exc:
         return _reject(row, f"cannot read source ({one_line(exc)})")
     try:
@@ -102,14 +91,6 @@ def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[st
         return _reject(row, f"not a video container ({one_line(exc)})")
     except (OSError, ValueError, RuntimeError) as exc:
         return _reject(row, f"cannot probe source ({one_line(exc)})")
-
-
-def sha256_of(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _probe_container(container: av.container.InputContainer, row: dict[str, Any]) -> dict[str, Any]:
@@ -213,12 +194,6 @@ def _display_size(row: dict[str, Any]) -> str:
     if normalize_rotation(row.get("rotation")) in (90, 270):
         return f"{row['height']}x{row['width']}"
     return f"{row['width']}x{row['height']}"
-
-
-def one_line(exc: BaseException) -> str:
-    # FFmpeg errors repeat the file name; the row already carries the uri.
-    text = exc.strerror if isinstance(exc, av.error.FFmpegError) and exc.strerror else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
 
 
 # --- preflight: what this machine can do, checked once on the driver --------------------

@@ -45,12 +45,13 @@ import numpy as np
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict
 
+from model.errors import one_line
 from pipelines.captions import CaptionRequest, make_captioner
 from pipelines.clips import ClipAssembler, ClipFrames, max_frames
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig
 from pipelines.decode import FrameConverter, FrameGeometry, iter_frames, normalize_rotation
 from pipelines.filters import FILTERS, ClipPixels, judge, perceptual_hash, score_clip
-from pipelines.probe import one_line, h264_encoder, open_source
+from pipelines.probe import h264_encoder, open_source
 from pipelines.scenes import CutTracker, detector_threshold
 from pipelines.transcode import encode_mp4, jpeg_thumbnail
 

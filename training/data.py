@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.storage import resolve_uri
 from training.config import ModelSection
 
 logger = logging.getLogger(__name__)
@@ -57,15 +58,6 @@ SHUFFLE_BUFFER = 16
 
 
 # --- the dataset on disk ------------------------------------------------------------------
-
-
-def open_filesystem(data_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    """(filesystem, path inside it) for a local folder or a pyarrow URI (s3://, gs://, file://)."""
-    if "://" in data_dir:
-        return pyarrow.fs.FileSystem.from_uri(data_dir)
-    import os
-
-    return pyarrow.fs.LocalFileSystem(), os.path.abspath(data_dir)
 
 
 @dataclass
@@ -91,7 +83,7 @@ class ClipIndex:
 
 def read_clip_index(data_dir: str) -> ClipIndex:
     """Check an ingest output folder and read its manifest; one-line ValueError naming what is wrong."""
-    filesystem, root = open_filesystem(data_dir)
+    filesystem, root = resolve_uri(data_dir)
     info = filesystem.get_file_info(root)
     if info.type != pyarrow.fs.FileType.Directory:
         raise ValueError(f"--data {data_dir}: no such shard folder")
@@ -339,7 +331,7 @@ class ClipBatches(IterableDataset):
         loader_worker = worker.id if worker is not None else 0
         slot = self.rank * num_loader_workers + loader_worker
         num_slots = self.world_size * num_loader_workers
-        filesystem, root = open_filesystem(self.index.data_dir)
+        filesystem, root = resolve_uri(self.index.data_dir)
         buckets: dict[tuple[int, int, int], list[tuple[int, int, torch.Tensor, str]]] = {s: [] for s in self.shapes}
         skipped: Counter[str] = Counter()
         skipped_marks: list[tuple[int, int]] = []

@@ -57,7 +57,7 @@ def test_ntsc_rate_is_kept_exactly():
     "frames, message",
     [
         (np.zeros((0, 32, 32, 3), np.uint8), "zero frames"),
-        (np.zeros((2, 31, 32, 3), np.uint8), "even frame sizes"),
+        (np.zeros((2, 31, 32, 3), np.uint8), "even width and height"),
         (np.zeros((2, 32, 32), np.uint8), "(T, H, W, 3)"),
     ],
 )
