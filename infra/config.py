@@ -2,20 +2,20 @@
 
 Every command builds a `ReelforgeConfig` from embedded defaults, an optional YAML file
 (`--config`) and repeated `--set dotted.key=value` overrides, and validates it before any
-work starts. Sections are owned by the part that uses them (`pipelines.config`,
-`training.config`); this module only composes them, parses overrides and reports errors
-in one line that names the key.
+work starts. Each part owns its config group (`pipelines.config.IngestConfig`,
+`training.config.TrainingConfig`) and its entry functions take that group; this module only
+composes the groups, parses overrides and reports errors in one line that names the key.
 
     cfg = load_config("configs/train/tiny.yaml", ["train.max_steps=20"])
-    cfg.train.max_steps  # 20
+    cfg.train.max_steps      # 20
+    cfg.training()           # the TrainingConfig that training.train.train() takes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
-import hashlib
-import json
 import types
 import typing
 from pathlib import Path
@@ -24,36 +24,27 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig, ShardsConfig
-from training.config import (
-    CheckpointSection,
-    DeepSpeedSection,
-    MlflowSection,
-    ModelSection,
-    RegistrySection,
-    ScalingSection,
-    TrainSection,
-)
+from pipelines.config import IngestConfig
+from training.config import TrainingConfig
 
 # configs/ at the root of a checkout; presets can be named instead of given as a path.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ReelforgeConfig(BaseModel):
+class ReelforgeConfig(TrainingConfig, IngestConfig):
+    """Every section of every part, side by side: `--set clips.fps=8` and `--set train.lr=1e-4` edit
+    one tree. Training is listed first because pydantic orders inherited fields from the last base
+    to the first, so `config show` prints the ingest sections first."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-    scenes: ScenesConfig = ScenesConfig()
-    clips: ClipsConfig = ClipsConfig()
-    filters: FiltersConfig = FiltersConfig()
-    shards: ShardsConfig = ShardsConfig()
-    caption: CaptionConfig = CaptionConfig()
-    model: ModelSection = ModelSection()
-    train: TrainSection = TrainSection()
-    scaling: ScalingSection = ScalingSection()
-    deepspeed: DeepSpeedSection = DeepSpeedSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    registry: RegistrySection = RegistrySection()
-    mlflow: MlflowSection = MlflowSection()
+    def ingest(self) -> IngestConfig:
+        """The ingest group alone, as `pipelines.ingest.run_ingest` takes it."""
+        return IngestConfig(**{name: getattr(self, name) for name in IngestConfig.model_fields})
+
+    def training(self) -> TrainingConfig:
+        """The training group alone, as `training.train.train` and the worker loop take it."""
+        return TrainingConfig(**{name: getattr(self, name) for name in TrainingConfig.model_fields})
 
 
 class ConfigError(ValueError):
@@ -88,29 +79,8 @@ def resolve_preset(path: str | Path) -> Path:
     raise ConfigError(f"--config {path}: no such file or preset (presets: {', '.join(available) or 'none'})")
 
 
-def config_hash(cfg: BaseModel) -> str:
-    """A stable 16-hex-digit hash of the resolved config (key order and float spelling independent)."""
-    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def flatten(cfg: BaseModel) -> dict[str, Any]:
-    """`{"train.lr": 1e-4, ...}`: the resolved config as dotted keys (MLflow params, reports)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
 
 
 # --- command-line helpers shared by every subcommand -------------------------------------
@@ -167,18 +137,26 @@ def _parse_override(override: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _fields(section: Any) -> dict[str, Any] | None:
+    """{key: annotation} of a section (a pydantic model or a dataclass such as ConditioningProbs),
+    or None when `section` is a plain value type."""
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return {name: field.annotation for name, field in section.model_fields.items()}
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        hints = typing.get_type_hints(section)
+        return {field.name: hints[field.name] for field in dataclasses.fields(section)}
+    return None
+
+
 def _field_type(dotted: str) -> Any | None:
-    model: type[BaseModel] = ReelforgeConfig
+    fields = _fields(ReelforgeConfig)
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
+        if fields is None or part not in fields:
             return None
         if i == len(parts) - 1:
-            return field.annotation
-        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
+            return fields[part]
+        fields = _fields(fields[part])
     return None
 
 
@@ -202,24 +180,23 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _all_keys(section: Any, prefix: str = "") -> list[str]:
     keys = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    for name, annotation in (_fields(section) or {}).items():
+        if _fields(annotation) is not None:
             keys.extend(_all_keys(annotation, f"{prefix}{name}."))
         else:
             keys.append(f"{prefix}{name}")
     return keys
 
 
-def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str) -> None:
+def _check_keys(data: dict[str, Any], section: Any, prefix: str) -> None:
     """Unknown keys fail with the nearest valid key, which pydantic's own message lacks."""
+    fields = _fields(section) or {}
     for key, value in data.items():
-        field = model.model_fields.get(key)
         dotted = f"{prefix}{key}"
-        if field is None:
-            valid = _all_keys(model, prefix)
+        if key not in fields:
+            valid = _all_keys(section, prefix)
             # Match the whole dotted path the user typed, so a misspelled section
             # ("trian.max_steps") still finds its key ("train.max_steps").
             typed = dotted
@@ -229,8 +206,8 @@ def _check_keys(data: dict[str, Any], model: type[BaseModel], prefix: str) -> No
             near = difflib.get_close_matches(typed, _all_keys(ReelforgeConfig), n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}?" if near else f"valid keys here: {', '.join(valid)}"
             raise ConfigError(f"{dotted}: unknown key; {hint}")
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        annotation = fields[key]
+        if _fields(annotation) is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted}: is a section; set its keys, e.g. {_all_keys(annotation, dotted + '.')[0]}=...")
             _check_keys(value, annotation, f"{dotted}.")
@@ -241,7 +218,7 @@ def format_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         loc = ".".join(str(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "value_error" and loc and loc.split(".")[-1] in message:
+        if error["type"] == "value_error" and loc and loc in message:
             # a cross-field check already names its keys
             parts.append(message)
             continue

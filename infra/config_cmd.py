@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from infra.config import add_config_args, config_from_args, config_hash, to_yaml
+from infra.config import add_config_args, config_from_args, to_yaml
+from model.storage import config_hash
 
 
 def main(argv: list[str] | None = None) -> int:

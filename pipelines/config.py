@@ -1,7 +1,10 @@
-"""Config sections owned by the ingestion pipeline (`scenes`, `clips`, `filters`, `shards`, `caption`).
+"""The ingestion pipeline's config group, `IngestConfig`: sections `scenes`, `clips`, `filters`,
+`shards`, `caption`.
 
 Each section is a pydantic model with `extra="forbid"`, so a misspelled key fails when the
-config is loaded, before any footage is read. `infra.config.ReelforgeConfig` composes them.
+config is loaded, before any footage is read. `pipelines.ingest.run_ingest` takes an
+`IngestConfig`; `infra.config.ReelforgeConfig` composes it with the training group into the
+one config the command line edits (`--set clips.fps=8`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # The same two lines as training.config.Section: pipelines/ and training/ may not import each
+    # other, and model/ (below both) stays free of pydantic.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ScenesConfig(Section):
@@ -130,3 +135,14 @@ class CaptionConfig(Section):
     sidecar_extensions: tuple[str, ...] = (".srt", ".txt", ".json")
     # Key holding the caption in a .json sidecar.
     sidecar_json_key: str = "caption"
+
+
+class IngestConfig(Section):
+    """Everything `reelforge ingest` reads: what makes a clip, how clips are judged and captioned,
+    and how they are packed into shards."""
+
+    scenes: ScenesConfig = ScenesConfig()
+    clips: ClipsConfig = ClipsConfig()
+    filters: FiltersConfig = FiltersConfig()
+    shards: ShardsConfig = ShardsConfig()
+    caption: CaptionConfig = CaptionConfig()

@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
 
-from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash
+from infra.config import ReelforgeConfig, add_config_args, config_from_args
+from model.errors import one_line
+from model.storage import config_hash
 from infra.logs import setup_logging
 from pipelines.discover import SourceFile, discover_sources
 from pipelines.config import ClipsConfig
@@ -99,7 +101,7 @@ def probe_row(
             return size_reject(row | probe_source(row["uri"]), clips)
         except Exception as exc:  # probe_source reports bad files itself; this catches its bugs, not the job's end
             logger.exception("probe of %s failed", row["uri"])
-            return row | empty_probe_row(row["uri"]) | {"reject_stage": "probe", "reject_reason": _one_line(exc)}
+            return row | empty_probe_row(row["uri"]) | {"reject_stage": "probe", "reject_reason": one_line(exc, with_type=True)}
 
     def crashed(reason: str) -> dict[str, Any]:
         return row | empty_probe_row(row["uri"]) | {"reject_stage": "crash", "reject_reason": reason}
@@ -132,14 +134,10 @@ class ProcessSource:
             return write_source_result(self.out, source, self.processor.iter_rows(source))
         except Exception as exc:  # bad input never stops the job: the source becomes a reject row
             logger.exception("reject %s: processing failed", source["uri"])
-            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": _one_line(exc)}, [])
+            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": one_line(exc, with_type=True)}, [])
 
     def _crashed(self, source: dict[str, Any], reason: str) -> dict[str, Any]:
         return write_source_result(self.out, source | {"reject_stage": "crash", "reject_reason": reason}, [])
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 # --- a source that kills its worker -------------------------------------------------------
@@ -342,7 +340,7 @@ def _process(
     except Exception as exc:  # a worker died past Ray's retries (OOM kill, crash inside FFmpeg)
         logger.exception("processing stopped")
         raise SystemExit(
-            f"ingest: processing stopped ({_one_line(exc)[:300]}); finished sources are kept in "
+            f"ingest: processing stopped ({one_line(exc, with_type=True)[:300]}); finished sources are kept in "
             f"{out.path('_work')}, rerun the same command to resume"
         ) from None
     phase_s["process"] = time.monotonic() - started

@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 import time
@@ -48,6 +47,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from model.storage import resolve_uri
 from pipelines.dedup import NearDuplicateIndex
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,8 @@ class OutputDir:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        if "://" in uri and not uri.startswith("file://"):
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
-        self.root = self.root.rstrip("/")
+        self.fs, root = resolve_uri(uri)
+        self.root = root.rstrip("/")
 
     @property
     def is_local(self) -> bool:

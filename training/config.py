@@ -1,9 +1,11 @@
-"""Config sections owned by training (`model`, `train`, `scaling`, `deepspeed`, `checkpoint`,
-`registry`, `mlflow`).
+"""Training's config group, `TrainingConfig`: sections `model`, `train`, `scaling`, `deepspeed`,
+`checkpoint`, `registry`, `mlflow`.
 
 `model/` stays free of pydantic and of these sections: the `model` section here only names
 what to build (a preset from `model.dit.DIT_PRESETS`, an autoencoder, a text encoder), and
-`training` turns it into the plain dataclass config that `model/` takes.
+`training` turns it into the plain dataclass config that `model/` takes. One plain dataclass of
+`model/` is used as it is, `model.conditioning.ConditioningProbs` (`train.conditioning`):
+pydantic validates its fields, and its own checks run on construction.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.conditioning import ConditioningProbs
 
 
 class Section(BaseModel):
+    # The same two lines as pipelines.config.Section: pipelines/ and training/ may not import each
+    # other, and model/ (below both) stays free of pydantic.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -104,25 +110,6 @@ class ModelSection(Section):
         return shapes
 
 
-class ConditioningSection(Section):
-    """Mirrors model.conditioning.ConditioningProbs (same names and defaults): the rest, 70% by
-    default, is plain text-to-video, the main task."""
-
-    first_frame: float = Field(default=0.10, ge=0, le=1)  # image-to-video
-    first_k: float = Field(default=0.06, ge=0, le=1)  # extend forwards
-    last_k: float = Field(default=0.04, ge=0, le=1)  # extend backwards
-    both_ends: float = Field(default=0.05, ge=0, le=1)  # connect
-    random: float = Field(default=0.05, ge=0, le=1)  # keyframes / interpolation
-    max_k: int = Field(default=4, ge=1)  # clean frames per end, uniform in [1, max_k]
-
-    @model_validator(mode="after")
-    def _check_sum(self) -> "ConditioningSection":
-        total = self.first_frame + self.first_k + self.last_k + self.both_ends + self.random
-        if total > 1 + 1e-9:
-            raise ValueError(f"train.conditioning probabilities sum to {total:.3f}, more than 1")
-        return self
-
-
 class TrainSection(Section):
     max_steps: int = Field(default=1000, ge=1)
     # Clips per worker per micro-step at the reference bucket; other buckets scale it so that
@@ -143,7 +130,7 @@ class TrainSection(Section):
     # Probability of training on the null text (classifier-free guidance needs an unconditional model).
     text_dropout: float = Field(default=0.1, ge=0, le=1)
     # Per-sample probabilities of clean conditioning frames (image-to-video, extend, connect, ...).
-    conditioning: ConditioningSection = Field(default_factory=lambda: ConditioningSection())
+    conditioning: ConditioningProbs = Field(default_factory=ConditioningProbs)
     # Timestep shift s (SD3's t' = s t / (1 + (s - 1) t)) for training AND sampling: the exported
     # bundle records it as `generation.shift`. None: model.rectified_flow.timestep_shift of each
     # batch's latent size, which is 1 below a 64x64-position latent; tiny low-variance latents (the
@@ -200,3 +187,17 @@ class MlflowSection(Section):
     # None: $MLFLOW_TRACKING_URI if set, else a SQLite store under the run's output folder.
     tracking_uri: str | None = None
     experiment: str = "reelforge"
+
+
+class TrainingConfig(Section):
+    """Everything `reelforge train` (and the worker loop it starts) reads."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())  # a field is named `model`
+
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    registry: RegistrySection = RegistrySection()
+    mlflow: MlflowSection = MlflowSection()

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from infra.config import ReelforgeConfig, add_config_args, config_from_args, config_hash, flatten
+from infra.config import ReelforgeConfig, add_config_args, config_from_args
+from model.storage import config_hash
 from infra.logs import setup_logging
 from model.dit import flops_per_token
 from training.checkpoint import (
@@ -164,11 +165,11 @@ def train_loop(config_dict: dict[str, Any]) -> None:
 def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> TrainerState:
     """Train until `train.max_steps`, resuming if a checkpoint is given; returns the final state."""
     from model.autoencoders import load_autoencoder
-    from model.conditioning import ConditioningProbs, sample_condition_masks
+    from model.conditioning import sample_condition_masks
     from model.dit import DiT, dit_config
     from model.rectified_flow import training_loss
     from model.text_encoders import load_text_encoder
-    from training.tracking import Tracker, run_tags
+    from training.tracking import Tracker, flat_params, run_tags
 
     cfg = args.config
     out = Path(args.out)
@@ -231,13 +232,13 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     if rank == 0:
         state.mlflow_run_id = run_id
         if state.step == 0:
-            tracker.log_params(flatten(cfg))
+            tracker.log_params(flat_params(cfg))
 
     # --- data ---
     dataset = ClipBatches(index, cfg.model, cfg.train.batch_size, cfg.train.seed, rank, world_size, position)
     batches = iter(make_loader(dataset, cfg.train.data_workers))
     text_cache = TextEmbeddingCache(text_encoder, cfg.train.text_cache_size)
-    cond_probs = ConditioningProbs(**cfg.train.conditioning.model_dump())
+    cond_probs = cfg.train.conditioning
     sample_log = _open_sample_log(out / WORKERS_DIR / f"samples-rank-{rank}.jsonl") if cfg.train.log_sample_ids else None
 
     logger.info(

@@ -7,7 +7,7 @@ artifacts in `<out>/mlartifacts`), so a laptop run needs no server.
 
     tracker = Tracker(cfg.mlflow, out_dir, rank=rank)
     run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(cfg, data_dir))
-    tracker.log_params(flatten(cfg))
+    tracker.log_params(flat_params(cfg))
     tracker.log_metrics({"loss": 0.31, "clips_per_s": 12.0}, step=100)   # a step is logged at most once
     with tracker.checkpoint_timer():                                       # counted as goodput loss
         save_checkpoint(...)
@@ -27,7 +27,6 @@ the steps that gap legitimately trained) and `goodput/fraction` = 1 - lost / wal
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from model.storage import file_sha256
 from training.config import MlflowSection
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,21 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
         return experiment.experiment_id
 
 
+def flat_params(config: Any) -> dict[str, Any]:
+    """`{"train.lr": 1e-4, ...}`: a pydantic config as dotted keys, what `Tracker.log_params` takes."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(config.model_dump(mode="json"), "")
+    return flat
+
+
 # --- tags --------------------------------------------------------------------------------
 
 
@@ -111,21 +126,6 @@ def git_commit(repo_dir: str | Path | None = None) -> tuple[str, bool] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit, bool(dirty)) if re.fullmatch(r"[0-9a-f]{40}", commit) else None
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a local file or a pyarrow-filesystem URI (s3://, gs://), streamed in 1 MiB reads."""
-    import pyarrow.fs
-
-    digest = hashlib.sha256()
-    if "://" in path:
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    else:
-        filesystem, inner = pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
-    with filesystem.open_input_stream(inner) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_tags(config_hash: str, data_dir: str | Path | None = None) -> dict[str, str]:

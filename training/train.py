@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.config import ReelforgeConfig, config_from_args, config_hash, flatten
+from infra.config import ReelforgeConfig, config_from_args
+from model.storage import config_hash
 from infra.logs import setup_logging
 from training.checkpoint import STATE_FILE, TrainerState, needs_universal, read_trainer_state
 from training.data import ClipIndex, read_clip_index, usable_clips
@@ -273,7 +274,7 @@ def ray_restart_checkpoint(out: Path) -> Path | None:
 
 def train(cfg: ReelforgeConfig, data: str, out: Path, resume: str | None = None, register: bool = True) -> dict[str, Any]:
     """Preflight, fit on Ray, register; returns the summary (also logged)."""
-    from training.tracking import Tracker, resolve_tracking_uri, run_tags
+    from training.tracking import Tracker, flat_params, resolve_tracking_uri, run_tags
 
     started = time.time()
     out = out.resolve()
@@ -295,7 +296,7 @@ def train(cfg: ReelforgeConfig, data: str, out: Path, resume: str | None = None,
     run_id = tracker.start_or_resume(
         resume_state.mlflow_run_id if resume_state else None, run_name=out.name, tags=run_tags(config_hash(cfg), data)
     )
-    tracker.log_params(flatten(cfg))
+    tracker.log_params(flat_params(cfg))
     worker_args = WorkerArgs(
         config=cfg, data=data, out=str(out), mlflow_run_id=run_id, resume_from=str(Path(resume).resolve()) if resume else None
     )

@@ -9,7 +9,8 @@ import sys
 import yaml
 
 from infra import __version__
-from infra.config import config_hash, load_config
+from infra.config import load_config
+from model.storage import config_hash
 
 
 def reelforge(*args: str) -> subprocess.CompletedProcess:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from infra.config import (
-    ConfigError,
-    ReelforgeConfig,
-    config_hash,
-    flatten,
-    load_config,
-    resolve_preset,
-    to_yaml,
-)
+from infra.config import ConfigError, ReelforgeConfig, load_config, resolve_preset, to_yaml
+from model.conditioning import ConditioningProbs
+from model.storage import config_hash
+from pipelines.config import IngestConfig
+from training.config import TrainingConfig
 
 
 def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
@@ -73,6 +69,9 @@ def test_set_overrides_the_file(tmp_path):
         (["train=3"], "train: is a section; set its keys"),
         (["train.max_steps=3", "train.max_steps.x=3"], "--set train.max_steps.x: max_steps is a value, not a section"),
         (["max_steps"], "--set 'max_steps': expected KEY=VALUE"),
+        (["train.conditioning.frist_k=0.1"], "train.conditioning.frist_k: unknown key; did you mean train.conditioning.first_k?"),
+        (["train.conditioning.first_k=2"], "train.conditioning: ConditioningProbs.first_k=2.0 must be in [0, 1]"),
+        (["train.conditioning.first_frame=0.6", "train.conditioning.first_k=0.6"], "train.conditioning: conditioning probabilities sum to 1.3"),
     ],
 )
 def test_every_error_is_one_line_naming_the_key(overrides, expected):
@@ -128,8 +127,14 @@ def test_hash_is_stable_and_tracks_content():
     assert len(config_hash(a)) == 16
 
 
-def test_flatten_gives_dotted_keys():
-    flat = flatten(load_config(overrides=["train.max_steps=7"]))
-    assert flat["train.max_steps"] == 7
-    assert flat["scenes.detector"] == "content"
-    assert all("." in key for key in flat)
+def test_groups_are_what_each_part_takes_and_cover_every_section():
+    cfg = load_config(overrides=["clips.fps=12", "train.max_steps=7", "train.conditioning.max_k=2"])
+    ingest, training = cfg.ingest(), cfg.training()
+    assert type(ingest) is IngestConfig and type(training) is TrainingConfig
+    assert ingest.clips.fps == 12 and training.train.max_steps == 7
+    assert training.train.conditioning == ConditioningProbs(max_k=2)
+    # every section belongs to exactly one group, so nothing the command line sets is lost
+    assert set(IngestConfig.model_fields).isdisjoint(TrainingConfig.model_fields)
+    assert set(ReelforgeConfig.model_fields) == set(IngestConfig.model_fields) | set(TrainingConfig.model_fields)
+    # a group travels as plain data (Ray ships it to workers) and validates back to itself
+    assert TrainingConfig.model_validate(training.model_dump(mode="json")) == training

@@ -99,10 +99,12 @@ def test_resume_continues_same_run_and_never_logs_a_step_twice(out_dir):
 
 @pytest.mark.slow
 def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, tmp_path, caplog):
-    from infra.config import flatten, load_config
+    from training.config import TrainingConfig
+    from training.tracking import flat_params
 
-    cfg = load_config(None, ["train.lr=0.0003", "registry.model_name=fox"])
-    flat = flatten(cfg) | {"notes": "x" * (MAX_PARAM_VALUE_CHARS + 500)}
+    cfg = TrainingConfig.model_validate({"train": {"lr": 0.0003}, "registry": {"model_name": "fox"}})
+    assert flat_params(cfg)["train.max_steps"] == cfg.train.max_steps and all("." in key for key in flat_params(cfg))
+    flat = flat_params(cfg) | {"notes": "x" * (MAX_PARAM_VALUE_CHARS + 500)}
     tracker = Tracker(MlflowSection(experiment="params"), out_dir)
     run_id = tracker.start_or_resume(run_name="params")
     tracker.log_params(flat)
@@ -112,7 +114,7 @@ def test_params_flattened_long_values_cut_and_resume_keeps_first(out_dir, tmp_pa
     assert params["train.lr"] == "0.0003"
     assert params["registry.model_name"] == "fox"
     assert params["mlflow.tracking_uri"] == "None"
-    assert set(flatten(cfg)) <= set(params)
+    assert set(flat_params(cfg)) <= set(params)
     assert len(params["notes"]) == MAX_PARAM_VALUE_CHARS and params["notes"].endswith(f"[{MAX_PARAM_VALUE_CHARS + 500} chars]")
 
     resumed = Tracker(MlflowSection(experiment="params"), out_dir)
