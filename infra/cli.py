@@ -1,8 +1,8 @@
-"""The `reelforge` command line.
+"""The `reelforge` command line (also `python -m infra`).
 
-Each subcommand is a thin call into the module that also runs as `python -m <module>`:
-the module owns its arguments and exposes `main(argv) -> int`. This file only dispatches,
-so adding a command is one line in `COMMANDS`.
+Each subcommand is a module of infra/ that parses its arguments, validates, calls one entry
+function of a package and reports what it returns: it exposes `main(argv) -> int`. This file only
+dispatches, so adding a command is one line in `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from infra import __version__
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("pipelines.ingest", "footage -> scene-split, filtered, captioned WebDataset shards"),
-    "recaption": ("pipelines.recaption", "shards -> shards with rewritten captions"),
+    "recaption": ("infra.recaption", "shards -> caption sets written by vision-language models"),
     "train": ("training.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed)"),
     "register": ("training.registry", "register a finished MLflow run's model"),
     "promote": ("training.promote", "move a registry alias (e.g. candidate -> champion)"),
-    "generate": ("model.generate", "generate a video from a bundle or a registered model"),
+    "generate": ("infra.generate", "generate a video from a bundle or a registered model"),
     "serve": ("infra.serve", "serve a registered model over HTTP"),
     "submit": ("infra.submit", "submit ingest/recaption/train to a Ray cluster"),
     "config": ("infra.config_cmd", "show the resolved, validated config"),
-    "demo-footage": ("pipelines.footage", "write synthetic test footage with known cuts"),
+    "demo-footage": ("infra.demo_footage", "write synthetic test footage with known cuts"),
     "demo": ("infra.demo", "run the whole chain on demo footage"),
 }
 

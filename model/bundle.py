@@ -29,6 +29,7 @@ from torch import nn
 
 from model.autoencoders import Autoencoder, load_autoencoder
 from model.dit import DiT, DiTConfig
+from model.storage import folder_sha256
 from model.text_encoders import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder, parse_text_encoder_spec
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,13 @@ def save_bundle(
     os.replace(tmp_config, bundle_dir / CONFIG_FILE)
     logger.info("saved bundle %s (%d tensors, %s)", bundle_dir, len(weights), config["weights_dtype"])
     return bundle_dir
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """sha256 over every file of a bundle (relative path and bytes, in path order): two bundles hash
+    alike exactly when they would load alike. Registration tags versions with it, so the same
+    weights registered twice are recognised."""
+    return folder_sha256(bundle_dir)
 
 
 def read_bundle_config(bundle_dir: str | Path) -> dict[str, Any]:

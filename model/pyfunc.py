@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -158,64 +157,6 @@ def relocate_bundle(bundle_dir: str | Path, artifacts: dict[str, str], dest: str
             (dest / item.name).symlink_to(item.resolve())
     (dest / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return dest
-
-
-def download_registered_bundle(model_uri: str, cache_dir: str | Path | None = None) -> Path:
-    """A local bundle folder for a logged or registered model: `models:/NAME@ALIAS`,
-    `models:/NAME/VERSION`, `models:/<model id>` or `runs:/<run id>/model`, from the store
-    `$MLFLOW_TRACKING_URI` names. What `reelforge generate --model models:/...` loads.
-
-    Downloaded once per model version (an alias is resolved to its version first, so moving the
-    alias fetches the new one) into `cache_dir` (default `$REELFORGE_CACHE/models`, else
-    `~/.cache/reelforge/models`); the AE / text encoder specs point into the download."""
-    import hashlib
-
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    tracking_uri = mlflow.get_tracking_uri()
-    try:
-        pinned = _pin_version(MlflowClient(), model_uri)
-    except MlflowException as exc:
-        raise ValueError(f"--model {model_uri!r}: {exc.message.splitlines()[0]} (store {tracking_uri})") from None
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    key = hashlib.sha256(f"{tracking_uri}|{pinned}".encode()).hexdigest()[:16]
-    model_dir = root / key
-    if not (model_dir / "MLmodel").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        staging = root / f"{key}.tmp-{os.getpid()}"
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
-        except MlflowException as exc:
-            raise ValueError(f"--model {model_uri!r}: {exc.message.splitlines()[0]}") from None
-        if not (Path(local) / "MLmodel").is_file():
-            raise ValueError(f"--model {model_uri!r}: not an MLflow model (no MLmodel file)")
-        if model_dir.exists():  # a concurrent download finished first; keep that one
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            os.replace(local, model_dir)
-            shutil.rmtree(staging, ignore_errors=True)
-        logger.info("downloaded %s (%s) to %s", model_uri, pinned, model_dir)
-    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
-    artifacts = {name: str(model_dir / info["path"]) for name, info in flavor.get("artifacts", {}).items()}
-    if BUNDLE_ARTIFACT not in artifacts:
-        raise ValueError(f"--model {model_uri!r}: not a reelforge model (no {BUNDLE_ARTIFACT!r} artifact)")
-    return relocate_bundle(artifacts[BUNDLE_ARTIFACT], artifacts, model_dir / "bundle-local")
-
-
-def _pin_version(client: Any, model_uri: str) -> str:
-    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (what the alias points at now); others as given."""
-    name, at, alias = model_uri.removeprefix("models:/").partition("@")
-    if model_uri.startswith("models:/") and at:
-        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
-    return model_uri
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("REELFORGE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "reelforge") / "models"
 
 
 class VideoGenerationModel(mlflow.pyfunc.PythonModel):

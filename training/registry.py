@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,6 +36,8 @@ from pydantic import ValidationError
 
 from infra.config import add_config_args, config_from_args, format_validation_error
 from infra.logs import setup_logging
+from model.bundle import bundle_sha256
+from model.errors import one_line
 from training.config import RegistrySection
 from training.tracking import resolve_tracking_uri
 
@@ -43,19 +47,6 @@ MODEL_ARTIFACT = "model"  # name of the logged pyfunc inside its run
 BUNDLE_ARTIFACT_DIR = "bundle"  # where training stores the inference bundle among run artifacts
 TAG_BUNDLE_SHA256 = "reelforge.bundle_sha256"  # on the logged model and the version: which bytes ship
 TAG_RUN_ID = "reelforge.run_id"
-
-
-def bundle_sha256(bundle_dir: str | Path) -> str:
-    """sha256 over every file of a bundle (relative path, then bytes, in path order): two bundles
-    hash alike exactly when they would load alike. Streams 1 MiB reads (a 7B bundle is 14 GB)."""
-    bundle_dir = Path(bundle_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(bundle_dir).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_registered_version(
@@ -219,6 +210,67 @@ def _log_from_bundle(run_id: str, client: Any, tracking_uri: str, bundle_dir: st
         return log_model(local, run_id, tracking_uri=tracking_uri).model_uri
 
 
+# --- a registered model as a local bundle (what `reelforge generate --model models:/...` loads) ---
+
+
+def download_registered_bundle(model_uri: str, cache_dir: str | Path | None = None) -> Path:
+    """A local bundle folder for a logged or registered model: `models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `models:/<model id>` or `runs:/<run id>/model`, from the store
+    `$MLFLOW_TRACKING_URI` names. What `reelforge generate --model models:/...` loads.
+
+    Downloaded once per model version (an alias is resolved to its version first, so moving the
+    alias fetches the new one) into `cache_dir` (default `$REELFORGE_CACHE/models`, else
+    `~/.cache/reelforge/models`); the AE / text encoder specs point into the download."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from model.pyfunc import BUNDLE_ARTIFACT, relocate_bundle
+
+    tracking_uri = mlflow.get_tracking_uri()
+    try:
+        pinned = _pin_version(MlflowClient(), model_uri)
+    except MlflowException as exc:
+        raise ValueError(f"--model {model_uri!r}: {one_line(exc)} (store {tracking_uri})") from None
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    key = hashlib.sha256(f"{tracking_uri}|{pinned}".encode()).hexdigest()[:16]
+    model_dir = root / key
+    if not (model_dir / "MLmodel").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f"{key}.tmp-{os.getpid()}"
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(staging))
+        except MlflowException as exc:
+            raise ValueError(f"--model {model_uri!r}: {one_line(exc)}") from None
+        if not (Path(local) / "MLmodel").is_file():
+            raise ValueError(f"--model {model_uri!r}: not an MLflow model (no MLmodel file)")
+        if model_dir.exists():  # a concurrent download finished first; keep that one
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.replace(local, model_dir)
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("downloaded %s (%s) to %s", model_uri, pinned, model_dir)
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    artifacts = {name: str(model_dir / info["path"]) for name, info in flavor.get("artifacts", {}).items()}
+    if BUNDLE_ARTIFACT not in artifacts:
+        raise ValueError(f"--model {model_uri!r}: not a reelforge model (no {BUNDLE_ARTIFACT!r} artifact)")
+    return relocate_bundle(artifacts[BUNDLE_ARTIFACT], artifacts, model_dir / "bundle-local")
+
+
+def _pin_version(client: Any, model_uri: str) -> str:
+    """`models:/NAME@ALIAS` -> `models:/NAME/VERSION` (what the alias points at now); others as given."""
+    name, at, alias = model_uri.removeprefix("models:/").partition("@")
+    if model_uri.startswith("models:/") and at:
+        return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+    return model_uri
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("REELFORGE_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "reelforge") / "models"
+
+
 # --- command line ------------------------------------------------------------------------
 
 
@@ -242,12 +294,6 @@ def store_uri(args: argparse.Namespace) -> str:
         return resolve_tracking_uri(cfg.mlflow, args.out)
     except ValueError as exc:
         raise SystemExit(f"error: {exc} (--tracking-uri or --out DIR)") from None
-
-
-def one_line(exc: Exception) -> str:
-    """MLflow's messages can run to several lines (a traceback from the server); keep the first."""
-    message = getattr(exc, "message", None) or str(exc)
-    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
 
 
 def run_command(action: Callable[[], str]) -> int:

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from model.bundle import save_bundle
 from model.dit import DiT, dit_config
 from training.config import MlflowSection, RegistrySection
-from training.registry import TAG_BUNDLE_SHA256, bundle_sha256, find_logged_model, log_and_register
+from model.bundle import bundle_sha256
+from training.registry import TAG_BUNDLE_SHA256, find_logged_model, log_and_register
 from training.tracking import TAG_CONFIG_HASH, Tracker
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
     import mlflow
     from mlflow import MlflowClient
 
-    from model import generate
+    from infra import generate
     from training import promote, registry
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

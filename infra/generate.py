@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from infra.logs import setup_logging
+
 logger = logging.getLogger(__name__)
 
 PROG = "reelforge generate"
@@ -29,8 +31,7 @@ def resolve_model_path(ref: str) -> Path:
     A bundle folder as given; a registry reference (`models:/NAME@ALIAS`, `models:/NAME/VERSION`,
     `runs:/RUN_ID/model`) is downloaded from the store `$MLFLOW_TRACKING_URI` names (cached per version)."""
     if ref.startswith(("models:/", "runs:/")):
-        # imported here: model/pyfunc.py is the one module in model/ that needs mlflow installed
-        from model.pyfunc import download_registered_bundle
+        from training.registry import download_registered_bundle  # imports mlflow: only for registry references
 
         return download_registered_bundle(ref)
     path = Path(ref).expanduser()
@@ -90,8 +91,6 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from infra.logs import setup_logging
-
     setup_logging()
     args = build_parser().parse_args(argv)
     try:

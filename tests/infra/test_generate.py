@@ -10,7 +10,7 @@ from PIL import Image
 from infra.cli import main as reelforge
 from model.bundle import save_bundle
 from model.dit import DiT, dit_config
-from model.generate import main, resolve_model_path
+from infra.generate import main, resolve_model_path
 from model.video_io import read_video, write_mp4
 
 
