@@ -19,7 +19,7 @@ default: CPU count), measured as source seconds per wall second:
   (e) pipelines.process.SourceProcessor in the same process pool as (a)-(c): the stage code
                          without Ray, to tell job overhead from per-frame cost
 
-Synthetic footage (default) is H.264 with `--grain` film grain and texture (pipelines.footage
+Synthetic footage (default) is H.264 with `--grain` film grain and texture (infra.footage
 FootageSpec.grain), so it decodes like camera footage rather than like flat colour (which decodes
 ~20x faster per pixel than real video and makes every per-clip cost look huge). Files are cached
 under ~/.cache/reelforge/bench. One table per `--size`.
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from infra.logs import setup_logging  # noqa: E402
-from pipelines.footage import FootageSpec, varied_shots, write_video  # noqa: E402
+from infra.footage import FootageSpec, varied_shots, write_video  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ingest")
 

@@ -23,7 +23,7 @@ from infra.logs import setup_logging
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "reelforge-demo"
-# A caption of the demo suite (pipelines/footage.py, --suite demo), so the clip it came from shows
+# A caption of the demo suite (infra/footage/, --suite demo), so the clip it came from shows
 # what a good sample looks like. 1200 CPU steps start to memorise the demo clips; they do not compose
 # unseen colour/shape/direction combinations.
 PROMPT = "a red circle moving left on a light gray background"

@@ -7,6 +7,8 @@ cannot exist on this machine: no model hub (HF_HUB_OFFLINE) and no GPU.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,58 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Ray: no usage stats prompt, no dashboard, quiet workers.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Commands the tests run start their own local Ray (infra/cluster.py) unless a test points them
+# at the session's instance; never at a `ray start` cluster that happens to run on this machine.
+os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+# --- footage: encoded once per session, read by every test file (never written to) ------------
+
+
+@pytest.fixture(scope="session")
+def standard_footage(tmp_path_factory):
+    """The standard footage suite (infra/footage: codecs, containers, sizes, rates, VFR, rotation,
+    audio, sidecars) as {spec name: GeneratedVideo}, each file with its truth."""
+    from infra.footage import standard_suite
+
+    return {video.spec.name: video for video in standard_suite(tmp_path_factory.mktemp("standard-footage"))}
+
+
+@pytest.fixture(scope="session")
+def demo_footage(tmp_path_factory):
+    """The demo suite `make demo` ingests, as a list of GeneratedVideo."""
+    from infra.footage import demo_suite
+
+    return demo_suite(tmp_path_factory.mktemp("demo-footage"))
+
+
+@pytest.fixture(scope="session")
+def bad_footage(tmp_path_factory) -> dict[str, Path]:
+    """Files ingest must reject (empty, truncated, not a video, audio only, zero frames): kind -> path."""
+    from infra.footage import bad_files
+
+    return bad_files(tmp_path_factory.mktemp("bad-footage"))
+
+
+@pytest.fixture(scope="session")
+def damaged_footage(tmp_path_factory) -> dict[str, Path]:
+    """Files that open but end early (a decode error part way, a silent cut): kind -> path."""
+    from infra.footage import damaged_files
+
+    return damaged_files(tmp_path_factory.mktemp("damaged-footage"))
+
+
+@pytest.fixture(scope="session")
+def copy_footage():
+    """`copy_footage(files, folder)`: copies of session footage {kind: path} in `folder`, for a test
+    that ingests a folder it owns (the session's files stay untouched)."""
+
+    def copy(files: dict[str, Path], folder: Path) -> dict[str, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        return {kind: Path(shutil.copy2(path, folder / path.name)) for kind, path in files.items()}
+
+    return copy
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +79,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster another process started on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=512 * 1024**2,

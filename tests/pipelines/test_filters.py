@@ -12,7 +12,7 @@ import pytest
 
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig
 from pipelines.filters import FILTERS, PHASH_BITS, ClipPixels, hamming, judge, perceptual_hash, score_clip
-from pipelines.footage import FootageSpec, demo_suite, standard_suite, varied_shots, write_video
+from infra.footage import FootageSpec, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.transcode import encode_mp4
@@ -99,11 +99,10 @@ def test_perceptual_hash_matches_noisy_copies_and_separates_different_scenes():
 
 
 @pytest.fixture(scope="module")
-def suite_clips(tmp_path_factory) -> list[dict]:
+def suite_clips(demo_footage, standard_footage) -> list[dict]:
     """Every clip of the demo and standard footage suites, processed as the ingest does (score
     mode, so frozen and black shots are hashed too), with the caption of the shot it lies in."""
-    out = tmp_path_factory.mktemp("suites")
-    videos = demo_suite(out / "demo") + standard_suite(out / "standard")
+    videos = demo_footage + list(standard_footage.values())
     settings = IngestSettings(
         clips=ClipsConfig(min_seconds=0.5, max_seconds=10.0, fps=8, size="64x64"),
         filters=FiltersConfig(mode="score"),

@@ -26,7 +26,7 @@ import webdataset
 
 from infra.config import load_config
 from pipelines.discover import discover_sources
-from pipelines.footage import FootageSpec, bad_files, damaged_files, varied_shots, write_video
+from infra.footage import FootageSpec, varied_shots, write_video
 from pipelines.ingest import ProcessSource, ingest_settings, main, probe_row
 from pipelines.probe import PROBE_FIELDS, probe_source
 from pipelines.shards import OutputDir, record_attempt
@@ -43,7 +43,7 @@ def _video(path: Path, codec: str, offset: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def footage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def footage(tmp_path_factory: pytest.TempPathFactory, bad_footage, damaged_footage, copy_footage) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("footage")
     src, extra = root / "src", root / "extra"
     src.mkdir()
@@ -52,8 +52,8 @@ def footage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _video(src / "v0_reencoded.avi", "mpeg4", 0)  # same pictures, other bytes: near-duplicates of v0
     _video(src / "v1.mkv", "libx264", 5)
     (src / "v1.txt").write_text("a sidecar is never a source")
-    bad = bad_files(src / "bad")
-    damaged = damaged_files(src / "damaged")  # decode fails or stops part way
+    bad = copy_footage(bad_footage, src / "bad")
+    damaged = copy_footage(damaged_footage, src / "damaged")  # decode fails or stops part way
     _video(extra / "v2.mp4", "libx264", 10)
     return {"src": src, "extra": extra, **{f"bad_{name}": path for name, path in bad.items()},
             **{f"damaged_{name}": path for name, path in damaged.items()}}  # fmt: skip

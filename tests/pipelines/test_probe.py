@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.footage import bad_files, standard_specs, write_video
 from pipelines.config import ClipsConfig
 from pipelines.probe import PROBE_FIELDS, h264_encoder, preflight, probe_source, size_reject, upscale_factor
 
@@ -23,15 +21,13 @@ NAMES = (
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe")
-    specs = {spec.name: spec for spec in standard_specs()}
-    return {name: write_video(specs[name], out / specs[name].filename) for name in NAMES}
+def videos(standard_footage):
+    return {name: standard_footage[name] for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory):
-    return bad_files(tmp_path_factory.mktemp("bad"))
+def bad(bad_footage):
+    return bad_footage
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,7 +17,7 @@ from infra.config import load_config
 from pipelines.config import CaptionConfig, ClipsConfig, FiltersConfig, ScenesConfig
 from pipelines.decode import FrameConverter, FrameGeometry, iter_frames
 from pipelines.filters import PHASH_BITS
-from pipelines.footage import FootageSpec, bad_files, render_frames, standard_specs, varied_shots, write_video
+from infra.footage import FootageSpec, render_frames, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import CLIP_COLUMNS, IngestSettings, SourceProcessor
 from pipelines.scenes import cut_times
@@ -36,10 +36,8 @@ SETTINGS = IngestSettings(
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("process")
-    specs = {spec.name: spec for spec in standard_specs()}
-    return {name: write_video(specs[name], out / specs[name].filename) for name in NAMES}
+def videos(standard_footage):
+    return {name: standard_footage[name] for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +158,8 @@ def test_rotation_is_applied_before_the_crop(videos):
     assert np.abs(portrait - sideways.astype(np.float32)).mean() > 2 * np.abs(portrait - expected).mean()
 
 
-def test_probe_rejects_pass_through_and_bad_files_never_raise(tmp_path, processor):
-    for kind, path in bad_files(tmp_path).items():
+def test_probe_rejects_pass_through_and_bad_files_never_raise(bad_footage, processor):
+    for kind, path in bad_footage.items():
         rows = processor(probe_source(str(path)))
         assert len(rows) == 1, kind
         assert tuple(rows[0]) == CLIP_COLUMNS

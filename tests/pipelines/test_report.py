@@ -15,7 +15,7 @@ import pytest
 from infra.config import load_config
 from pipelines.discover import discover_sources
 from pipelines.filters import FILTERS
-from pipelines.footage import FootageSpec, bad_files, varied_shots, write_video
+from infra.footage import FootageSpec, varied_shots, write_video
 from pipelines.probe import probe_source, size_reject
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import render_report, write_report
@@ -46,14 +46,14 @@ class _Elements(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def output(tmp_path_factory: pytest.TempPathFactory, bad_footage, copy_footage) -> Path:
     """An ingest output with kept clips, filter rejects (a frozen shot), short-scene rejects, bad files
     and a source too small for clips.size."""
     src = tmp_path_factory.mktemp("footage")
     for i in range(2):
         shots = varied_shots([("moving", 2.5), ("static", 2.5), ("moving", 2.5)], offset=6 * i)
         write_video(FootageSpec(f"v{i}", "mp4", "libx264", 160, 120, Fraction(12), shots), src / f"v{i}.mp4")
-    bad_files(src / "bad")
+    copy_footage(bad_footage, src / "bad")
     write_video(FootageSpec("tiny", "mp4", "libx264", 40, 30, Fraction(12), varied_shots([("moving", 1.0)])), src / "tiny.mp4")
     cfg = load_config(None, ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64"])
     processor = SourceProcessor(IngestSettings.from_config(cfg))

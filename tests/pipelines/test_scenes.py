@@ -9,7 +9,7 @@ from scenedetect import AdaptiveDetector, ContentDetector, ThresholdDetector
 
 from pipelines.config import ScenesConfig
 from pipelines.decode import FrameConverter, FrameGeometry, iter_frames
-from pipelines.footage import standard_specs, write_video
+from infra.footage import write_video
 from pipelines.probe import probe_source
 from pipelines.scenes import CutTracker, cut_times, detector_threshold, scene_spans
 
@@ -27,10 +27,8 @@ HARD_CUT_FILES = (
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scenes")
-    specs = {spec.name: spec for spec in standard_specs()}
-    return {name: write_video(specs[name], out / specs[name].filename) for name in HARD_CUT_FILES}
+def videos(standard_footage):
+    return {name: standard_footage[name] for name in HARD_CUT_FILES}
 
 
 def _detect_frames(path) -> tuple[float, list]:
@@ -112,7 +110,7 @@ def test_cuts_closer_than_min_scene_seconds_are_all_kept_and_no_clip_spans_one(t
     """Real footage (a concatenation whose first source ends in a 0.3 s shot) had a kept clip that
     started with the old shot: PySceneDetect's min_scene_len merged the second of two close cuts away."""
     from pipelines.config import ClipsConfig, FiltersConfig
-    from pipelines.footage import FootageSpec, varied_shots
+    from infra.footage import FootageSpec, varied_shots
     from pipelines.process import IngestSettings, SourceProcessor
 
     spec = FootageSpec("quick_cut_h264_320x240_25fps", "mp4", "libx264", 320, 240, 25,

@@ -15,7 +15,7 @@ import pytest
 import webdataset
 
 from pipelines.discover import discover_sources
-from pipelines.footage import FootageSpec, varied_shots, write_video
+from infra.footage import FootageSpec, varied_shots, write_video
 from pipelines.probe import probe_source
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.shards import (

@@ -174,7 +174,7 @@ def test_reads_real_ingest_output(ray_local, tmp_path):
     """The contract end to end: `reelforge ingest` output (not our fixture writer) streams into batches."""
     from fractions import Fraction
 
-    from pipelines.footage import FootageSpec, varied_shots, write_video
+    from infra.footage import FootageSpec, varied_shots, write_video
     from pipelines.ingest import main as ingest
 
     src = tmp_path / "src"

@@ -18,8 +18,8 @@ import av
 import numpy as np
 import pytest
 
-from pipelines import footage
-from pipelines.footage import COLORS, FootageSpec, GeneratedVideo, Shot
+from infra import demo_footage, footage
+from infra.footage import COLORS, FootageSpec, GeneratedVideo, Shot
 
 STANDARD_NAMES = [spec.name for spec in footage.standard_specs()]
 # Mean absolute RGB difference between consecutive frames that marks a cut. Inside a shot only
@@ -58,13 +58,13 @@ def frame_diffs(frames: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def standard(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GeneratedVideo]:
-    return {video.spec.name: video for video in footage.standard_suite(tmp_path_factory.mktemp("standard"))}
+def standard(standard_footage: dict[str, GeneratedVideo]) -> dict[str, GeneratedVideo]:
+    return standard_footage
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return footage.bad_files(tmp_path_factory.mktemp("bad"))
+def bad(bad_footage: dict[str, Path]) -> dict[str, Path]:
+    return bad_footage
 
 
 @pytest.mark.parametrize("name", STANDARD_NAMES)
@@ -224,8 +224,8 @@ def test_each_bad_copy_fails_to_decode_or_has_no_video_frames(bad: dict[str, Pat
     assert _video_frames_or_error(bad["zero_frames"]) == 0  # ... that holds no frames
 
 
-def test_damaged_files_open_then_end_early(tmp_path: Path) -> None:
-    damaged = footage.damaged_files(tmp_path)
+def test_damaged_files_open_then_end_early(damaged_footage: dict[str, Path], tmp_path: Path) -> None:
+    damaged = damaged_footage
     intact = footage.DAMAGED_SOURCE
     with av.open(str(damaged["cut_data"])) as container:
         assert container.streams.video[0].frames == 50  # the index (moov, first) survived the cut
@@ -267,7 +267,7 @@ def test_sidecars_hold_the_shot_captions(standard: dict[str, GeneratedVideo]) ->
 
 
 def test_main_writes_demo_suite_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert footage.main([str(tmp_path / "demo"), "--suite", "demo"]) == 0
+    assert demo_footage.main([str(tmp_path / "demo"), "--suite", "demo"]) == 0
     truth = json.loads((tmp_path / "demo" / "truth.json").read_text())
     assert len(truth["videos"]) == len(footage.demo_specs()) >= 3
     for entry in truth["videos"]:
@@ -283,7 +283,7 @@ def test_main_writes_demo_suite_and_truth(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_main_writes_bad_files_into_truth(tmp_path: Path) -> None:
-    assert footage.main([str(tmp_path), "--suite", "bad"]) == 0
+    assert demo_footage.main([str(tmp_path), "--suite", "bad"]) == 0
     truth = json.loads((tmp_path / "truth.json").read_text())
     assert truth["videos"] == []
     assert set(truth["bad"]) == {"empty", "truncated", "not_video", "audio_only", "zero_frames"}
