@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m infra.demo
+	$(BIN)/python -m infra demo
 
 bench: setup
 	set -e; for script in benchmarks/*.py; do $(BIN)/python $$script; done
