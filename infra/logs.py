@@ -41,5 +41,7 @@ def setup_logging(rank: int = 0) -> None:
 
 def worker_logging_hook() -> Callable[[], None]:
     """A zero-argument callable that sets up a Ray worker process's logging like the driver's."""
-    # basicConfig writes to the worker's own stderr, which Ray forwards to the driver.
-    return functools.partial(logging.basicConfig, level=log_level(), format=FORMAT, datefmt=DATE_FORMAT)
+    # basicConfig writes to the worker's own stderr, which Ray forwards to the driver. Ray names a
+    # setup hook by its __name__, which a partial lacks: update_wrapper gives it basicConfig's.
+    hook = functools.partial(logging.basicConfig, level=log_level(), format=FORMAT, datefmt=DATE_FORMAT)
+    return functools.update_wrapper(hook, logging.basicConfig)
