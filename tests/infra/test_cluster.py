@@ -1,0 +1,44 @@
+"""infra/cluster.py and infra/logs.py on a real local Ray: without RAY_ADDRESS a command starts a
+Ray of its own, and its workers log like the driver without importing any module of ours."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = """
+import json, logging, sys
+from infra.cluster import start_ray
+from infra.logs import setup_logging
+
+setup_logging()
+start_ray(num_cpus=1)
+import ray
+
+@ray.remote
+def work():
+    logging.getLogger("pipelines.probe").info("an info line from a worker")
+    logging.getLogger("pipelines.probe").debug("a debug line from a worker")
+    ours = sorted(m for m in sys.modules if m.split(".")[0] in ("infra", "pipelines", "training", "model"))
+    return ours
+
+print(json.dumps({"worker_modules": ray.get(work.remote())}))
+"""
+
+
+def test_workers_log_like_the_driver_and_import_nothing_of_ours():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["worker_modules"] == []
+    # the worker's line, in infra/logs.py's format, forwarded to the driver; DEBUG stays below the level
+    lines = [line for line in done.stderr.splitlines() if "an info line from a worker" in line]
+    assert len(lines) == 1 and " INFO pipelines.probe: an info line from a worker" in lines[0], done.stderr[-3000:]
+    assert "a debug line from a worker" not in done.stderr
+    assert "Ray ready in" in done.stderr and "(local instance)" in done.stderr
