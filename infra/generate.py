@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from infra.logs import setup_logging
+from model.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _generate(args)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from model.bundle import load_bundle
-    from model.pipeline import GenerationRequest, VideoPipeline
+    from model.pipeline import GenerationRequest, load_pipeline
     from model.video_io import write_mp4
 
     out = Path(args.out)
@@ -116,11 +116,10 @@ def _generate(args: argparse.Namespace) -> int:
         num_frames=args.frames, seconds=args.seconds, width=width, height=height, steps=args.steps,
         guidance=args.guidance, seed=args.seed, strength=args.strength, overlap_frames=args.overlap,
     )  # fmt: skip
-    bundle_dir = resolve_model_path(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipeline = VideoPipeline(load_bundle(bundle_dir, device=device, dtype=dtype))
-    pipeline.check_request(request)  # before decoding any input: bad values fail in a second
+    pipeline = load_pipeline(
+        resolve_model_path(args.model), device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
+    # generate() checks the whole request before it reads any input: bad values fail in a second.
     video = pipeline.generate(request)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(video.frames, video.fps, out)

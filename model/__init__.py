@@ -8,9 +8,13 @@ needs only torch):
     conditioning     which latent frames are held clean, per generation mode
     autoencoders     pixels <-> latents: "pixel" (lossless), "wan:", "cogvideox:", "kl:" (diffusers)
     text_encoders    prompts -> token embeddings: "minilm" (offline), "t5:", "clip:" (transformers)
-    bundle           the inference bundle (model_config.json + weights.safetensors)
+    bundle           the inference bundle (model_config.json + weights.safetensors) and its
+                     typed config (BundleConfig, GenerationDefaults)
     pipeline         VideoPipeline: text / image / extend / connect / edit, any length
     video_io         video and image files <-> uint8 frames <-> model tensors
-    generate         the `reelforge generate` command
+    storage          URI -> pyarrow filesystem, sha256 of files and folders, config hashes
+    errors           an exception as one line
     pyfunc           the registered MLflow model (the one module here that imports mlflow)
+
+The `reelforge generate` command that drives VideoPipeline is infra/generate.py.
 """

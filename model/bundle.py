@@ -11,6 +11,10 @@ A bundle is a directory:
 The autoencoder and text encoder are referenced by spec ("pixel", "minilm", "wan:/data/vae",
 "t5:/data/t5"), not copied: the registered MLflow model carries their folders as separate
 artifacts and rewrites the specs at load time (see model/pyfunc.py).
+
+model_config.json is read once, into a `BundleConfig`: its fields (and `GenerationDefaults`) own
+every default, so no reader fetches a key with a default of its own. The file format is unchanged
+(format "reelforge-bundle", version 1); keys it does not know are carried through a rewrite as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +43,153 @@ WEIGHTS_FILE = "weights.safetensors"
 BUNDLE_FORMAT = "reelforge-bundle"
 BUNDLE_FORMAT_VERSION = 1
 
-# Sampling defaults a request may leave out. 30 Euler steps is where rectified-flow video models
-# (SD3, Wan) stop gaining visibly; guidance 5 is Wan 2.1's default.
-DEFAULT_GENERATION = {"steps": 30, "guidance": 5.0}
-# Generation settings a bundle may record without a default: "shift" is the timestep shift the model
-# was trained with (training's `train.timestep_shift`); absent, sampling uses the resolution default,
-# which is what training used then too.
-OPTIONAL_GENERATION = ("shift",)
-
 # Prefixes that wrappers add to parameter names: torch.compile (`_orig_mod.`), DDP/DeepSpeed
 # (`module.`), activation checkpointing (`_checkpoint_wrapped_module.`). Stripped so a state dict
 # gathered from a wrapped training model loads into the plain DiT.
 _WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling settings a request may leave out; training records the ones its run calls for."""
+
+    # 30 Euler steps is where rectified-flow video models (SD3, Wan) stop gaining visibly.
+    steps: int = 30
+    # Wan 2.1's default. Training records 1.0 when it never dropped captions: without a learned null
+    # text, guidance would extrapolate towards an unconditional prediction the model does not have.
+    guidance: float = 5.0
+    # The timestep shift the model was trained with (training's `train.timestep_shift`). None: the
+    # resolution default, which is what training used then too. Left out of the file when None, as
+    # bundles written before it existed have no such key.
+    shift: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"generation steps {self.steps!r} must be an integer >= 1")
+        if not _is_number(self.guidance) or self.guidance < 0:
+            raise ValueError(f"generation guidance {self.guidance!r} must be a number >= 0")
+        if self.shift is not None and not (_is_number(self.shift) and self.shift > 0):
+            raise ValueError(f"generation shift {self.shift!r} must be a number > 0")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GenerationDefaults:
+        """The defaults with `values` (a "generation" entry) applied; unknown keys are refused."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(values) - set(allowed)
+        if unknown:
+            raise ValueError(f"unknown generation defaults {sorted(unknown)}; allowed {sorted(allowed)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        if self.shift is None:
+            del values["shift"]
+        return values
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """model_config.json, read once: what to build, the clip format it was trained on, and how to sample."""
+
+    dit: DiTConfig
+    autoencoder: str  # spec: "pixel", "wan:/data/vae", ... (model/autoencoders.py)
+    text_encoder: str  # spec: "minilm", "t5:/data/t5", ... (model/text_encoders.py)
+    text_max_length: int  # prompt tokens kept: at most the DiT's text table (max_text_tokens)
+    fps: float  # the trained clip format: the defaults of a request, the length of one window
+    num_frames: int
+    width: int
+    height: int
+    weights_dtype: str  # of weights.safetensors ("float32", "bfloat16"); loading may cast
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    reelforge_version: str = "unknown"
+    format_version: int = BUNDLE_FORMAT_VERSION
+    # Keys other writers add (training: config_hash, ema_decay, run id), kept verbatim so that
+    # rewriting the file (relocate_bundle in model/pyfunc.py) loses none of them.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = (self.num_frames, self.width, self.height)
+        if not _is_number(self.fps) or self.fps <= 0 or not all(isinstance(n, int) and n >= 1 for n in sizes):
+            raise ValueError(
+                f"bad clip format fps={self.fps} num_frames={self.num_frames} size={self.width}x{self.height}"
+            )
+        clash = sorted(set(self.extra) & BUNDLE_KEYS)
+        if clash:
+            raise ValueError(f"extra key {clash[0]!r} would overwrite a bundle field")
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> BundleConfig:
+        """Parse a model_config.json object; ValueError starting with `where` (the file) otherwise."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        version = raw.get("format_version", BUNDLE_FORMAT_VERSION)
+        if raw.get("format") != BUNDLE_FORMAT or not isinstance(version, int) or version > BUNDLE_FORMAT_VERSION:
+            raise ValueError(
+                f"{where} is not a {BUNDLE_FORMAT} v<={BUNDLE_FORMAT_VERSION} config "
+                f"(format={raw.get('format')!r}, version={raw.get('format_version')!r})"
+            )
+        missing = [name for name in _REQUIRED_KEYS if name not in raw]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        try:
+            return cls(
+                dit=DiTConfig(**raw["dit"]),
+                autoencoder=str(raw["autoencoder"]),
+                text_encoder=str(raw["text_encoder"]),
+                text_max_length=raw["text_max_length"],
+                fps=raw["fps"],
+                num_frames=raw["num_frames"],
+                width=raw["width"],
+                height=raw["height"],
+                weights_dtype=str(raw["weights_dtype"]),
+                generation=GenerationDefaults.from_dict(raw.get("generation", {})),
+                reelforge_version=str(raw.get("reelforge_version", "unknown")),
+                format_version=version,
+                extra={key: value for key, value in raw.items() if key not in BUNDLE_KEYS},
+            )
+        except (TypeError, ValueError) as exc:  # TypeError: DiTConfig got a field it does not have
+            raise ValueError(f"{where}: {exc}") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        """The model_config.json object, in the order save_bundle has always written it."""
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": self.format_version,
+            "reelforge_version": self.reelforge_version,
+            "dit": dataclasses.asdict(self.dit),
+            "autoencoder": self.autoencoder,
+            "text_encoder": self.text_encoder,
+            "text_max_length": self.text_max_length,
+            "fps": self.fps,
+            "num_frames": self.num_frames,
+            "width": self.width,
+            "height": self.height,
+            "weights_dtype": self.weights_dtype,
+            "generation": self.generation.to_dict(),
+            **self.extra,
+        }
+
+
+# The keys model_config.json holds for BundleConfig's own fields; anything else is `extra`.
+BUNDLE_KEYS = frozenset({"format"} | {f.name for f in dataclasses.fields(BundleConfig)} - {"extra"})
+_REQUIRED_KEYS = [
+    f.name
+    for f in dataclasses.fields(BundleConfig)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
+
+
 @dataclass
 class Bundle:
     dit: DiT
-    config: dict[str, Any]  # the parsed model_config.json
+    config: BundleConfig
     autoencoder: Autoencoder
     text_encoder: TextEncoder
     path: Path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reelforge_version() -> str:
@@ -136,56 +266,37 @@ def save_bundle(
     source = state_dict if state_dict is not None else model
     weights = _clean_state_dict(source.state_dict() if isinstance(source, nn.Module) else source)
     _check_state_dict(weights, dit_cfg)
-    if fps <= 0 or num_frames < 1 or width < 1 or height < 1:
-        raise ValueError(f"bad clip format fps={fps} num_frames={num_frames} size={width}x{height}")
-
     ae_spec = _spec_of(autoencoder, "autoencoder")
     text_spec = _spec_of(text_encoder, "text_encoder")
     kind, _ = parse_text_encoder_spec(text_spec)
     # Prompts longer than the DiT's text table cannot be attended to; the text encoder is told so at load.
     text_max_length = min(getattr(text_encoder, "max_length", DEFAULT_MAX_LENGTH[kind]), dit_cfg.max_text_tokens)
-    config: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "reelforge_version": _reelforge_version(),
-        "dit": dataclasses.asdict(dit_cfg),
-        "autoencoder": ae_spec,
-        "text_encoder": text_spec,
-        "text_max_length": text_max_length,
-        "fps": float(fps),
-        "num_frames": int(num_frames),
-        "width": int(width),
-        "height": int(height),
-        "weights_dtype": str(next(iter(weights.values())).dtype).removeprefix("torch."),
-        "generation": dict(DEFAULT_GENERATION),
-    }
-    for key, value in (extra or {}).items():
-        if key == "generation":
-            allowed = {*DEFAULT_GENERATION, *OPTIONAL_GENERATION}
-            unknown = set(value) - allowed
-            if unknown:
-                raise ValueError(f"unknown generation defaults {sorted(unknown)}; allowed {sorted(allowed)}")
-            shift = value.get("shift")
-            if shift is not None and not (isinstance(shift, (int, float)) and shift > 0):
-                raise ValueError(f"generation shift {shift!r} must be a number > 0")
-            config["generation"].update(value)
-        elif key in config:
-            raise ValueError(f"extra key {key!r} would overwrite a bundle field")
-        else:
-            config[key] = value
+    extra = dict(extra or {})
+    config = BundleConfig(
+        dit=dit_cfg,
+        autoencoder=ae_spec,
+        text_encoder=text_spec,
+        text_max_length=text_max_length,
+        fps=float(fps),
+        num_frames=int(num_frames),
+        width=int(width),
+        height=int(height),
+        weights_dtype=str(next(iter(weights.values())).dtype).removeprefix("torch."),
+        generation=GenerationDefaults.from_dict(extra.pop("generation", {})),
+        reelforge_version=_reelforge_version(),
+        extra=extra,
+    )
 
     from safetensors.torch import save_file
 
     bundle_dir = Path(bundle_dir)
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    # Write to temporary names and rename, config last: a reader never sees a half-written bundle.
+    # Weights first, config last (both renamed into place): a reader never sees a half-written bundle.
     tmp_weights = bundle_dir / (WEIGHTS_FILE + ".tmp")
     save_file(weights, tmp_weights, metadata={"format": "pt"})
     os.replace(tmp_weights, bundle_dir / WEIGHTS_FILE)
-    tmp_config = bundle_dir / (CONFIG_FILE + ".tmp")
-    tmp_config.write_text(json.dumps(config, indent=2, default=str))
-    os.replace(tmp_config, bundle_dir / CONFIG_FILE)
-    logger.info("saved bundle %s (%d tensors, %s)", bundle_dir, len(weights), config["weights_dtype"])
+    write_bundle_config(bundle_dir, config)
+    logger.info("saved bundle %s (%d tensors, %s)", bundle_dir, len(weights), config.weights_dtype)
     return bundle_dir
 
 
@@ -196,22 +307,26 @@ def bundle_sha256(bundle_dir: str | Path) -> str:
     return folder_sha256(bundle_dir)
 
 
-def read_bundle_config(bundle_dir: str | Path) -> dict[str, Any]:
-    """model_config.json of a bundle, checked for format; ValueError naming the folder otherwise."""
+def read_bundle_config(bundle_dir: str | Path) -> BundleConfig:
+    """model_config.json of a bundle, parsed and checked; ValueError naming the file otherwise."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"not an inference bundle (no {CONFIG_FILE}): {str(bundle_dir)!r}")
     try:
-        config = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"corrupt {CONFIG_FILE} in {str(bundle_dir)!r}: {exc}") from exc
-    if config.get("format") != BUNDLE_FORMAT or config.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
-        raise ValueError(
-            f"{str(path)!r} is not a {BUNDLE_FORMAT} v<={BUNDLE_FORMAT_VERSION} config "
-            f"(format={config.get('format')!r}, version={config.get('format_version')!r})"
-        )
-    return config
+    return BundleConfig.from_json(raw, where=repr(str(path)))
+
+
+def write_bundle_config(bundle_dir: str | Path, config: BundleConfig) -> Path:
+    """Write model_config.json under a temporary name and rename it: the config marks a bundle complete."""
+    path = Path(bundle_dir) / CONFIG_FILE
+    tmp = path.with_name(CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config.to_json(), indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def load_bundle(
@@ -225,7 +340,7 @@ def load_bundle(
     weights_path = bundle_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ValueError(f"bundle {str(bundle_dir)!r} has no {WEIGHTS_FILE}")
-    dit_cfg = DiTConfig(**config["dit"])
+    dit_cfg = config.dit
 
     from safetensors.torch import load_file
 
@@ -239,16 +354,16 @@ def load_bundle(
     dit.load_state_dict(weights, assign=True)
     dit.eval().requires_grad_(False)
 
-    autoencoder = load_autoencoder(config["autoencoder"], device=device, dtype=dtype or torch.float32)
-    text_encoder = load_text_encoder(config["text_encoder"], device=device, max_length=config["text_max_length"])
+    autoencoder = load_autoencoder(config.autoencoder, device=device, dtype=dtype or torch.float32)
+    text_encoder = load_text_encoder(config.text_encoder, device=device, max_length=config.text_max_length)
     if autoencoder.latent_channels != dit_cfg.in_channels:
         raise ValueError(
-            f"bundle {str(bundle_dir)!r}: autoencoder {config['autoencoder']!r} has {autoencoder.latent_channels} "
+            f"bundle {str(bundle_dir)!r}: autoencoder {config.autoencoder!r} has {autoencoder.latent_channels} "
             f"latent channels, the DiT expects {dit_cfg.in_channels}"
         )
     if text_encoder.dim != dit_cfg.text_dim:
         raise ValueError(
-            f"bundle {str(bundle_dir)!r}: text encoder {config['text_encoder']!r} has width {text_encoder.dim}, "
+            f"bundle {str(bundle_dir)!r}: text encoder {config.text_encoder!r} has width {text_encoder.dim}, "
             f"the DiT expects {dit_cfg.text_dim}"
         )
     logger.info("loaded bundle %s on %s", bundle_dir, device)

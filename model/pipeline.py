@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from model.autoencoders import min_valid_frames
-from model.bundle import Bundle
+from model.bundle import Bundle, load_bundle
 from model.conditioning import MODES, spec_for_mode
 from model.rectified_flow import sample
 from model.video_io import from_model, read_image, read_video, to_model
@@ -144,12 +144,10 @@ class VideoPipeline:
         self.autoencoder = bundle.autoencoder
         self.text_encoder = bundle.text_encoder
         config = bundle.config
-        self.fps = float(config["fps"])
-        self.window_frames = int(config["num_frames"])
-        self.default_size = (int(config["width"]), int(config["height"]))
-        self.defaults = config.get("generation", {})
-        # The timestep shift training used; None (older bundles, default training) = the resolution default.
-        self.shift: float | None = self.defaults.get("shift")
+        self.fps = config.fps
+        self.window_frames = config.num_frames
+        self.default_size = (config.width, config.height)
+        self.generation = config.generation  # steps, guidance and the timestep shift training used
         param = next(self.dit.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.patch_size = tuple(self.dit.config.patch_size)
@@ -189,8 +187,8 @@ class VideoPipeline:
         k = self._overlap_latent_frames(request, default=max(1, window // 4))
         self._check_mode_fits(mode, num_frames, num_latent, k)
 
-        steps = request.steps if request.steps is not None else int(self.defaults.get("steps", 30))
-        guidance = request.guidance if request.guidance is not None else float(self.defaults.get("guidance", 5.0))
+        steps = request.steps if request.steps is not None else self.generation.steps
+        guidance = request.guidance if request.guidance is not None else self.generation.guidance
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps {steps!r} must be an integer in [1, {MAX_STEPS}]")
         if not guidance >= 0:
@@ -361,7 +359,7 @@ class VideoPipeline:
                     text_mask,
                     steps=plan.steps,
                     guidance=plan.guidance,
-                    shift=self.shift,
+                    shift=self.generation.shift,
                     cond_latents=latents[:, :, start:end] if held else None,
                     cond_mask=window_mask if held else None,
                     start_t=spec.start_t,
@@ -402,3 +400,13 @@ class VideoPipeline:
             case "connect":
                 return [(0, held), (F - held, F)]
         return []
+
+
+def load_pipeline(
+    bundle_dir: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> VideoPipeline:
+    """A VideoPipeline over the bundle in `bundle_dir`: what the generate command and the pyfunc
+    build. `device` defaults to cuda when there is one; `dtype` to the dtype the weights were saved in."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return VideoPipeline(load_bundle(bundle_dir, device=device, dtype=dtype))

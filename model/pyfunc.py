@@ -19,7 +19,7 @@ per video: base64 MP4 plus what was generated (frames, fps, size, the seed used,
 from __future__ import annotations
 
 import base64
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -34,7 +34,7 @@ import pandas as pd
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from model.bundle import CONFIG_FILE, read_bundle_config
+from model.bundle import CONFIG_FILE, read_bundle_config, write_bundle_config
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,10 @@ def model_signature() -> ModelSignature:
 def input_example(bundle_dir: str | Path) -> pd.DataFrame:
     """One cheap text-to-video request at the bundle's trained size (2 steps, fixed seed)."""
     config = read_bundle_config(bundle_dir)
-    row = {"prompt": "a red fox running through fresh snow, morning light", "mode": "text", "steps": 2, "seed": 0}
-    for key in ("num_frames", "width", "height"):
-        if isinstance(config.get(key), int):
-            row[key] = config[key]
+    row = {
+        "prompt": "a red fox running through fresh snow, morning light", "mode": "text", "steps": 2, "seed": 0,
+        "num_frames": config.num_frames, "width": config.width, "height": config.height,
+    }  # fmt: skip
     return pd.DataFrame([row])
 
 
@@ -133,8 +133,8 @@ def component_artifacts(bundle_dir: str | Path) -> dict[str, str]:
     """Artifacts a logged model needs: the bundle, and the AE / text encoder folders it points at."""
     config = read_bundle_config(bundle_dir)
     artifacts = {BUNDLE_ARTIFACT: str(Path(bundle_dir).resolve())}
-    for key, artifact in (("autoencoder", AUTOENCODER_ARTIFACT), ("text_encoder", TEXT_ENCODER_ARTIFACT)):
-        folder = local_component_dir(str(config.get(key, "")))
+    for spec, artifact in ((config.autoencoder, AUTOENCODER_ARTIFACT), (config.text_encoder, TEXT_ENCODER_ARTIFACT)):
+        folder = local_component_dir(spec)
         if folder is not None:
             artifacts[artifact] = str(folder)
     return artifacts
@@ -147,15 +147,16 @@ def relocate_bundle(bundle_dir: str | Path, artifacts: dict[str, str], dest: str
     the model's artifacts. Only model_config.json is rewritten; weights are symlinked, not copied."""
     bundle_dir, dest = Path(bundle_dir), Path(dest)
     config = read_bundle_config(bundle_dir)
+    specs = {"autoencoder": config.autoencoder, "text_encoder": config.text_encoder}
     for key, artifact in (("autoencoder", AUTOENCODER_ARTIFACT), ("text_encoder", TEXT_ENCODER_ARTIFACT)):
         if artifact in artifacts:
-            kind = str(config[key]).partition(":")[0]
-            config[key] = f"{kind}:{Path(artifacts[artifact]).resolve()}"
+            kind = specs[key].partition(":")[0]
+            specs[key] = f"{kind}:{Path(artifacts[artifact]).resolve()}"
     dest.mkdir(parents=True, exist_ok=True)
     for item in bundle_dir.iterdir():
         if item.name != CONFIG_FILE and not (dest / item.name).exists():
             (dest / item.name).symlink_to(item.resolve())
-    (dest / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_bundle_config(dest, dataclasses.replace(config, **specs))
     return dest
 
 
@@ -163,19 +164,20 @@ class VideoGenerationModel(mlflow.pyfunc.PythonModel):
     """Text/image/video-to-video generation as an MLflow pyfunc over a table of requests."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        import torch
+        from model.pipeline import load_pipeline
 
-        from model.bundle import load_bundle
-        from model.pipeline import VideoPipeline
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         artifacts = dict(context.artifacts)
         with tempfile.TemporaryDirectory(prefix="reelforge-bundle-") as tmp:
-            # weights are read into memory by load_bundle, so the relocated copy can go afterwards
+            # weights are read into memory when the bundle loads, so the relocated copy can go afterwards
             bundle_dir = relocate_bundle(artifacts[BUNDLE_ARTIFACT], artifacts, tmp)
-            self.bundle = load_bundle(bundle_dir, device=device)
-        self.pipeline = VideoPipeline(self.bundle)
-        logger.info("loaded reelforge bundle on %s from %s", device, artifacts[BUNDLE_ARTIFACT])
+            self.pipeline = load_pipeline(bundle_dir)
+        self.bundle = self.pipeline.bundle
+        config = self.bundle.config
+        logger.info(
+            "loaded reelforge bundle from %s on %s: %d frames %dx%d at %g fps, %d steps, guidance %g by default",
+            artifacts[BUNDLE_ARTIFACT], self.pipeline.device, config.num_frames, config.width, config.height,
+            config.fps, config.generation.steps, config.generation.guidance,
+        )  # fmt: skip
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None

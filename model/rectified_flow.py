@@ -147,6 +147,29 @@ def sampling_timesteps(steps: int, shift: float, start_t: float = 1.0) -> list[f
     return ts
 
 
+def _check_sample_inputs(
+    noise: torch.Tensor,
+    guidance: float,
+    cond_latents: torch.Tensor | None,
+    cond_mask: torch.Tensor | None,
+    start_t: float,
+    init_latents: torch.Tensor | None,
+) -> None:
+    """Shapes and ranges `sample` needs, checked before the first (expensive) model call."""
+    B, _, T, _, _ = noise.shape
+    if (cond_latents is None) != (cond_mask is None):
+        raise ValueError("cond_latents and cond_mask must be given together")
+    if cond_latents is not None and (cond_latents.shape != noise.shape or tuple(cond_mask.shape) != (B, T)):
+        raise ValueError(
+            f"cond_latents {tuple(cond_latents.shape)} / cond_mask {tuple(cond_mask.shape)} must be "
+            f"{tuple(noise.shape)} / ({B}, {T})"
+        )
+    if start_t < 1.0 and (init_latents is None or init_latents.shape != noise.shape):
+        raise ValueError(f"start_t={start_t} < 1 needs init_latents of shape {tuple(noise.shape)}")
+    if guidance < 0:
+        raise ValueError(f"guidance={guidance} must be >= 0")
+
+
 @torch.no_grad()
 def sample(
     model: Callable[..., torch.Tensor],
@@ -176,17 +199,7 @@ def sample(
     progress: True for a tqdm bar, or a callable(step, steps) called after each step.
     """
     B, C, T, H, W = noise.shape
-    if (cond_latents is None) != (cond_mask is None):
-        raise ValueError("cond_latents and cond_mask must be given together")
-    if cond_latents is not None and (cond_latents.shape != noise.shape or tuple(cond_mask.shape) != (B, T)):
-        raise ValueError(
-            f"cond_latents {tuple(cond_latents.shape)} / cond_mask {tuple(cond_mask.shape)} must be "
-            f"{tuple(noise.shape)} / ({B}, {T})"
-        )
-    if start_t < 1.0 and (init_latents is None or init_latents.shape != noise.shape):
-        raise ValueError(f"start_t={start_t} < 1 needs init_latents of shape {tuple(noise.shape)}")
-    if guidance < 0:
-        raise ValueError(f"guidance={guidance} must be >= 0")
+    _check_sample_inputs(noise, guidance, cond_latents, cond_mask, start_t, init_latents)
     if shift is None:
         shift = timestep_shift(T * H * W)
     if start_t == 0.0:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.autoencoders import load_autoencoder
-from model.bundle import load_bundle, read_bundle_config, save_bundle
+from model.bundle import GenerationDefaults, load_bundle, read_bundle_config, save_bundle
 from model.dit import DiT, dit_config
 
 
@@ -66,7 +66,7 @@ def test_state_dict_from_wrapped_model_and_keyword(tmp_path):
                for k, v in model.state_dict().items()}
     save_bundle(tmp_path / "b", None, cfg, state_dict=wrapped, autoencoder="pixel", text_encoder="minilm",
                 fps=8, num_frames=4, width=16, height=16)
-    assert read_bundle_config(tmp_path / "b")["weights_dtype"] == "float32"
+    assert read_bundle_config(tmp_path / "b").weights_dtype == "float32"
     assert load_bundle(tmp_path / "b").dit.config == cfg
 
 
@@ -89,6 +89,45 @@ def test_bad_bundles_fail_with_the_reason(tmp_path):
     save_bundle(tmp_path / "mismatch", model, cfg, **{**common, "autoencoder": "pixel:s=2"})
     with pytest.raises(ValueError, match="has 12 latent channels, the DiT expects 48"):
         load_bundle(tmp_path / "mismatch")
+
+
+def test_config_is_read_once_into_typed_fields(tmp_path):
+    cfg = _tiny_cfg()
+    extra = {"config_hash": "0123456789abcdef", "ema_decay": 0.999, "generation": {"guidance": 1.0, "shift": None}}
+    save_bundle(tmp_path / "b", DiT(cfg), cfg, autoencoder="pixel", text_encoder="minilm",
+                fps=8, num_frames=4, width=16, height=24, extra=extra)  # fmt: skip
+    config = read_bundle_config(tmp_path / "b")
+    assert config.dit == cfg and (config.fps, config.num_frames, config.width, config.height) == (8.0, 4, 16, 24)
+    assert config.generation == GenerationDefaults(steps=30, guidance=1.0, shift=None)
+    assert config.extra == {"config_hash": "0123456789abcdef", "ema_decay": 0.999}
+    # No shift recorded means the resolution default, so the file says nothing, as bundles before shift did.
+    assert "shift" not in json.loads((tmp_path / "b" / "model_config.json").read_text())["generation"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format": "something-else"}, "is not a reelforge-bundle v<=1 config"),
+        ({"format_version": 2}, "is not a reelforge-bundle v<=1 config"),
+        ({"generation": {"steps": 4, "temperature": 0.7}}, "unknown generation defaults \\['temperature'\\]"),
+        ({"generation": {"shift": 0}}, "generation shift 0 must be a number > 0"),
+        ({"generation": {"steps": 0}}, "generation steps 0 must be an integer >= 1"),
+        ({"fps": None}, "missing fps"),
+        ({"dit": {"in_channels": 48, "text_dim": 384, "layers": 2}}, "unexpected keyword argument 'layers'"),
+    ],
+)
+def test_bad_config_on_disk_fails_on_read_naming_the_value(tmp_path, change, message):
+    cfg = _tiny_cfg()
+    save_bundle(tmp_path / "b", DiT(cfg), cfg, autoencoder="pixel", text_encoder="minilm",
+                fps=8, num_frames=4, width=16, height=16)  # fmt: skip
+    path = tmp_path / "b" / "model_config.json"
+    raw = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({key: value for key, value in raw.items() if value is not None}))
+    with pytest.raises(ValueError, match=message) as exc:
+        read_bundle_config(tmp_path / "b")
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match=message):
+        load_bundle(tmp_path / "b")
 
 
 def test_inference_modules_import_without_heavy_dependencies():

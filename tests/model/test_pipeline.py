@@ -270,7 +270,7 @@ def test_bundle_recorded_shift_is_used_for_sampling(tmp_path):
     default = VideoPipeline(load_bundle(save_bundle(
         tmp_path / "default", model, cfg, **common, extra={"generation": {"steps": 3, "guidance": 1.0}}
     )))  # fmt: skip
-    assert shifted.shift == 16.0 and default.shift is None
+    assert shifted.generation.shift == 16.0 and default.generation.shift is None
     request = GenerationRequest(prompt="a red square", seed=5)
     out = shifted.generate(request).frames
 

@@ -91,6 +91,41 @@ def test_local_component_folders_become_artifacts_and_are_relocated(tmp_path):
     assert json.loads((bundle / "model_config.json").read_text())["autoencoder"] == f"kl:{vae}"  # source untouched
 
 
+def test_old_bundle_loads_and_round_trips_through_relocation(tmp_path):
+    """A bundle written before generation.shift existed, with keys only training knows about: it loads
+    with the defaults of its day, and relocating it rewrites the two specs and nothing else."""
+    from model.bundle import load_bundle
+    from model.pipeline import VideoPipeline
+
+    vae, t5 = tmp_path / "train-host" / "vae", tmp_path / "train-host" / "t5"
+    for folder in (vae, t5):
+        folder.mkdir(parents=True)
+    old_style = {"generation": {"steps": 25, "guidance": 4.5}, "reelforge_version": "0.1.0",
+                 "config_hash": "0123456789abcdef", "ema_decay": 0.9999, "mlflow_run_id": "abc", "step": 1200}  # fmt: skip
+    bundles = {}
+    for name, specs in (("plain", {}), ("local", {"autoencoder": f"kl:{vae}", "text_encoder": f"t5:{t5}"})):
+        bundles[name] = tiny_bundle(tmp_path / name, **specs)
+        path = bundles[name] / "model_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **old_style}, indent=2))
+
+    pipeline = VideoPipeline(load_bundle(bundles["plain"]))
+    assert (pipeline.generation.steps, pipeline.generation.guidance, pipeline.generation.shift) == (25, 4.5, None)
+    assert pipeline.bundle.config.extra == {"config_hash": "0123456789abcdef", "ema_decay": 0.9999,
+                                            "mlflow_run_id": "abc", "step": 1200}  # fmt: skip
+
+    for name, served in (
+        ("plain", {BUNDLE_ARTIFACT: str(bundles["plain"])}),
+        ("local", {BUNDLE_ARTIFACT: str(bundles["local"]), AUTOENCODER_ARTIFACT: str(tmp_path / "dl" / "vae"),
+                   TEXT_ENCODER_ARTIFACT: str(tmp_path / "dl" / "t5")}),
+    ):  # fmt: skip
+        before = json.loads((bundles[name] / "model_config.json").read_text())
+        after = json.loads((relocate_bundle(bundles[name], served, tmp_path / f"{name}-local") / "model_config.json").read_text())
+        if name == "local":
+            assert (after["autoencoder"], after["text_encoder"]) == (f"kl:{tmp_path / 'dl' / 'vae'}", f"t5:{tmp_path / 'dl' / 't5'}")
+            before |= {"autoencoder": after["autoencoder"], "text_encoder": after["text_encoder"]}
+        assert after == before and list(after) == list(before)
+
+
 def test_input_example_is_a_valid_cheap_request(tmp_path):
     example = input_example(tiny_bundle(tmp_path / "b"))
     row = example.iloc[0]
