@@ -70,7 +70,8 @@ def write_previews(video: Path, clip: bytes | None, fps: float, out_mp4: Path, o
     import numpy as np
     from PIL import Image
 
-    from model.video_io import read_video, write_mp4
+    from model.mp4 import write_mp4
+    from model.video_io import read_video
 
     frames = read_video(video)  # (T, H, W, 3) uint8
     num_frames, height, width, _ = frames.shape

@@ -105,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from model.pipeline import GenerationRequest, load_pipeline
-    from model.video_io import write_mp4
+    from model.mp4 import write_mp4
 
     out = Path(args.out)
     if out.suffix.lower() != ".mp4":

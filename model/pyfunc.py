@@ -182,7 +182,7 @@ class VideoGenerationModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from model.video_io import write_mp4
+        from model.mp4 import write_mp4
 
         if "prompt" not in model_input.columns:
             raise ValueError(f"request table needs a 'prompt' column, got columns {list(model_input.columns)}")

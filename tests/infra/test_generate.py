@@ -11,7 +11,8 @@ from infra.cli import main as reelforge
 from model.bundle import save_bundle
 from model.dit import DiT, dit_config
 from infra.generate import main, resolve_model_path
-from model.video_io import read_video, write_mp4
+from model.mp4 import write_mp4
+from model.video_io import read_video
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from PIL import Image
 from model.bundle import load_bundle, save_bundle
 from model.dit import DiT, dit_config
 from model.pipeline import GenerationRequest, VideoPipeline, plan_windows
-from model.video_io import read_image, read_video, write_mp4
+from model.mp4 import write_mp4
+from model.video_io import read_image, read_video
 
 FPS = 8
 WINDOW = 8  # trained clip length (frames) of the test bundle

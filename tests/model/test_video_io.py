@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.video_io import from_model, read_image, read_video, to_model, write_mp4
+from model.mp4 import write_mp4
+from model.video_io import from_model, read_image, read_video, to_model
 
 
 def _moving_square(num_frames: int, height: int = 32, width: int = 48) -> np.ndarray:
