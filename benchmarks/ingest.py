@@ -264,7 +264,7 @@ def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[fl
 def run_ingest(paths: list[Path], out: Path, workers: int, ray_address: str | None = None) -> tuple[float, PeakRss, dict]:
     """`reelforge ingest` in a subprocess: its own local Ray (cold), or the running one at `ray_address`."""
     sets = [arg for setting in INGEST_SETTINGS for arg in ("--set", setting)]
-    command = [sys.executable, "-m", "pipelines.ingest", *map(str, paths), "--out", str(out), *sets, "--workers", str(workers)]
+    command = [sys.executable, "-m", "infra", "ingest", *map(str, paths), "--out", str(out), *sets, "--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
     if ray_address:
         env |= {"RAY_ADDRESS": ray_address, "RAY_AUTH_MODE": "disabled"}  # as the head (running_ray)

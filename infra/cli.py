@@ -16,9 +16,9 @@ from infra import __version__
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("pipelines.ingest", "footage -> scene-split, filtered, captioned WebDataset shards"),
+    "ingest": ("infra.ingest", "footage -> scene-split, filtered, captioned WebDataset shards"),
     "recaption": ("infra.recaption", "shards -> caption sets written by vision-language models"),
-    "train": ("training.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed)"),
+    "train": ("training.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed, or torchrun)"),
     "register": ("training.registry", "register a finished MLflow run's model"),
     "promote": ("training.promote", "move a registry alias (e.g. candidate -> champion)"),
     "generate": ("infra.generate", "generate a video from a bundle or a registered model"),

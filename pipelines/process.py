@@ -28,8 +28,8 @@ imports Ray):
 How one source flows (each frame decoded once, converted by FFmpeg's swscale at most twice):
 
     decode ─┬─ detect frame (BGR, scenes.detect_width) ─▶ CutTracker ─── cut times ──┐
-            └─ clip frame (RGB, clips.size, rotated) for each clips.fps grid slot ─▶ pending
-    pending ─(settled: no later cut can reach it)─▶ ClipAssembler ─▶ ClipFrames
+            └─ clip frame (RGB, clips.size, rotated) for each clips.fps grid slot ─▶ SettlingSlots
+    SettlingSlots ─(settled: no later cut can reach it)─▶ ClipAssembler ─▶ ClipFrames
     ClipFrames ─▶ filters (scores, phash) ─▶ kept: encode MP4 + caption; rejected: reason
 """
 
@@ -156,37 +156,11 @@ class SourceProcessor:
     def _process(self, row: dict[str, Any], container: av.container.InputContainer) -> Iterator[dict[str, Any]]:
         clips_cfg = self.settings.clips
         source_fps = float(row["fps"])
-        rotation = normalize_rotation(row.get("rotation"))
-        geometry = FrameGeometry(
-            source_width=row["width"],
-            source_height=row["height"],
-            rotation=rotation,
-            clip_width=clips_cfg.width,
-            clip_height=clips_cfg.height,
-            detect_width=self.settings.scenes.detect_width,
-        )
+        geometry = self._geometry(row)
         converter = FrameConverter(geometry)
         tracker = CutTracker(self.settings.scenes, source_fps)
-        assembler = ClipAssembler(clips_cfg)
+        slots = SettlingSlots(ClipAssembler(clips_cfg), max_pending=2 * max_frames(clips_cfg) + tracker.lag_frames)
         context = {"row": row, "geometry": geometry}
-        out: list[dict[str, Any]] = []
-        # Grid slots waiting until no later cut can move them to another scene: (slot_s, source_s, rgb).
-        pending: deque[tuple[float, float, np.ndarray]] = deque()
-        # Beyond this the wait is cut short (only a ThresholdDetector fade-out longer than two clips
-        # gets here); bounded memory matters more than a cut inside a dark stretch.
-        max_pending = 2 * max_frames(clips_cfg) + tracker.lag_frames
-
-        def commit(before_s: float) -> None:
-            while pending and (pending[0][1] < before_s or len(pending) > max_pending):
-                slot_s, source_s, rgb = pending.popleft()
-                for clip in assembler.add(slot_s, source_s, rgb):
-                    out.append(self._clip_row(clip, context))
-
-        def close_scene(cut_s: float) -> None:
-            commit(cut_s)
-            for clip in assembler.cut(cut_s):
-                out.append(self._clip_row(clip, context))
-
         next_slot: int | None = None
         last_time_s = 0.0
         decoded = 0
@@ -206,42 +180,44 @@ class SourceProcessor:
             except (*_DECODE_ERRORS, ValueError) as exc:
                 # ValueError: swscale refusing a corrupt frame's size or format.
                 # Clips already finished stay; everything not yet in one becomes one reject row.
-                start_s = assembler.pending_start_s
                 reason = f"decoding stopped at {last_time_s:.1f} s by a decode error: {one_line(exc)}"
                 logger.warning("%s: %s", row["uri"], reason)
                 end_s = max(row.get("duration_s") or 0.0, last_time_s)
-                yield from out
-                yield self._source_reject(row, "decode", reason, start_s, end_s)
+                yield self._source_reject(row, "decode", reason, slots.assembler.pending_start_s, end_s)
                 return
             decoded += 1
             self.frames_decoded = decoded
             last_time_s = time_s
             cuts = tracker.push(time_s, detect_bgr)
             while rgb is not None and next_slot / clips_cfg.fps <= time_s + 1e-6:
-                pending.append((next_slot / clips_cfg.fps, time_s, rgb))
+                slots.push(next_slot / clips_cfg.fps, time_s, rgb)
                 next_slot += 1
-            for cut_s in cuts:
-                close_scene(cut_s)
-            commit(tracker.settled_before(time_s))
-            yield from out
-            out.clear()
+            finished = [clip for cut_s in cuts for clip in slots.cut(cut_s)]
+            finished += slots.settle(tracker.settled_before(time_s))
+            yield from (self._clip_row(clip, context) for clip in finished)
 
         if decoded == 0:
             yield self._source_reject(row, "decode", "zero decodable frames", 0.0, row.get("duration_s"))
             return
-        for cut_s in tracker.finish():
-            close_scene(cut_s)
         end_s = last_time_s + 1.0 / source_fps
-        commit(math.inf)
-        for clip in assembler.finish(end_s):
-            out.append(self._clip_row(clip, context))
+        finished = [clip for cut_s in tracker.finish() for clip in slots.cut(cut_s)] + slots.finish(end_s)
+        yield from (self._clip_row(clip, context) for clip in finished)
         expected_end_s = row.get("duration_s") or end_s
         if end_s < expected_end_s - TRUNCATION_TOLERANCE_S:
             # The demuxer gave up without an error (typical of truncated or overwritten data).
             reason = f"decoding stopped at {end_s:.1f} s of {expected_end_s:.1f} s (truncated or corrupt data)"
             logger.warning("%s: %s", row["uri"], reason)
-            out.append(self._source_reject(row, "decode", reason, end_s, expected_end_s))
-        yield from out
+            yield self._source_reject(row, "decode", reason, end_s, expected_end_s)
+
+    def _geometry(self, row: dict[str, Any]) -> FrameGeometry:
+        return FrameGeometry(
+            source_width=row["width"],
+            source_height=row["height"],
+            rotation=normalize_rotation(row.get("rotation")),
+            clip_width=self.settings.clips.width,
+            clip_height=self.settings.clips.height,
+            detect_width=self.settings.scenes.detect_width,
+        )
 
     # --- rows -----------------------------------------------------------------------------
 
@@ -316,3 +292,32 @@ class SourceProcessor:
         )
         return out
 
+
+class SettlingSlots:
+    """Clip-grid slots held back until no later cut can move them to another scene, then handed
+    to the ClipAssembler in time order. Each method returns the clips that completed."""
+
+    def __init__(self, assembler: ClipAssembler, max_pending: int) -> None:
+        self.assembler = assembler
+        # Beyond this the wait is cut short (only a ThresholdDetector fade-out longer than two clips
+        # gets here); bounded memory matters more than a cut inside a dark stretch.
+        self.max_pending = max_pending
+        self._pending: deque[tuple[float, float, np.ndarray]] = deque()  # (slot_s, source_s, rgb)
+
+    def push(self, slot_s: float, source_s: float, rgb: np.ndarray) -> None:
+        self._pending.append((slot_s, source_s, rgb))
+
+    def settle(self, before_s: float) -> list[ClipFrames]:
+        """Hand over the slots filled by frames before `before_s` (no cut can reach them any more)."""
+        clips = []
+        while self._pending and (self._pending[0][1] < before_s or len(self._pending) > self.max_pending):
+            clips += self.assembler.add(*self._pending.popleft())
+        return clips
+
+    def cut(self, cut_s: float) -> list[ClipFrames]:
+        """A scene ends at `cut_s`: everything before it is settled, and the scene is closed."""
+        return self.settle(cut_s) + self.assembler.cut(cut_s)
+
+    def finish(self, end_s: float) -> list[ClipFrames]:
+        """The source ended at `end_s`: every slot is settled, and the last scene is closed."""
+        return self.settle(math.inf) + self.assembler.finish(end_s)

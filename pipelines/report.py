@@ -7,7 +7,7 @@ annotate the page after load (how many thumbnails decoded), which the browser te
 Sections: totals; per filter, a histogram of `score_<filter>` over kept and rejected clips
 with the configured bounds drawn as red lines; counts per reject stage with example reasons;
 thumbnails of sampled kept clips and of rejected clips per stage (the bounded, stable sample
-kept in `_work/report-samples.parquet` by pipelines.shards).
+kept in `_work/report-samples.parquet` by pipelines.pack).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipelines.config import FiltersConfig
 from pipelines.filters import FILTERS
-from pipelines.shards import MANIFEST, REJECTS, REPORT, SAMPLES, OutputDir
+from pipelines.output import MANIFEST, REJECTS, REPORT, SAMPLES, OutputDir
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from model.video_io import write_mp4
+from model.mp4 import write_mp4
 from pipelines.probe import h264_encoder
 
 logger = logging.getLogger(__name__)

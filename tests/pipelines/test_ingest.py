@@ -1,4 +1,5 @@
-"""`reelforge ingest` end to end on a real local Ray with real generated footage and real bad files.
+"""`reelforge ingest` (infra/ingest.py, over pipelines.ingest.run_ingest) end to end on a real
+local Ray with real generated footage and real bad files.
 
 One clean run is shared by the module; the other tests copy its output or rerun into it.
 The SIGKILL test starts the command as a subprocess attached to the same Ray cluster
@@ -25,11 +26,14 @@ import pytest
 import webdataset
 
 from infra.config import load_config
-from pipelines.discover import discover_sources
 from infra.footage import FootageSpec, varied_shots, write_video
-from pipelines.ingest import ProcessSource, ingest_settings, main, probe_row
+from infra.ingest import main
+from pipelines.config import IngestConfig
+from pipelines.discover import discover_sources
+from pipelines.ingest import ProcessSource, ingest_settings, probe_row, run_ingest
+from pipelines.output import OutputDir
 from pipelines.probe import PROBE_FIELDS, probe_source
-from pipelines.shards import OutputDir, record_attempt
+from pipelines.work import record_attempt
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64",
@@ -168,7 +172,7 @@ def test_sigkill_midway_then_rerun_gives_the_clean_result(
 ) -> None:
     out = tmp_path / "out"
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "pipelines.ingest", str(footage["src"]), "--out", str(out), *ARGS]
+    command = [sys.executable, "-m", "infra", "ingest", str(footage["src"]), "--out", str(out), *ARGS]
     # A session of its own: the kill takes the driver and anything it started, never this test.
     log = tmp_path / "killed-run.log"  # a file, not a pipe: a full pipe would stall the run we wait on
     with log.open("wb") as sink:
@@ -242,6 +246,18 @@ def test_bad_arguments_fail_before_any_work(footage: dict[str, Path], tmp_path: 
     assert not (tmp_path / "out").exists()
 
 
+def test_run_ingest_raises_one_line_value_errors_before_any_work(footage: dict[str, Path], tmp_path: Path) -> None:
+    """The entry function itself, without the command line: bad input is a ValueError naming it."""
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="no-such-folder"):
+        run_ingest(IngestConfig(), [str(tmp_path / "no-such-folder")], out)
+    with pytest.raises(ValueError, match="num_workers must be >= 1, got 0"):
+        run_ingest(IngestConfig(), [str(footage["src"])], out, num_workers=0)
+    with pytest.raises(ValueError, match="max_attempts must be >= 1, got 0"):
+        run_ingest(IngestConfig(), [str(footage["src"])], out, max_attempts=0)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local, tmp_path: Path) -> None:
     """A real worker process killed under a real source, as FFmpeg crashing or the OOM killer would:
@@ -258,7 +274,7 @@ def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local
     out = tmp_path / "out"
     poison = discover_sources([str(src / "poison.mp4")])[0]
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "pipelines.ingest", str(src), "--out", str(out), "--workers", "1", *ARGS]
+    command = [sys.executable, "-m", "infra", "ingest", str(src), "--out", str(out), "--workers", "1", *ARGS]
     log = tmp_path / "run.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)

@@ -19,7 +19,9 @@ from infra.footage import FootageSpec, varied_shots, write_video
 from pipelines.probe import probe_source, size_reject
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import render_report, write_report
-from pipelines.shards import REJECTS, OutputDir, pack, write_source_result, write_stats
+from pipelines.output import REJECTS, OutputDir
+from pipelines.pack import pack, write_stats
+from pipelines.work import write_source_result
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -1,71 +1,29 @@
-"""The output folder protocol on real footage run through the real SourceProcessor (no Ray):
-atomic per-source work results, deterministic packing, crash recovery, incremental appends."""
+"""Packing on real footage run through the real SourceProcessor (no Ray): deterministic
+WebDataset shards, crash recovery, incremental appends, the same bytes on an object store."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import tarfile
-from fractions import Fraction
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import webdataset
 
-from pipelines.discover import discover_sources
-from infra.footage import FootageSpec, varied_shots, write_video
-from pipelines.probe import probe_source
-from pipelines.process import IngestSettings, SourceProcessor
-from pipelines.shards import (
-    CONFIG,
-    MANIFEST,
-    REJECTS,
-    SOURCES,
-    OutputDir,
-    check_config,
-    committed_keys,
-    pack,
-    work_keys,
-    write_source_result,
-)
-from infra.config import load_config
-
-# Tiny clips so each source yields a few kept clips in well under a second.
-OVERRIDES = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64", "filters.dedup_hamming=0"]
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, list[dict]]]:
-    """{name: (probe row + discovery facts, processor rows)} for three sources and an exact copy."""
-    src = tmp_path_factory.mktemp("footage")
-    for i, (container, codec) in enumerate([("mp4", "libx264"), ("avi", "mpeg4"), ("mkv", "libx264")]):
-        shots = varied_shots([("moving", 2.5), ("moving", 2.5), ("moving", 2.5)], offset=5 * i)
-        write_video(FootageSpec(f"v{i}", container, codec, 160, 120, Fraction(12), shots), src / f"v{i}.{container}")
-    shutil.copy(src / "v0.mp4", src / "v0_copy.mp4")
-    processor = SourceProcessor(IngestSettings.from_config(load_config(None, OVERRIDES)))
-    result = {}
-    for source in discover_sources([str(src)]):
-        row = source.as_row() | probe_source(source.uri)
-        result[Path(source.uri).stem] = (row, processor(row))
-    return result
-
-
-def _write(out: OutputDir, processed: dict, names: list[str]) -> None:
-    for name in names:
-        source, rows = copy.deepcopy(processed[name])
-        write_source_result(out, source, iter(rows))
+from pipelines.output import MANIFEST, REJECTS, SOURCES, OutputDir, committed_keys
+from pipelines.pack import pack
+from pipelines.work import work_keys
 
 
 def _shard_bytes(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.glob("shard-*.tar"))}
 
 
-def test_pack_writes_deterministic_webdataset_shards(tmp_path: Path, processed: dict) -> None:
+def test_pack_writes_deterministic_webdataset_shards(tmp_path: Path, processed: dict, write_processed) -> None:
     out = OutputDir(str(tmp_path / "out"))
     out.make_dirs()
-    _write(out, processed, ["v0", "v1", "v2"])
+    write_processed(out, ["v0", "v1", "v2"])
     assert len(work_keys(out)) == 3
     result = pack(out, dedup_hamming=None, target_mb=0.05)
 
@@ -95,20 +53,20 @@ def test_pack_writes_deterministic_webdataset_shards(tmp_path: Path, processed: 
     # Same work results packed elsewhere give byte-identical shards.
     again = OutputDir(str(tmp_path / "again"))
     again.make_dirs()
-    _write(again, processed, ["v2", "v0", "v1"])
+    write_processed(again, ["v2", "v0", "v1"])
     pack(again, dedup_hamming=None, target_mb=0.05)
     assert _shard_bytes(tmp_path / "again") == _shard_bytes(tmp_path / "out")
 
 
-def test_interrupted_pack_is_redone_identically(tmp_path: Path, processed: dict) -> None:
+def test_interrupted_pack_is_redone_identically(tmp_path: Path, write_processed) -> None:
     reference = OutputDir(str(tmp_path / "reference"))
     reference.make_dirs()
-    _write(reference, processed, ["v0", "v1"])
+    write_processed(reference, ["v0", "v1"])
     pack(reference, dedup_hamming=None, target_mb=0.05)
 
     out = OutputDir(str(tmp_path / "out"))
     out.make_dirs()
-    _write(out, processed, ["v0", "v1"])
+    write_processed(out, ["v0", "v1"])
     saved = tmp_path / "saved"
     shutil.copytree(tmp_path / "out" / "_work", saved)
     pack(out, dedup_hamming=None, target_mb=0.05)
@@ -133,14 +91,14 @@ def test_interrupted_pack_is_redone_identically(tmp_path: Path, processed: dict)
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "reference")
 
 
-def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, processed: dict) -> None:
+def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, write_processed) -> None:
     out = OutputDir(str(tmp_path / "out"))
     out.make_dirs()
-    _write(out, processed, ["v0"])
+    write_processed(out, ["v0"])
     first = pack(out, dedup_hamming=0, target_mb=0.05)
     before = _shard_bytes(tmp_path / "out")
 
-    _write(out, processed, ["v0_copy", "v1"])
+    write_processed(out, ["v0_copy", "v1"])
     second = pack(out, dedup_hamming=0, target_mb=0.05)
     assert _shard_bytes(tmp_path / "out").items() >= before.items(), "committed shards must not change"
     numbers = [int(name[6:12]) for name in first.shards + second.shards]
@@ -153,35 +111,7 @@ def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path
     assert len(manifest_ids) == len(set(manifest_ids)) == first.clips_kept + second.clips_kept
 
 
-def test_failed_source_leaves_no_work_result(tmp_path: Path, processed: dict) -> None:
-    out = OutputDir(str(tmp_path / "out"))
-    out.make_dirs()
-    source, rows = copy.deepcopy(processed["v0"])
-
-    def dies_midway():
-        yield rows[0]
-        raise RuntimeError("worker died")
-
-    with pytest.raises(RuntimeError):
-        write_source_result(out, source, dies_midway())
-    assert work_keys(out) == set()
-    assert out.list("_work") == []
-
-
-def test_config_record_refuses_mixing_and_new_output_clears_only_ours(tmp_path: Path) -> None:
-    out = OutputDir(str(tmp_path))
-    check_config(out, {"clips": {"fps": 8}}, "aaaa", new_output=False)
-    (tmp_path / "shard-000000.tar").write_bytes(b"x")
-    (tmp_path / "notes.txt").write_text("mine")
-    check_config(out, {"clips": {"fps": 8}}, "aaaa", new_output=False)  # same config: fine
-    with pytest.raises(ValueError, match=r"clips\.fps 8 -> 12"):
-        check_config(out, {"clips": {"fps": 12}}, "bbbb", new_output=False)
-    check_config(out, {"clips": {"fps": 12}}, "bbbb", new_output=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_work", "notes.txt"]
-    assert json.loads(out.read_bytes(CONFIG))["config_hash"] == "bbbb"
-
-
-def test_object_store_output_gives_the_same_shards(tmp_path: Path, processed: dict) -> None:
+def test_object_store_output_gives_the_same_shards(tmp_path: Path, write_processed) -> None:
     # No S3 here: pyarrow's in-memory filesystem stands in for a bucket. It proves the output
     # protocol uses only filesystem calls an object store has (no os.rename, no local paths).
     local = OutputDir(str(tmp_path / "local"))
@@ -189,7 +119,7 @@ def test_object_store_output_gives_the_same_shards(tmp_path: Path, processed: di
     bucket = OutputDir("mock:///bucket/out")
     bucket.make_dirs()
     for out in (local, bucket):
-        _write(out, processed, ["v0", "v1"])
+        write_processed(out, ["v0", "v1"])
         pack(out, dedup_hamming=None, target_mb=0.05)
     names = [n for n in bucket.list() if n.startswith("shard-")]
     assert not bucket.is_local and names == sorted(_shard_bytes(tmp_path / "local"))

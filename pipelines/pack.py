@@ -1,69 +1,54 @@
-"""The ingest output folder: per-source work results, deterministic shard packing, tables, stats.
+"""Packing: finished work results → deduplicated clips in new shards, merged tables, stats.
 
-Layout of `--out` (docs/data-format.md is the reference):
+Runs on the driver once every source of a run is done (steps 2-4 of the crash-safety list in
+pipelines/output.py). It is a pure function of the committed tables and the finished work
+results, so a pack interrupted at any point is redone with the same bytes:
 
-    shard-000000.tar ...   WebDataset samples {id}.mp4 / {id}.json / {id}.txt
-    manifest.parquet       one row per kept clip: its metadata + `shard` + `source_key`
-    rejects.parquet        one row per rejected source or clip: uri, id, stage, reason, score, threshold, ...
-    sources.parquet        one row per finished source; THE commit record (see below)
-    stats.json, report.html, _SUCCESS (written last)
-    _work/config.json      ingest-relevant config of this output (refuse to mix configs)
-    _work/<key>.tar        kept clips of one source ({id}.mp4), written by the worker
-    _work/<key>.parquet    that source's clip rows + source facts; its existence = source done
-    _work/report-samples.parquet  the bounded thumbnail sample report.html shows
-
-Crash safety, and why reruns are byte-identical:
-
-1. Workers write each source's result to temp names and rename (tar first, parquet last), so a
-   source is either absent or complete. A SIGKILL loses at most the sources in flight.
-2. The driver packs only after every source of the run is done. Packing is a pure function of
-   (committed tables, finished work results): clips sorted by (source sha256, uri, start),
-   near-duplicates dropped in that order, tar members with fixed mtime/uid/gid/mode.
-3. Tables are rewritten with temp + rename; `sources.parquet` goes last and is the commit point.
-   Rows of not-yet-committed sources found in manifest/rejects (an interrupted pack) are
-   dropped and repacked, and shard numbering restarts after the last committed shard, so an
-   interrupted pack is simply redone with the same bytes. Shard files no committed row names
-   are leftovers of such a pack and are deleted.
-4. After the commit, work results of committed sources are deleted (they hold a second copy
-   of every clip).
+1. Read every uncommitted work result; order sources by (sha256, uri), clips by start.
+2. Drop exact copies and near-duplicates (phash within `filters.dedup_hamming` bits) against
+   the manifest and the clips kept before them in that order.
+3. Copy kept clips one at a time from the work tars into new shards of about `target_mb`,
+   numbered after the last committed shard (temp name, then rename).
+4. Rewrite manifest.parquet, rejects.parquet, the report sample, then sources.parquet: the commit.
+5. Delete the packed work results.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import re
 import tarfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from model.storage import resolve_uri
 from pipelines.dedup import NearDuplicateIndex
+from pipelines.output import (
+    MANIFEST,
+    REJECTS,
+    SAMPLES,
+    SHARD_RE,
+    SOURCES,
+    STATS,
+    TMP_MARK,
+    WORK_DIR,
+    OutputDir,
+    committed_keys,
+    shard_name,
+)
+from pipelines.work import delete_work, read_work, rows_to_table, work_keys
+
+if TYPE_CHECKING:
+    import webdataset
 
 logger = logging.getLogger(__name__)
 
-WORK_DIR = "_work"
-MANIFEST = "manifest.parquet"
-REJECTS = "rejects.parquet"
-SOURCES = "sources.parquet"
-STATS = "stats.json"
-REPORT = "report.html"
-SUCCESS = "_SUCCESS"
-CONFIG = f"{WORK_DIR}/config.json"
-SAMPLES = f"{WORK_DIR}/report-samples.parquet"
-SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-TMP_MARK = ".tmp-"
-SOURCE_META_KEY = b"reelforge.source"
 # Columns of a processor row that describe a rejection, not the clip; they never reach the manifest.
 REJECT_FIELDS = ("status", "reject_stage", "reject_reason", "reject_score", "reject_threshold")
 # Kept clips and rejects per reason that report.html shows; chosen by hash of id, so the sample
@@ -72,247 +57,6 @@ SAMPLES_KEPT = 24
 SAMPLES_PER_REASON = 8
 # Whole-source rejects of a run that stats.json (and the end-of-run summary) name with their reason.
 STATS_SOURCE_REJECTS = 20
-
-
-def shard_name(number: int) -> str:
-    return f"shard-{number:06d}.tar"
-
-
-class OutputDir:
-    """`--out` as (pyarrow filesystem, root); picklable by its uri, so workers rebuild it."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.fs, root = resolve_uri(uri)
-        self.root = root.rstrip("/")
-
-    @property
-    def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
-
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return (OutputDir, (self.uri,))
-
-    def path(self, name: str) -> str:
-        return f"{self.root}/{name}"
-
-    def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
-
-    def list(self, folder: str = "") -> list[str]:
-        """Names (relative to root) of the files directly in `folder`."""
-        base = self.path(folder) if folder else self.root
-        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=False))
-        prefix = f"{folder}/" if folder else ""
-        return sorted(prefix + info.base_name for info in infos if info.type == pafs.FileType.File)
-
-    def delete(self, name: str) -> None:
-        if self.exists(name):
-            self.fs.delete_file(self.path(name))
-
-    def temp_name(self, name: str) -> str:
-        return f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-
-    def commit(self, temp: str, name: str) -> None:
-        """Rename a finished temp file into place (atomic on POSIX; a single PUT on object stores)."""
-        self.fs.move(self.path(temp), self.path(name))
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        temp = self.temp_name(name)
-        with self.fs.open_output_stream(self.path(temp)) as stream:
-            stream.write(data)
-        self.commit(temp, name)
-
-    def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self.path(name)) as stream:
-            return stream.read()
-
-    def write_table(self, name: str, table: pa.Table) -> None:
-        temp = self.temp_name(name)
-        pq.write_table(table, self.path(temp), filesystem=self.fs)
-        self.commit(temp, name)
-
-    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
-        if not self.exists(name):
-            return None
-        return pq.read_table(self.path(name), filesystem=self.fs, columns=columns)
-
-    def make_dirs(self) -> None:
-        self.fs.create_dir(self.path(WORK_DIR), recursive=True)
-
-
-# --- config record: one output folder, one ingest config ---------------------------------
-
-
-def owned_names(out: OutputDir) -> list[str]:
-    """The files in `out` that reelforge ingest wrote (what --new-output clears)."""
-    ours = {MANIFEST, REJECTS, SOURCES, STATS, REPORT, SUCCESS}
-    top = [n for n in out.list() if n in ours or SHARD_RE.match(n.split(TMP_MARK)[0]) or _is_temp_of(n, ours)]
-    return top + out.list(WORK_DIR)
-
-
-def _is_temp_of(name: str, ours: set[str]) -> bool:
-    return TMP_MARK in name and name.split(TMP_MARK)[0] in ours
-
-
-def check_config(out: OutputDir, sections: dict[str, Any], config_hash: str, new_output: bool) -> None:
-    """Record the ingest config in a fresh output, or refuse to mix a different one into it.
-
-    `--new-output` deletes the files this command owns in `out` (shards, tables, report,
-    _work/) and leaves anything else there alone."""
-    record = {"config_hash": config_hash, "sections": sections}
-    owned = owned_names(out)
-    if new_output and owned:
-        logger.warning("--new-output: deleting %d reelforge files from %s", len(owned), out.uri)
-        for name in owned:
-            out.delete(name)
-        owned = []
-    if owned and out.exists(CONFIG):
-        previous = json.loads(out.read_bytes(CONFIG))
-        if previous["config_hash"] != config_hash:
-            changed = _diff(previous["sections"], sections)
-            raise ValueError(
-                f"--out {out.uri} holds an ingest made with another config (hash {previous['config_hash']}, "
-                f"this run {config_hash}; changed: {changed}); use the same config, another --out, or --new-output"
-            )
-        return
-    if owned and not out.exists(CONFIG):
-        raise ValueError(f"--out {out.uri} holds reelforge files but no {CONFIG}; use another --out or --new-output")
-    out.make_dirs()
-    out.write_bytes(CONFIG, json.dumps(record, indent=2, sort_keys=True).encode())
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                changes.append(inner)
-        elif a != b:
-            changes.append(f"{prefix}{key} {a!r} -> {b!r}")
-    return ", ".join(changes)
-
-
-# --- worker side: one source's result, all or nothing ------------------------------------
-
-
-def work_keys(out: OutputDir) -> set[str]:
-    """Keys of sources whose work result is complete (the parquet is renamed into place last)."""
-    return {
-        name.removeprefix(f"{WORK_DIR}/").removesuffix(".parquet")
-        for name in out.list(WORK_DIR)
-        if name.endswith(".parquet") and TMP_MARK not in name and name != SAMPLES
-    }
-
-
-def write_source_result(out: OutputDir, source: dict[str, Any], clips: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Stream one source's clip rows into `_work/<key>.tar` (mp4 bytes) and `_work/<key>.parquet`
-    (everything else, with `source` as file metadata). Consumes `clips` lazily, so a generator
-    keeps only one clip's bytes in memory. Returns a small summary row for progress."""
-    key = source["source_key"]
-    tar_name, table_name = f"{WORK_DIR}/{key}.tar", f"{WORK_DIR}/{key}.parquet"
-    tar_temp = out.temp_name(tar_name)
-    rows: list[dict[str, Any]] = []
-    try:
-        with out.fs.open_output_stream(out.path(tar_temp)) as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-            for row in clips:
-                mp4 = row.pop("mp4", None)
-                if mp4 and row.get("status") == "kept":
-                    _add_member(tar, f"{row['id']}.mp4", mp4)
-                rows.append(row)
-        out.commit(tar_temp, tar_name)
-    except BaseException:
-        out.delete(tar_temp)
-        raise
-    table = rows_to_table(rows) if rows else pa.table({})
-    table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
-    out.write_table(table_name, table)
-    return _summary(source, rows)
-
-
-def work_summary(out: OutputDir, key: str) -> dict[str, Any]:
-    """The summary row write_source_result returned for an already finished work result."""
-    source, rows = _read_work(out, key)
-    return _summary(source, rows)
-
-
-def _summary(source: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    kept = sum(1 for r in rows if r.get("status") == "kept")
-    return {
-        "source_key": source["source_key"],
-        "uri": source["uri"],
-        "rejected": source.get("reject_stage") is not None,
-        "reject_stage": source.get("reject_stage"),
-        "reject_reason": source.get("reject_reason"),
-        "clips_kept": kept,
-        "clips_rejected": len(rows) - kept,
-    }
-
-
-# --- attempts: a source that kills its worker becomes a reject, not an endless retry -------
-#
-# Ray restarts a dead actor (or reruns a dead task) and sends it the same source again, as often
-# as it takes. A source that crashes FFmpeg or exhausts memory would do that forever, so before
-# working on a source a worker records an attempt marker `_work/<key>.<stage>-attempt-<n>`, and
-# clears its markers once the source's outcome is written. A worker that finds `max_attempts`
-# markers knows every earlier attempt died with the source in hand: it writes a "crash" reject.
-# Markers live in --out, so they also count attempts of runs whose driver was killed with them.
-
-ATTEMPT_MARK = "-attempt-"
-
-
-def _attempt_name(key: str, stage: str, number: int) -> str:
-    return f"{WORK_DIR}/{key}.{stage}{ATTEMPT_MARK}{number}"
-
-
-def read_attempts(out: OutputDir, key: str, stage: str, limit: int) -> list[dict[str, Any]]:
-    """Markers of earlier attempts at `key` in `stage`, oldest first, at most `limit`. Probes names
-    one by one instead of listing _work, which holds a file per source."""
-    attempts = []
-    while len(attempts) < limit and out.exists(name := _attempt_name(key, stage, len(attempts) + 1)):
-        attempts.append(json.loads(out.read_bytes(name)))
-    return attempts
-
-
-def record_attempt(out: OutputDir, key: str, stage: str, number: int, info: dict[str, Any]) -> None:
-    out.write_bytes(_attempt_name(key, stage, number), json.dumps(info, sort_keys=True).encode())
-
-
-def clear_attempts(out: OutputDir, key: str, stage: str, count: int | None = None) -> None:
-    """Delete markers 1..count, or, with count None, every marker there is."""
-    number = 1
-    while number <= count if count is not None else out.exists(_attempt_name(key, stage, number)):
-        out.delete(_attempt_name(key, stage, number))
-        number += 1
-
-
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows → table with the union of their keys (from_pylist alone takes the first row's keys and
-    silently drops the rest, e.g. score columns present only on filtered clips)."""
-    names = dict.fromkeys(key for row in rows for key in row)
-    return pa.table({name: pa.array([row.get(name) for row in rows]) for name in names})
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata: the same bytes in give the same tar out, whoever packs it and when.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _member_bytes(size: int) -> int:
-    return 512 + -(-size // 512) * 512  # header + data padded to 512-byte blocks
-
-
-# --- driver side: deterministic pack and commit ------------------------------------------
 
 
 @dataclass
@@ -327,11 +71,6 @@ class PackResult:
     rejected_by_stage: Counter = field(default_factory=Counter)
     # (uri, stage, reason) of every source rejected whole in this run, for the end-of-run summary.
     source_rejects: list[dict[str, Any]] = field(default_factory=list)
-
-
-def committed_keys(out: OutputDir) -> set[str]:
-    table = out.read_table(SOURCES, columns=["source_key"])
-    return set() if table is None else set(table.column("source_key").to_pylist())
 
 
 def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackResult:
@@ -351,7 +90,7 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     _delete_uncommitted_shards(out, committed_shards)
     next_shard = 1 + max((int(SHARD_RE.match(s)[1]) for s in committed_shards), default=-1)
 
-    work = sorted((_read_work(out, key) for key in new_keys), key=lambda w: (w[0].get("sha256") or "", w[0]["uri"]))
+    work = sorted((read_work(out, key) for key in new_keys), key=lambda w: (w[0].get("sha256") or "", w[0]["uri"]))
     index = NearDuplicateIndex(dedup_hamming if dedup_hamming is not None else 0)
     seen_ids: set[str] = set()
     if manifest is not None:
@@ -394,13 +133,8 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     _update_samples(out, work, kept_rows, reject_rows)
     out.write_table(SOURCES, _concat(sources, source_rows, SOURCES))  # the commit point
     for key in new_keys:
-        _delete_work(out, key)
+        delete_work(out, key)
     return result
-
-
-def _delete_work(out: OutputDir, key: str) -> None:
-    out.delete(f"{WORK_DIR}/{key}.parquet")  # the done marker first: a tar alone is just garbage
-    out.delete(f"{WORK_DIR}/{key}.tar")
 
 
 def _dedup_reason(
@@ -494,16 +228,6 @@ def _source_row(source: dict[str, Any], kept: int, rejected: int) -> dict[str, A
     }
 
 
-def _read_work(out: OutputDir, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(source facts, clip rows without thumbnails) of one finished work result."""
-    path = out.path(f"{WORK_DIR}/{key}.parquet")
-    schema = pq.read_schema(path, filesystem=out.fs)
-    source = json.loads(schema.metadata[SOURCE_META_KEY])
-    columns = [name for name in schema.names if name != "thumbnail"]
-    rows = pq.read_table(path, filesystem=out.fs, columns=columns).to_pylist() if columns else []
-    return source, [row | {"source_key": key} for row in rows]
-
-
 def _write_shards(
     out: OutputDir,
     work: list[tuple[dict[str, Any], list[dict[str, Any]]]],
@@ -529,21 +253,44 @@ def _write_shards(
                 for row in rows:
                     mp4 = work_tar.extractfile(f"{row['id']}.mp4").read()
                     metadata = json.dumps(_metadata(row), sort_keys=True, default=str).encode()
-                    caption = (row.get("caption") or "").encode()
-                    size = sum(_member_bytes(len(b)) for b in (mp4, metadata, caption))
+                    sample = {"__key__": row["id"], "mp4": mp4, "json": metadata, "txt": (row.get("caption") or "").encode()}
+                    size = sum(tar_member_bytes(len(data)) for key, data in sample.items() if key != "__key__")
                     if writer is not None and writer.size + size > target_bytes:
                         result.shards.append(writer.close())
                         writer = None
                     if writer is None:
                         writer = _ShardWriter(out, shard_name(next_shard))
                         next_shard += 1
-                    writer.add(row["id"], mp4, metadata, caption)
+                    writer.add(sample, size)
                     shard_of[row["id"]] = writer.name
                     progress.update()
     if writer is not None:
         result.shards.append(writer.close())
     progress.close()
     return shard_of
+
+
+def tar_writer(stream: Any) -> webdataset.TarWriter:
+    """A WebDataset writer onto an open output stream (closing the writer leaves `stream` open).
+
+    Members get fixed metadata (mtime 0, uid/gid 0, no user/group names, mode 0644), so the same
+    bytes in give the same tar out, whoever packs it and when. Values must already be bytes
+    (`encoder=False`); the writer emits a sample's members in sorted key order (json, mp4, txt)."""
+    # Imported here, not at the top: webdataset imports torch (~1.8 s, ~180 MB), which only the
+    # packing driver should pay for (not discovery, not report.html, never an ingest actor).
+    import webdataset
+
+    # mtime must be an int: a float one makes tarfile add a PAX header carrying it.
+    writer = webdataset.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=False)
+    # TarWriter does not pass its `format` on to tarfile.open, which defaults to PAX; USTAR is
+    # what our short ASCII names need, and fails loudly instead of adding extension headers.
+    writer.tarstream.format = tarfile.USTAR_FORMAT
+    return writer
+
+
+def tar_member_bytes(size: int) -> int:
+    """Bytes a member of `size` bytes takes in a tar: 512-byte header + data padded to 512-byte blocks."""
+    return 512 + -(-size // 512) * 512
 
 
 class _ShardWriter:
@@ -553,14 +300,13 @@ class _ShardWriter:
         self.out, self.name = out, name
         self.temp = out.temp_name(name)
         self.stream = out.fs.open_output_stream(out.path(self.temp))
-        self.tar = tarfile.open(fileobj=self.stream, mode="w|", format=tarfile.USTAR_FORMAT)
-        self.size = 0
+        self.tar = tar_writer(self.stream)
+        self.size = 0  # bytes in the tar so far, headers and padding included (shards.target_mb)
 
-    def add(self, clip_id: str, mp4: bytes, metadata: bytes, caption: bytes) -> None:
+    def add(self, sample: dict[str, Any], size: int) -> None:
         # WebDataset groups consecutive members by the name before the first dot: the clip id.
-        for suffix, data in (("mp4", mp4), ("json", metadata), ("txt", caption)):
-            _add_member(self.tar, f"{clip_id}.{suffix}", data)
-            self.size += _member_bytes(len(data))
+        self.tar.write(sample)
+        self.size += size
 
     def close(self) -> str:
         self.tar.close()
@@ -662,7 +408,7 @@ def _update_samples(
         out.write_table(SAMPLES, pa.Table.from_pylist(rows))
 
 
-# --- stats and the success marker ---------------------------------------------------------
+# --- stats -------------------------------------------------------------------------------
 
 
 def write_stats(
@@ -712,16 +458,3 @@ def write_stats(
     return stats
 
 
-def mark_success(out: OutputDir) -> None:
-    out.write_bytes(SUCCESS, b"")
-
-
-def clear_success(out: OutputDir) -> None:
-    out.delete(SUCCESS)
-
-
-def remove_temp_files(out: OutputDir) -> None:
-    """Temp files are what a killed run was writing; never complete, always safe to drop."""
-    for name in out.list() + out.list(WORK_DIR):
-        if TMP_MARK in name:
-            out.delete(name)
