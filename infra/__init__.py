@@ -4,4 +4,6 @@
 `reelforge` command line, logging setup and (later) cluster deployment.
 """
 
-__version__ = "0.1.0"
+from model import __version__
+
+__all__ = ["__version__"]

@@ -18,3 +18,8 @@ needs only torch):
 
 The `reelforge generate` command that drives VideoPipeline is infra/generate.py.
 """
+
+# The reelforge version, here because model/ is the package every other one may import and the one
+# that ships alone inside a registered model, where no installed distribution can be asked.
+# pyproject.toml reads it from here; infra re-exports it.
+__version__ = "0.1.0"

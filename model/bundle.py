@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from model.autoencoders import Autoencoder, load_autoencoder
+from model import __version__
 from model.dit import DiT, DiTConfig
 from model.storage import folder_sha256
 from model.text_encoders import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder, parse_text_encoder_spec
@@ -192,16 +193,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _reelforge_version() -> str:
-    # model/ ships alone inside a registered MLflow model, so it cannot import infra.__version__.
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("reelforge")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cleaned = {}
     for name, tensor in state_dict.items():
@@ -283,7 +274,7 @@ def save_bundle(
         height=int(height),
         weights_dtype=str(next(iter(weights.values())).dtype).removeprefix("torch."),
         generation=GenerationDefaults.from_dict(extra.pop("generation", {})),
-        reelforge_version=_reelforge_version(),
+        reelforge_version=__version__,
         extra=extra,
     )
 
