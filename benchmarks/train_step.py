@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from infra.cluster import start_ray  # noqa: E402
 from infra.config import load_config  # noqa: E402
 from infra.logs import setup_logging  # noqa: E402
 
@@ -71,7 +72,7 @@ def run_stage(stage: int, args: argparse.Namespace, shards: Path, work: Path) ->
             f"mlflow.tracking_uri={tracking_uri}",
             "mlflow.experiment=bench-train-step",
         ],
-    )
+    ).training()
     result = build_trainer(cfg, WorkerArgs(config=cfg, data=str(shards), out=str(out)), out, run_name=out.name).fit()
     if result.error is not None:
         raise RuntimeError(f"ZeRO-{stage} run failed: {result.error}")
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=max(args.workers, os.cpu_count() or 1), include_dashboard=False)
+    # this process's own Ray (never a cluster another process started), with the job's worker logging
+    start_ray(num_cpus=max(args.workers, os.cpu_count() or 1))
     width, height = (int(v) for v in args.size.split("x"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="reelforge-bench-train-") as tmp:

@@ -18,9 +18,9 @@ from infra import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("infra.ingest", "footage -> scene-split, filtered, captioned WebDataset shards"),
     "recaption": ("infra.recaption", "shards -> caption sets written by vision-language models"),
-    "train": ("training.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed, or torchrun)"),
-    "register": ("training.registry", "register a finished MLflow run's model"),
-    "promote": ("training.promote", "move a registry alias (e.g. candidate -> champion)"),
+    "train": ("infra.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed, or torchrun)"),
+    "register": ("infra.register", "register a finished MLflow run's model"),
+    "promote": ("infra.promote", "move a registry alias (e.g. candidate -> champion)"),
     "generate": ("infra.generate", "generate a video from a bundle or a registered model"),
     "serve": ("infra.serve", "serve a registered model over HTTP"),
     "submit": ("infra.submit", "submit ingest/recaption/train to a Ray cluster"),

@@ -21,8 +21,6 @@ import av
 import numpy as np
 import torch
 
-from model.mp4 import write_mp4  # noqa: F401  TEMPORARY until training/ moves to model.mp4
-
 logger = logging.getLogger(__name__)
 
 # Times closer than this (seconds) count as equal when resampling frame rates, so a target

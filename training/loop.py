@@ -1,10 +1,19 @@
-"""The per-worker training loop: runs under Ray Train (`train_loop`) and under plain `torchrun`.
+"""The per-worker training loop: runs under Ray Train (`train_loop`) and under plain torchrun (`run_torchrun`).
 
-    torchrun --nproc_per_node 2 -m training.loop --config configs/train/tiny.yaml --data SHARDS [--out DIR]
+    torchrun --nproc_per_node 2 -m infra train --launcher torchrun --config configs/train/tiny.yaml --data SHARDS
 
-Everything a worker needs arrives in one `WorkerArgs` (the full `ReelforgeConfig` plus the launch
-paths), validated again on the worker. The two launchers differ only in a `Session`: how the
-process group comes up, where checkpoints go and how one is found on resume.
+Everything a worker needs arrives in one `WorkerArgs` (the training config group plus the launch
+paths), validated again on the worker. The two launchers differ only in a session
+(training/sessions.py): how the process group comes up, where checkpoints go and how one is
+found on resume.
+
+`run_training` reads top to bottom as the run goes:
+  1. set up: device and process group, the frozen autoencoder and text encoder, the DiT wrapped
+     by DeepSpeed, its EMA;
+  2. resume: weights, optimizer, EMA, RNG and data position from the checkpoint, if any;
+  3. track: rank 0 continues the checkpoint's (or the driver's) MLflow run;
+  4. train: one optimizer step, then log, checkpoint and evaluate when each is due;
+  5. export: the inference bundle from the EMA weights (training/export.py).
 
 One optimizer step (`train.grad_accum_steps` micro-steps):
   batch of same-shape uint8 clips (training/data.py) -> frames in [-1, 1] -> frozen autoencoder
@@ -16,43 +25,48 @@ the clips trained on, never those a DataLoader worker had merely prefetched.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from infra.config import ReelforgeConfig, add_config_args, config_from_args
+from model.autoencoders import load_autoencoder
+from model.conditioning import sample_condition_masks
+from model.dit import DiT, DiTConfig, dit_config
+from model.rectified_flow import training_loss
 from model.storage import config_hash
-from infra.logs import setup_logging
-from model.dit import flops_per_token
+from model.text_encoders import load_text_encoder
 from training.checkpoint import (
     ParameterEMA,
     TrainerState,
-    checkpoint_tag,
     load_checkpoint,
     needs_universal,
     read_trainer_state,
     save_checkpoint,
 )
-from training.data import ClipBatches, DataPosition, TextEmbeddingCache, frames_to_model, make_loader, read_clip_index
+from training.config import ScalingSection, TrainingConfig, TrainSection
+from training.data import ClipBatches, ClipIndex, DataPosition, TextEmbeddingCache, frames_to_model, make_loader, read_clip_index
 from training.deepspeed_config import deepspeed_config, make_lr_scheduler, use_bf16
+from training.eval_samples import log_eval_samples
+from training.export import export_bundle
+from training.metrics import MetricsWindow, format_eta, peak_flops_per_device, sum_over_ranks
+from training.preflight import check_world_size, read_resume_state
+from training.sessions import RaySession, Session, TorchrunSession
+from training.tracking import Tracker, flat_params, run_tags
 from training.wrap import TrainingModule, build_context, wrap_model
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_DIR = "bundle"
 WORKERS_DIR = "workers"  # pid files and optional per-rank sample logs
 
 
@@ -61,132 +75,114 @@ class WorkerArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    config: ReelforgeConfig
+    config: TrainingConfig
     data: str
     out: str
     mlflow_run_id: str | None = None  # the driver's run; a checkpoint's run id takes precedence
     resume_from: str | None = None  # a checkpoint folder (--resume); Ray's own restart checkpoint wins
 
 
-# --- sessions: what differs between Ray Train and torchrun ------------------------------------
+@dataclass
+class Components:
+    """What `set_up` builds on one worker."""
+
+    device: torch.device
+    autoencoder: Any  # frozen: pixels -> latents
+    text_encoder: Any  # frozen: captions -> embeddings
+    dit_cfg: DiTConfig
+    engine: Any  # DeepSpeed engine around TrainingModule(DiT)
+    scheduler: Any  # the LR schedule DeepSpeed steps
+    ema: ParameterEMA
+    compute_dtype: torch.dtype
 
 
-class RaySession:
-    """Ray Train V2 (the default in Ray 2.60): the process group exists already; checkpoints are
-    written to a local folder per rank and reported, and Ray merges them in storage."""
+@dataclass
+class Progress:
+    """One worker's running state besides `TrainerState` (which a checkpoint holds)."""
 
-    name = "ray"
-
-    def __init__(self) -> None:
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.local_rank = context.get_local_rank()
-
-    def configure_logging(self) -> None:
-        # Ray Train V2 already gives the root logger a console and a per-run file handler; adding
-        # ours would print every line twice. Only the level is ours: warnings only off rank 0.
-        logging.getLogger().setLevel(logging.INFO if self.rank == 0 else logging.WARNING)
-
-    def init_distributed(self, backend: str) -> None:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)  # wraps Ray's process group
-
-    def device(self, use_gpu: bool) -> torch.device:
-        if not use_gpu:
-            return torch.device("cpu")
-        import ray.train.torch
-
-        # Ray sets CUDA_VISIBLE_DEVICES per worker; it knows which index is this worker's GPU
-        return ray.train.torch.get_device()
-
-    def restart_checkpoint(self) -> Any:
-        import ray.train
-
-        return ray.train.get_checkpoint()
-
-    def checkpoint_dir(self, out: Path, step: int) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"reelforge-{checkpoint_tag(step)}-r{self.rank}-"))
-
-    def publish(self, directory: Path, metrics: dict[str, float]) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-        shutil.rmtree(directory, ignore_errors=True)  # Ray has copied it into storage
+    position: DataPosition  # clips consumed, this rank's view (merged over ranks at a checkpoint)
+    batches: Iterator[dict[str, Any]]
+    text_cache: TextEmbeddingCache
+    sample_log: TextIO | None  # train.log_sample_ids: every step's clip ids
+    start_step: int
+    start_time: float = field(default_factory=time.perf_counter)
+    window: MetricsWindow = field(default_factory=MetricsWindow)
+    skipped_total: dict[str, int] = field(default_factory=dict)  # reason -> clips, this attempt
+    unsynced_samples: int = 0  # clips this rank trained on since the last checkpoint
 
 
-class TorchrunSession:
-    """Plain torchrun: env:// rendezvous; checkpoints go straight to <out>/checkpoints/step-N (one
-    shared folder, so all ranks must see the same disk)."""
+# --- entry points ------------------------------------------------------------------------------
 
-    name = "torchrun"
 
-    def __init__(self) -> None:
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def train_loop(config_dict: dict[str, Any]) -> None:
+    """Ray Train worker function: `TorchTrainer(train_loop, train_loop_config=WorkerArgs(...).model_dump())`."""
+    session = RaySession()
+    session.configure_logging()
+    run_training(WorkerArgs.model_validate(config_dict), session)
 
-    def configure_logging(self) -> None:
-        setup_logging(rank=self.rank)
 
-    def init_distributed(self, backend: str) -> None:
-        import deepspeed
-
-        if self.world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
-        deepspeed.init_distributed(dist_backend=backend)
-
-    def device(self, use_gpu: bool) -> torch.device:
-        return torch.device(f"cuda:{self.local_rank}" if use_gpu else "cpu")
-
-    def restart_checkpoint(self) -> Any:
-        return None
-
-    def checkpoint_dir(self, out: Path, step: int) -> Path:
-        return out / "checkpoints" / checkpoint_tag(step)
-
-    def publish(self, directory: Path, metrics: dict[str, float]) -> None:
-        if self.rank == 0:
-            logger.info("checkpoint %s", directory)
+def run_torchrun(config: TrainingConfig, data: str, out: Path, resume: str | None = None) -> TrainerState:
+    """Train in this torchrun process (one rank of `torchrun --nproc_per_node N`); returns the final
+    state. A --resume that is no checkpoint, or one of another ZeRO stage, raises `PreflightError`
+    (one line) before the process group starts."""
+    if resume is not None:
+        check_world_size(config, read_resume_state(resume))
+    state = run_training(WorkerArgs(config=config, data=data, out=str(out), resume_from=resume), TorchrunSession())
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return state
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def train_loop(config_dict: dict[str, Any]) -> None:
-    """Ray Train worker function: `TorchTrainer(train_loop, train_loop_config=WorkerArgs(...).model_dump())`."""
-    run_training(WorkerArgs.model_validate(config_dict), RaySession())
-
-
-def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> TrainerState:
+def run_training(args: WorkerArgs, session: Session) -> TrainerState:
     """Train until `train.max_steps`, resuming if a checkpoint is given; returns the final state."""
-    from model.autoencoders import load_autoencoder
-    from model.conditioning import sample_condition_masks
-    from model.dit import DiT, dit_config
-    from model.rectified_flow import training_loss
-    from model.text_encoders import load_text_encoder
-    from training.tracking import Tracker, flat_params, run_tags
+    cfg, out = args.config, Path(args.out)
+    device = set_up_device(cfg.scaling, session)
+    _write_pid(out, session.rank)
+    with contextlib.ExitStack() as resources:  # keeps a downloaded restart checkpoint until loaded
+        resume_dir = _resume_dir(session, args, resources)
+        parts = set_up(cfg, device, session.world_size, resume_dir)
+        state = resume(parts, cfg, session, resume_dir)
+    index = read_clip_index(args.data)
+    tracker = start_tracking(cfg, out, state, args, session.rank)
+    progress = open_data(parts, cfg, index, state, out, session)
+    _log_start(parts, cfg, len(index), session, state.step)
 
-    cfg = args.config
-    out = Path(args.out)
-    rank, world_size = session.rank, session.world_size
-    session.configure_logging()
-    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    if cfg.scaling.use_gpu and not use_gpu:
+    while state.step < cfg.train.max_steps:
+        optimizer_step(parts, cfg.train, state, progress, session.rank)
+        if _due(state.step, cfg.train.log_every_steps, cfg.train.max_steps):
+            log_progress(parts, cfg.train, state, progress, tracker, session.world_size)
+        if _due(state.step, cfg.checkpoint.every_steps, cfg.train.max_steps):
+            checkpoint(parts, state, progress, session, out, tracker)
+        if cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0:
+            evaluate(parts, cfg, progress, session.rank, tracker, state.step)
+
+    finish(parts, cfg, state, progress, out, session.rank, tracker)
+    return state
+
+
+# --- 1. set up ---------------------------------------------------------------------------------
+
+
+def set_up_device(scaling: ScalingSection, session: Session) -> torch.device:
+    """This worker's device, then the process group on it (NCCL on GPUs, gloo on CPUs)."""
+    use_gpu = scaling.use_gpu and torch.cuda.is_available()
+    if scaling.use_gpu and not use_gpu:
         raise RuntimeError("scaling.use_gpu=true but this worker sees no CUDA device")
     device = session.device(use_gpu)
     if use_gpu:
         torch.cuda.set_device(device)
     else:
         # one intra-op thread per reserved CPU: torch's default pool oversubscribes shared hosts
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     session.init_distributed("nccl" if use_gpu else "gloo")
-    _write_pid(out, rank)
+    return device
 
+
+def set_up(cfg: TrainingConfig, device: torch.device, world_size: int, resume_dir: Path | None) -> Components:
+    """The frozen encoders, and the DiT wrapped by DeepSpeed (training/wrap.py) with its EMA."""
     # Same initial weights everywhere (ZeRO 0-2 also broadcast rank 0's); per-rank streams after.
     torch.manual_seed(cfg.train.seed)
     autoencoder = load_autoencoder(cfg.model.autoencoder, device=device)
@@ -194,149 +190,19 @@ def run_training(args: WorkerArgs, session: RaySession | TorchrunSession) -> Tra
     dit_cfg = dit_config(cfg.model.preset, autoencoder.latent_channels, text_encoder.dim, **cfg.model.dit_overrides())
     # Longer captions are truncated to what the DiT's cross-attention accepts.
     text_encoder.max_length = min(text_encoder.max_length, dit_cfg.max_text_tokens)
-    # The checkpoint to resume (Ray's own restart checkpoint wins over --resume) is looked at before
-    # the engine exists: DeepSpeed must be told at initialize to load a universal checkpoint.
-    resources = contextlib.ExitStack()
-    resume_dir = _resume_dir(session, args, resources)
+    # The checkpoint is looked at before the engine exists: DeepSpeed must be told at initialize
+    # to load a universal checkpoint.
     universal = resume_dir is not None and needs_universal(read_trainer_state(resume_dir), world_size)
     ds_config = deepspeed_config(cfg.train, cfg.deepspeed, cfg.scaling, world_size, load_universal=universal)
     with build_context(cfg.deepspeed, ds_config):
         module = TrainingModule(DiT(dit_cfg))
     engine, _, scheduler = wrap_model(module, cfg.deepspeed, ds_config, make_lr_scheduler(cfg.train))
-    compute_dtype = torch.bfloat16 if use_bf16(cfg.deepspeed, cfg.scaling) else torch.float32
     ema = ParameterEMA(engine.module, cfg.train.ema_decay, zero3=cfg.deepspeed.zero_stage == 3)
-
-    # --- resume ---
-    index = read_clip_index(args.data)
-    state = TrainerState(config_hash=config_hash(cfg), world_size=world_size, zero_stage=cfg.deepspeed.zero_stage)
-    with resources:
-        if resume_dir is not None:
-            state = load_checkpoint(engine, ema, resume_dir)
-    if state.step == 0 or rank >= len(state.rng):
-        # fresh start, or a rank that did not exist before the resume: its own seeded streams
-        torch.manual_seed(cfg.train.seed * 1_000_003 + state.step * 101 + rank)
-    if state.config_hash and state.config_hash != config_hash(cfg):
-        logger.warning("config changed since the checkpoint (hash %s -> %s)", state.config_hash, config_hash(cfg))
-    state.config_hash, state.world_size, state.zero_stage = config_hash(cfg), world_size, cfg.deepspeed.zero_stage
-    position = (
-        DataPosition.from_state_dict(state.data_position, len(index))
-        if state.data_position is not None
-        else DataPosition(len(index))
-    )
-
-    # --- tracking (rank 0) ---
-    tracker = Tracker(cfg.mlflow, out, rank=rank)
-    # Tags hash the data manifest and ask git: work only rank 0's (active) tracker needs.
-    tags = run_tags(state.config_hash, args.data) if rank == 0 else {}
-    run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=tags)
-    if rank == 0:
-        state.mlflow_run_id = run_id
-        if state.step == 0:
-            tracker.log_params(flat_params(cfg))
-
-    # --- data ---
-    dataset = ClipBatches(index, cfg.model, cfg.train.batch_size, cfg.train.seed, rank, world_size, position)
-    batches = iter(make_loader(dataset, cfg.train.data_workers))
-    text_cache = TextEmbeddingCache(text_encoder, cfg.train.text_cache_size)
-    cond_probs = cfg.train.conditioning
-    sample_log = _open_sample_log(out / WORKERS_DIR / f"samples-rank-{rank}.jsonl") if cfg.train.log_sample_ids else None
-
-    logger.info(
-        "training %s (%s params) on %d clips, %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
-        cfg.model.preset,
-        f"{sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in engine.module.parameters()):,}",
-        len(index), world_size, cfg.train.batch_size, cfg.train.grad_accum_steps, cfg.deepspeed.zero_stage,
-        session.name, state.step,
-    )
-    window = _Window()
-    start_step, start_time = state.step, time.perf_counter()
-    skipped_total: dict[str, int] = {}
-    unsynced_samples = 0  # clips this rank trained on since the last checkpoint
-    while state.step < cfg.train.max_steps:
-        step_start = time.perf_counter()
-        step_ids: list[tuple[list[int], list[int]]] = []
-        for _ in range(cfg.train.grad_accum_steps):
-            wait_start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                # streams are endless; only readers that own no clip stop (preflight prevents that)
-                raise RuntimeError(f"rank {rank}: every data reader stopped; no clips reach this worker")
-            window.data_wait_s += time.perf_counter() - wait_start
-            with torch.no_grad():
-                # uint8 crosses to the device (4x fewer bytes than float), then scales there
-                frames = frames_to_model(batch["frames"].to(device, non_blocking=True))  # (B, 3, T, H, W)
-                latents = autoencoder.encode(frames).to(compute_dtype)  # (B, C, T', H', W')
-                text, text_mask = text_cache.embed(batch["captions"])  # (B, L, Dt), (B, L)
-            B, _, num_latent_frames = latents.shape[:3]
-            cond_mask = sample_condition_masks(B, num_latent_frames, cond_probs).to(device)  # (B, T')
-            drop_text = (torch.rand(B) < cfg.train.text_dropout).to(device)  # (B,)
-            loss, stats = training_loss(
-                functools.partial(engine, drop_text=drop_text),
-                latents,
-                text.to(device, compute_dtype),
-                text_mask.to(device),
-                cond_mask,
-                shift=cfg.train.timestep_shift,  # None: the latent size's default
-            )
-            engine.backward(loss)
-            engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
-            window.loss_sum += stats["loss"]  # stays a device tensor: no host sync until the log line
-            window.micro_steps += 1
-            window.samples += B
-            window.count_tokens(frames.shape[2:], latents.shape[2:], dit_cfg, text.shape[1], B)
-            unsynced_samples += B
-            step_ids.append((batch["epochs"] + batch["skipped_epochs"], batch["indices"] + batch["skipped_indices"]))
-            for reason, count in batch["skipped"].items():
-                skipped_total[reason] = skipped_total.get(reason, 0) + count
-                window.skipped += count
-        ema.update()
-        state.step += 1
-        window.grad_norm = engine.get_global_grad_norm()  # after clipping's measurement; None before the first step
-        for epochs, indices in step_ids:
-            position.mark(epochs, indices)
-        if sample_log is not None:
-            sample_log.write(json.dumps({"step": state.step, "ids": [list(x) for x in step_ids]}) + "\n")
-            sample_log.flush()
-        window.step_s += time.perf_counter() - step_start
-        window.steps += 1
-
-        if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.max_steps:
-            metrics = window.reduce(world_size, device, peak_flops_per_device(device))
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics["epoch"] = float(position.epoch)
-            steps_done = state.step - start_step
-            eta_s = (time.perf_counter() - start_time) / steps_done * (cfg.train.max_steps - state.step)
-            logger.info(
-                "step %d/%d loss %.4f lr %.2e clips/s %.1f data-wait %.1f%% ETA %s",
-                state.step, cfg.train.max_steps, metrics["loss"], metrics["lr"], metrics["clips_per_s"],
-                100 * metrics["data_wait_fraction"], _format_eta(eta_s),
-            )
-            tracker.log_metrics(metrics, step=state.step)
-            window = _Window()
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
-            state.samples_seen += _sum_over_ranks(unsynced_samples, device)
-            unsynced_samples = 0
-            _checkpoint(engine, ema, state, position, session, out, tracker)
-        if cfg.train.eval_every_steps and state.step % cfg.train.eval_every_steps == 0:
-            # Outside step_s: the window's clips/s and step time measure training only.
-            eval_start = time.perf_counter()
-            _log_eval_samples(ema, dit_cfg, cfg, autoencoder, text_encoder, device, rank, tracker, state.step)
-            window.eval_s += time.perf_counter() - eval_start
-
-    if sample_log is not None:
-        sample_log.close()
-    _export_bundle(ema, dit_cfg, cfg, out, rank, tracker)
-    elapsed_s = time.perf_counter() - start_time
-    if rank == 0:
-        logger.info(
-            "done: step %d, %d clips seen, %.1f s this attempt, skipped on rank 0 %s, text cache %d hits / %d misses",
-            state.step, state.samples_seen, elapsed_s, skipped_total or "none", text_cache.hits, text_cache.misses,
-        )
-    tracker.end("FINISHED")
-    return state
+    compute_dtype = torch.bfloat16 if use_bf16(cfg.deepspeed, cfg.scaling) else torch.float32
+    return Components(device, autoencoder, text_encoder, dit_cfg, engine, scheduler, ema, compute_dtype)
 
 
-def _resume_dir(session: RaySession | TorchrunSession, args: WorkerArgs, resources: contextlib.ExitStack) -> Path | None:
+def _resume_dir(session: Session, args: WorkerArgs, resources: contextlib.ExitStack) -> Path | None:
     """Ray's restart checkpoint (entered on `resources`, which keeps a downloaded copy alive until
     it is closed), else --resume, else None."""
     restart = session.restart_checkpoint()
@@ -345,201 +211,203 @@ def _resume_dir(session: RaySession | TorchrunSession, args: WorkerArgs, resourc
     return Path(args.resume_from) if args.resume_from is not None else None
 
 
-class _Window:
-    """Counters over one logging interval, reduced across ranks when logged."""
-
-    def __init__(self) -> None:
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.micro_steps = 0
-        self.samples = 0
-        self.skipped = 0  # bad or too-short clips the readers passed over
-        self.steps = 0
-        self.step_s = 0.0
-        self.data_wait_s = 0.0
-        self.eval_s = 0.0  # rank 0 sampling eval videos (other ranks wait for it in the next collective)
-        self.tokens = 0  # DiT tokens (spacetime patches) trained on
-        self.flops = 0.0  # model FLOPs of those tokens (flops_per_token: 6 x params + attention)
-        self.bucket_tokens: dict[str, int] = {}  # "TxHxW" of the pixel clip -> tokens
-        self.grad_norm: Any = None
-
-    def count_tokens(self, frame_shape: Any, latent_shape: Any, dit_cfg: Any, num_text_tokens: int, batch: int) -> None:
-        """Account one micro-batch: frame_shape (T, H, W) names its bucket, latent_shape (T', H', W') its tokens."""
-        pt, ph, pw = dit_cfg.patch_size
-        num_tokens = (latent_shape[0] // pt) * (latent_shape[1] // ph) * (latent_shape[2] // pw)
-        tokens = batch * num_tokens
-        self.tokens += tokens
-        self.flops += flops_per_token(dit_cfg, num_tokens, num_text_tokens) * tokens
-        bucket = "x".join(str(int(d)) for d in frame_shape)
-        self.bucket_tokens[bucket] = self.bucket_tokens.get(bucket, 0) + tokens
-
-    def reduce(self, world_size: int, device: torch.device, peak_flops: float | None) -> dict[str, float]:
-        local = torch.tensor(
-            [float(self.loss_sum), self.micro_steps, self.samples, self.skipped, self.step_s, self.data_wait_s,
-             self.tokens, self.flops],
-            dtype=torch.float64,
-        ).to(device)
-        buckets: list[dict[str, int]] = [self.bucket_tokens]
-        if dist.is_initialized():
-            dist.all_reduce(local)  # sums over ranks
-            # ranks train different buckets, so the key sets differ: gather the small dicts instead
-            buckets = [{} for _ in range(world_size)]
-            dist.all_gather_object(buckets, self.bucket_tokens)
-        loss_sum, micro_steps, samples, skipped, step_s, data_wait_s, tokens, flops = local.tolist()
-        step_s_per_rank = step_s / world_size
-        wall_s = max(step_s_per_rank, 1e-9)
-        metrics = {
-            "loss": loss_sum / max(1, micro_steps),
-            "clips_per_s": samples / wall_s,
-            "tokens_per_s": tokens / wall_s,
-            "step_s": step_s_per_rank / max(1, self.steps),
-            "data_wait_fraction": data_wait_s / max(step_s, 1e-9),
-            "skipped_clips": skipped,
-            "eval_s": self.eval_s,
-        }
-        if self.grad_norm is not None:
-            metrics["grad_norm"] = float(self.grad_norm)
-        for bucket in sorted({key for rank_buckets in buckets for key in rank_buckets}):
-            # per-bucket throughput over the window's wall time: how much each shape contributes
-            metrics[f"bucket/{bucket}/tokens_per_s"] = sum(b.get(bucket, 0) for b in buckets) / wall_s
-        if peak_flops:
-            metrics["mfu"] = flops / wall_s / (peak_flops * world_size)
-        return metrics
+# --- 2. resume, 3. track ---------------------------------------------------------------------
 
 
-# Dense bf16 tensor-core peak per GPU (vendor datasheets, without sparsity), for the MFU estimate.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+def resume(parts: Components, cfg: TrainingConfig, session: Session, resume_dir: Path | None) -> TrainerState:
+    """The checkpoint's state, with its weights, optimizer, EMA and RNG loaded into `parts`; or a
+    fresh state. Either way the state then describes this run (config hash, world size, stage)."""
+    current_hash = config_hash(cfg)
+    state = TrainerState(config_hash=current_hash, world_size=session.world_size, zero_stage=cfg.deepspeed.zero_stage)
+    if resume_dir is not None:
+        state = load_checkpoint(parts.engine, parts.ema, resume_dir)
+    if state.step == 0 or session.rank >= len(state.rng):
+        # fresh start, or a rank that did not exist before the resume: its own seeded streams
+        torch.manual_seed(cfg.train.seed * 1_000_003 + state.step * 101 + session.rank)
+    if state.config_hash and state.config_hash != current_hash:
+        logger.warning("config changed since the checkpoint (hash %s -> %s)", state.config_hash, current_hash)
+    state.config_hash, state.world_size, state.zero_stage = current_hash, session.world_size, cfg.deepspeed.zero_stage
+    return state
 
 
-def peak_flops_per_device(device: torch.device) -> float | None:
-    """The device's peak bf16 FLOP/s when it is a GPU we know; None (no MFU metric) on CPU or unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+def start_tracking(cfg: TrainingConfig, out: Path, state: TrainerState, args: WorkerArgs, rank: int) -> Tracker:
+    """Rank 0 continues the checkpoint's MLflow run, else the driver's, else starts one (params on
+    a fresh start only); every other rank gets a tracker whose methods do nothing."""
+    tracker = Tracker(cfg.mlflow, out, rank=rank)
+    # Tags hash the data manifest and ask git: work only rank 0's (active) tracker needs.
+    tags = run_tags(state.config_hash, args.data) if rank == 0 else {}
+    run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=tags)
+    if rank == 0:
+        state.mlflow_run_id = run_id
+        if state.step == 0:
+            tracker.log_params(flat_params(cfg))
+    return tracker
 
 
-def _sum_over_ranks(value: int, device: torch.device) -> int:
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    return int(total.item())
+def open_data(
+    parts: Components, cfg: TrainingConfig, index: ClipIndex, state: TrainerState, out: Path, session: Session
+) -> Progress:
+    """This rank's endless batches from the checkpoint's data position on, and the loop's counters."""
+    position = (
+        DataPosition.from_state_dict(state.data_position, len(index))
+        if state.data_position is not None
+        else DataPosition(len(index))
+    )
+    dataset = ClipBatches(index, cfg.model, cfg.train.batch_size, cfg.train.seed, session.rank, session.world_size, position)
+    sample_log = None
+    if cfg.train.log_sample_ids:
+        sample_log = _open_sample_log(out / WORKERS_DIR / f"samples-rank-{session.rank}.jsonl")
+    return Progress(
+        position=position,
+        batches=iter(make_loader(dataset, cfg.train.data_workers)),
+        text_cache=TextEmbeddingCache(parts.text_encoder, cfg.train.text_cache_size),
+        sample_log=sample_log,
+        start_step=state.step,
+    )
 
 
-def _checkpoint(
-    engine: Any, ema: ParameterEMA, state: TrainerState, position: DataPosition, session: Any, out: Path, tracker: Any
+def _log_start(parts: Components, cfg: TrainingConfig, num_clips: int, session: Session, step: int) -> None:
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in parts.engine.module.parameters())
+    logger.info(
+        "training %s (%s params) on %d clips, %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
+        cfg.model.preset, f"{params:,}", num_clips, session.world_size, cfg.train.batch_size,
+        cfg.train.grad_accum_steps, cfg.deepspeed.zero_stage, session.name, step,
+    )  # fmt: skip
+
+
+# --- 4. train: one step, then log / checkpoint / evaluate when due -----------------------------
+
+
+def optimizer_step(parts: Components, train: TrainSection, state: TrainerState, progress: Progress, rank: int) -> None:
+    """`train.grad_accum_steps` micro-steps (DeepSpeed steps the optimizer at the boundary), the
+    EMA update, then the step's clips marked consumed: only now, after the step."""
+    step_start = time.perf_counter()
+    step_ids: list[tuple[list[int], list[int]]] = []
+    for _ in range(train.grad_accum_steps):
+        wait_start = time.perf_counter()
+        batch = next(progress.batches, None)
+        if batch is None:
+            # streams are endless; only readers that own no clip stop (preflight prevents that)
+            raise RuntimeError(f"rank {rank}: every data reader stopped; no clips reach this worker")
+        progress.window.data_wait_s += time.perf_counter() - wait_start
+        _micro_step(parts, train, batch, progress)
+        step_ids.append((batch["epochs"] + batch["skipped_epochs"], batch["indices"] + batch["skipped_indices"]))
+        for reason, count in batch["skipped"].items():
+            progress.skipped_total[reason] = progress.skipped_total.get(reason, 0) + count
+            progress.window.skipped += count
+    parts.ema.update()
+    state.step += 1
+    progress.window.grad_norm = parts.engine.get_global_grad_norm()  # after clipping's measurement; None before the first step
+    for epochs, indices in step_ids:
+        progress.position.mark(epochs, indices)
+    if progress.sample_log is not None:
+        progress.sample_log.write(json.dumps({"step": state.step, "ids": [list(x) for x in step_ids]}) + "\n")
+        progress.sample_log.flush()
+    progress.window.step_s += time.perf_counter() - step_start
+    progress.window.steps += 1
+
+
+def _micro_step(parts: Components, train: TrainSection, batch: dict[str, Any], progress: Progress) -> None:
+    """Forward and backward of one batch; DeepSpeed accumulates until the step boundary."""
+    device = parts.device
+    with torch.no_grad():
+        # uint8 crosses to the device (4x fewer bytes than float), then scales there
+        frames = frames_to_model(batch["frames"].to(device, non_blocking=True))  # (B, 3, T, H, W)
+        latents = parts.autoencoder.encode(frames).to(parts.compute_dtype)  # (B, C, T', H', W')
+        text, text_mask = progress.text_cache.embed(batch["captions"])  # (B, L, Dt), (B, L)
+    B, _, num_latent_frames = latents.shape[:3]
+    cond_mask = sample_condition_masks(B, num_latent_frames, train.conditioning).to(device)  # (B, T')
+    drop_text = (torch.rand(B) < train.text_dropout).to(device)  # (B,)
+    loss, stats = training_loss(
+        functools.partial(parts.engine, drop_text=drop_text),
+        latents,
+        text.to(device, parts.compute_dtype),
+        text_mask.to(device),
+        cond_mask,
+        shift=train.timestep_shift,  # None: the latent size's default
+    )
+    parts.engine.backward(loss)
+    parts.engine.step()  # an optimizer step (and LR step) only at the accumulation boundary
+    window = progress.window
+    window.loss_sum += stats["loss"]  # stays a device tensor: no host sync until the log line
+    window.micro_steps += 1
+    window.samples += B
+    window.count_tokens(frames.shape[2:], latents.shape[2:], parts.dit_cfg, text.shape[1], B)
+    progress.unsynced_samples += B
+
+
+def _due(step: int, every_steps: int, max_steps: int) -> bool:
+    return step % every_steps == 0 or step == max_steps
+
+
+def log_progress(
+    parts: Components, train: TrainSection, state: TrainerState, progress: Progress, tracker: Tracker, world_size: int
 ) -> None:
-    """Merge every rank's data position into the state, save, publish (Ray: report)."""
-    states: list[Any] = [None] * session.world_size
-    dist.all_gather_object(states, position.state_dict())
-    merged = DataPosition(position.num_samples)
-    for other in states:
-        merged.merge(DataPosition.from_state_dict(other, position.num_samples))
+    """The window's metrics, reduced over ranks: one log line (rank 0) and MLflow; then a new window."""
+    metrics = progress.window.reduce(world_size, parts.device, peak_flops_per_device(parts.device))
+    metrics["lr"] = parts.scheduler.get_last_lr()[0]
+    metrics["epoch"] = float(progress.position.epoch)
+    steps_done = state.step - progress.start_step
+    eta_s = (time.perf_counter() - progress.start_time) / steps_done * (train.max_steps - state.step)
+    logger.info(
+        "step %d/%d loss %.4f lr %.2e clips/s %.1f data-wait %.1f%% ETA %s",
+        state.step, train.max_steps, metrics["loss"], metrics["lr"], metrics["clips_per_s"],
+        100 * metrics["data_wait_fraction"], format_eta(eta_s),
+    )  # fmt: skip
+    tracker.log_metrics(metrics, step=state.step)
+    progress.window = MetricsWindow()
+
+
+def checkpoint(
+    parts: Components, state: TrainerState, progress: Progress, session: Session, out: Path, tracker: Tracker
+) -> None:
+    """Count every rank's clips, merge every rank's data position into the state, save, publish (Ray: report)."""
+    state.samples_seen += sum_over_ranks(progress.unsynced_samples, parts.device)
+    progress.unsynced_samples = 0
+    positions: list[Any] = [None] * session.world_size
+    dist.all_gather_object(positions, progress.position.state_dict())
+    merged = DataPosition(progress.position.num_samples)
+    for other in positions:
+        merged.merge(DataPosition.from_state_dict(other, progress.position.num_samples))
     state.data_position = merged.state_dict()
     directory = session.checkpoint_dir(out, state.step)
     with tracker.checkpoint_timer():
-        save_checkpoint(engine, ema, state, directory)
+        save_checkpoint(parts.engine, parts.ema, state, directory)
         session.publish(directory, {"step": state.step, "samples_seen": state.samples_seen})
 
 
-def _export_bundle(ema: ParameterEMA, dit_cfg: Any, cfg: ReelforgeConfig, out: Path, rank: int, tracker: Any) -> None:
-    """Rank 0 writes the inference bundle from the gathered EMA weights (collective gather first)."""
-    weights = ema.full_state_dict()
-    if rank != 0:
-        return
-    from model.bundle import save_bundle
-
-    bundle_dir = out / BUNDLE_DIR
-    save_bundle(
-        bundle_dir,
-        weights,
-        dit_cfg,
-        autoencoder=cfg.model.autoencoder,
-        text_encoder=cfg.model.text_encoder,
-        fps=cfg.model.fps,
-        num_frames=cfg.model.num_frames,
-        width=cfg.model.width,
-        height=cfg.model.height,
-        extra={
-            "config_hash": config_hash(cfg),
-            "ema_decay": cfg.train.ema_decay,
-            "generation": generation_defaults(cfg.train),
-        },
-    )
-    tracker.log_artifacts(bundle_dir, "bundle")
-    logger.info("inference bundle (EMA weights) in %s", bundle_dir)
+def evaluate(parts: Components, cfg: TrainingConfig, progress: Progress, rank: int, tracker: Tracker, step: int) -> None:
+    """Eval samples from the EMA weights (training/eval_samples.py), timed apart from the steps."""
+    # Outside step_s: the window's clips/s and step time measure training only.
+    eval_start = time.perf_counter()
+    log_eval_samples(parts.ema, parts.dit_cfg, cfg, parts.autoencoder, parts.text_encoder, parts.device, rank, tracker, step)
+    progress.window.eval_s += time.perf_counter() - eval_start
 
 
-def generation_defaults(train: Any) -> dict[str, float]:
-    """Sampling defaults the bundle records for `reelforge generate` and serving."""
-    # Sampling must integrate the same shifted schedule the model was trained on.
-    defaults = {"shift": train.timestep_shift}
-    if train.text_dropout == 0:
-        # Never trained on the null text, so classifier-free guidance would extrapolate towards an
-        # unconditional prediction the model does not have: sample with the caption alone.
-        defaults["guidance"] = 1.0
-    return defaults
+# --- 5. export ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _log_eval_samples(
-    ema: ParameterEMA,
-    dit_cfg: Any,
-    cfg: ReelforgeConfig,
-    autoencoder: Any,
-    text_encoder: Any,
-    device: torch.device,
-    rank: int,
-    tracker: Any,
-    step: int,
+def finish(
+    parts: Components, cfg: TrainingConfig, state: TrainerState, progress: Progress, out: Path, rank: int, tracker: Tracker
 ) -> None:
-    """Rank 0 samples each of `train.eval_prompts` with the EMA weights at the reference bucket and
-    logs the MP4s as samples/step-NNNNNN/<prompt slug>.mp4. The EMA gather is collective (ZeRO-3
-    shards), so every rank calls this; only rank 0 samples."""
-    weights = ema.full_state_dict()
+    """Export the bundle, log what this attempt did, end the MLflow run."""
+    if progress.sample_log is not None:
+        progress.sample_log.close()
+    export_bundle(parts.ema, parts.dit_cfg, cfg, out, rank, tracker)
+    elapsed_s = time.perf_counter() - progress.start_time
     if rank == 0:
-        _sample_eval_videos(weights, dit_cfg, cfg, autoencoder, text_encoder, device, tracker, step)
-    if dist.is_initialized():
-        # Other ranks wait here, inside the eval time, not in the next step's gradient all-reduce.
-        dist.barrier()
-
-
-def _sample_eval_videos(
-    weights: dict[str, torch.Tensor],
-    dit_cfg: Any,
-    cfg: ReelforgeConfig,
-    autoencoder: Any,
-    text_encoder: Any,
-    device: torch.device,
-    tracker: Any,
-    step: int,
-) -> None:
-    from model.dit import DiT
-    from model.rectified_flow import sample
-    from model.video_io import from_model, write_mp4
-
-    # A plain fp32 DiT on the EMA weights: the training engine's weights (and its ZeRO state) stay untouched.
-    with torch.device("meta"):
-        dit = DiT(dit_cfg)
-    dit.load_state_dict({name: w.to(device) for name, w in weights.items()}, assign=True)
-    dit.eval()
-    num_latent = autoencoder.latent_frames(cfg.model.num_frames)
-    sf = autoencoder.spatial_factor
-    latent_shape = (1, autoencoder.latent_channels, num_latent, cfg.model.height // sf, cfg.model.width // sf)
-    # Fixed noise per prompt (seeded by its position), so samples at different steps are comparable.
-    for i, prompt in enumerate(cfg.train.eval_prompts):
-        generator = torch.Generator().manual_seed(cfg.train.seed + i)
-        noise = torch.randn(latent_shape, generator=generator).to(device)  # (1, C, T, H, W)
-        text, text_mask = text_encoder.encode([prompt])  # (1, L, Dt), (1, L)
-        latents = sample(
-            dit, noise, text.to(device), text_mask.to(device),
-            steps=cfg.train.eval_sampling_steps, guidance=cfg.train.eval_guidance, shift=cfg.train.timestep_shift,
+        logger.info(
+            "done: step %d, %d clips seen, %.1f s this attempt, skipped on rank 0 %s, text cache %d hits / %d misses",
+            state.step, state.samples_seen, elapsed_s, progress.skipped_total or "none",
+            progress.text_cache.hits, progress.text_cache.misses,
         )  # fmt: skip
-        frames = from_model(autoencoder.decode(latents)[:, :, : cfg.model.num_frames])  # (T, H, W, 3) uint8
-        tracker.log_sample_video(write_mp4(frames, cfg.model.fps), prompt, step)
-    logger.info("step %d: logged %d eval samples", step, len(cfg.train.eval_prompts))
+    tracker.end("FINISHED")
 
 
-def _open_sample_log(path: Path) -> Any:
+# --- worker files ------------------------------------------------------------------------------
+
+
+def _open_sample_log(path: Path) -> TextIO:
     """Append mode; a line torn by a killed predecessor is ended first, so the next record parses."""
     handle = path.open("a+b")
     if handle.tell() > 0:
@@ -555,49 +423,3 @@ def _write_pid(out: Path, rank: int) -> None:
     directory = out / WORKERS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rank-{rank}.pid").write_text(str(os.getpid()))
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# --- torchrun entry ---------------------------------------------------------------------------
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments `reelforge train` and `torchrun -m training.loop` share."""
-    add_config_args(parser)
-    parser.add_argument("--data", required=True, help="ingest output folder (local path or pyarrow URI such as s3://...)")
-    parser.add_argument("--out", help="output folder (default ./runs/<config name>)")
-    parser.add_argument("--resume", metavar="CKPT", help="checkpoint folder to continue from (same MLflow run)")
-
-
-def default_out(args: argparse.Namespace) -> Path:
-    return Path(args.out or Path("runs") / (Path(args.config).stem if args.config else "default"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc_per_node N -m training.loop --config F --data SHARDS [--out DIR] [--resume CKPT]`."""
-    parser = argparse.ArgumentParser(prog="python -m training.loop", description=__doc__.splitlines()[0])
-    add_run_args(parser)
-    args = parser.parse_args(argv)
-    session = TorchrunSession()
-    setup_logging(rank=session.rank)
-    cfg = config_from_args(args)
-    out = str(default_out(args))
-    if args.resume is not None:
-        from training.train import check_world_size
-
-        try:
-            check_world_size(cfg, read_trainer_state(args.resume))
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
-    run_training(WorkerArgs(config=cfg, data=args.data, out=out, resume_from=args.resume), session)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,42 +4,41 @@
     version = register(run_id, "reelforge-t2v", "candidate", tracking_uri=uri)
     log_and_register("runs/tiny/bundle", run_id, cfg.registry, uri)   # both, as the training driver does
 
-`reelforge register --run-id ID [--name NAME] [--alias A] [--bundle DIR]` registers the
-run's logged model. A run that has no logged model yet is logged first, from `--bundle DIR`
-or else from the run's `bundle/` artifact; with neither it stops with a one-line error.
-Registering never retrains or re-exports: the bundle the run produced is what ships.
+    promote("reelforge-t2v", "champion", tracking_uri=uri, from_alias="candidate")
+
+`register` (what `reelforge register` calls) registers the run's logged model. A run that has no
+logged model yet is logged first, from `bundle_dir` or else from the run's `bundle/` artifact;
+with neither it stops with a one-line ValueError. Registering never retrains or re-exports: the
+bundle the run produced is what ships.
+
+`promote` (what `reelforge promote` calls) moves a registry alias to a model version: the release
+step after a candidate has been checked. Serving and `reelforge generate` resolve
+`models:/NAME@champion` at load time, so moving the alias is the whole deployment (and moving it
+back is the rollback).
 
 Registering is idempotent: a version of NAME from the same run with the same bundle (its sha256,
 tag `reelforge.bundle_sha256` on the logged model and the version, or else the same logged model)
 is reused and only the alias moves, so rerunning a finished training (`make demo` twice) adds no
 version for unchanged weights.
 
-The tracking store is `--tracking-uri`, else `mlflow.tracking_uri` (`--set`), else
-`$MLFLOW_TRACKING_URI`, else the SQLite store of the training output folder `--out DIR`.
-The model registry lives in the same store.
+The model registry lives in the tracking store (`tracking_uri`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from infra.config import add_config_args, config_from_args, format_validation_error
-from infra.logs import setup_logging
 from model.bundle import bundle_sha256
 from model.errors import one_line
 from training.config import RegistrySection
-from training.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +177,16 @@ def check_names(name: str, alias: str) -> None:
     try:
         RegistrySection(model_name=name, alias=alias)
     except ValidationError as exc:
-        raise ValueError(format_validation_error(exc)) from None
+        raise ValueError(_validation_line(exc)) from None
+
+
+def _validation_line(exc: ValidationError) -> str:
+    """`alias: String should match pattern '...' (got 'Not An Alias')`: pydantic's errors as one
+    line, each naming the field and the value given."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']} (got {error['input']!r})"
+        for error in exc.errors()
+    )
 
 
 def log_and_register(bundle_dir: str | Path, run_id: str, registry: RegistrySection, tracking_uri: str) -> Any:
@@ -208,6 +216,37 @@ def _log_from_bundle(run_id: str, client: Any, tracking_uri: str, bundle_dir: st
     with tempfile.TemporaryDirectory(prefix="reelforge-register-") as tmp:
         local = client.download_artifacts(run_id, BUNDLE_ARTIFACT_DIR, tmp)
         return log_model(local, run_id, tracking_uri=tracking_uri).model_uri
+
+
+def promote(
+    name: str, alias: str, *, tracking_uri: str, version: int | None = None, from_alias: str | None = None
+) -> Any:
+    """Point `alias` of model `name` at `version`, or at the version `from_alias` points to now.
+    Returns that ModelVersion; the version the alias left is logged."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if (version is None) == (from_alias is None):
+        raise ValueError("give exactly one of version or from_alias")
+    check_names(name, alias)
+    client = MlflowClient(tracking_uri)
+    if from_alias is not None:
+        try:
+            target = client.get_model_version_by_alias(name, from_alias)
+        except MlflowException:
+            raise ValueError(f"model {name!r} has no alias {from_alias!r}") from None
+    else:
+        try:
+            target = client.get_model_version(name, str(version))
+        except MlflowException:
+            raise ValueError(f"model {name!r} has no version {version}") from None
+    try:
+        previous = client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        previous = None  # first time this alias is set
+    client.set_registered_model_alias(name, alias, target.version)
+    logger.info("%s@%s: version %s -> %s", name, alias, previous or "(unset)", target.version)
+    return target
 
 
 # --- a registered model as a local bundle (what `reelforge generate --model models:/...` loads) ---
@@ -269,66 +308,3 @@ def _pin_version(client: Any, model_uri: str) -> str:
 def _default_cache_dir() -> Path:
     base = os.environ.get("REELFORGE_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "reelforge") / "models"
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def add_store_args(parser: argparse.ArgumentParser) -> None:
-    """--tracking-uri / --out plus --config/--set: the ways to name the MLflow store."""
-    parser.add_argument(
-        "--tracking-uri", help="MLflow tracking/registry URI (default: mlflow.tracking_uri, $MLFLOW_TRACKING_URI)"
-    )
-    parser.add_argument("--out", metavar="DIR", help="training output folder whose embedded store (mlflow.db) to use")
-    add_config_args(parser)
-
-
-def store_uri(args: argparse.Namespace) -> str:
-    """The store named on the command line; exits with one line when there is none."""
-    if args.tracking_uri:
-        return args.tracking_uri
-    cfg = config_from_args(args)
-    if args.out is not None and not (Path(args.out) / "mlflow.db").is_file() and not cfg.mlflow.tracking_uri:
-        raise SystemExit(f"error: --out {args.out}: no mlflow.db there (not a training output folder?)")
-    try:
-        return resolve_tracking_uri(cfg.mlflow, args.out)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc} (--tracking-uri or --out DIR)") from None
-
-
-def run_command(action: Callable[[], str]) -> int:
-    """Run a command's action: print its one-line result and return 0, or print a one-line error
-    (bad value, unknown run / version / alias) and return 2."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        print(action())
-    except (ValueError, MlflowException) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reelforge register", description="Register a training run's model.")
-    parser.add_argument("--run-id", required=True, help="MLflow run id of the training run")
-    parser.add_argument("--name", help="registered model name (default: registry.model_name)")
-    parser.add_argument("--alias", help="alias for the new version (default: registry.alias, 'candidate')")
-    parser.add_argument("--bundle", metavar="DIR", help="bundle folder to log if the run has no logged model")
-    add_store_args(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = config_from_args(args)
-    uri = store_uri(args)
-    name = args.name or cfg.registry.model_name
-    alias = args.alias or cfg.registry.alias
-
-    def action() -> str:
-        model_version = register(args.run_id, name, alias, tracking_uri=uri, bundle_dir=args.bundle)
-        return f"registered {name} version {model_version.version} as @{alias} (models:/{name}@{alias})"
-
-    return run_command(action)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

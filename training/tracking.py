@@ -30,10 +30,12 @@ import contextlib
 import logging
 import os
 import re
+import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +162,13 @@ def restart_lost_s(last_log_time_s: float, last_step: int, now_s: float, new_ste
     return max(0.0, gap_s - max(0, new_step - last_step) * step_time_s)
 
 
-def _step_time_s(history: list[Any]) -> float:
-    """Seconds per step between the last two logged points of one metric history (0 if unknown)."""
-    points = sorted(history, key=lambda m: (m.step, m.timestamp))[-2:]
-    if len(points) < 2 or points[1].step <= points[0].step:
-        return 0.0
-    return max(0.0, (points[1].timestamp - points[0].timestamp) / 1000 / (points[1].step - points[0].step))
+def normal_step_s(history: list[Any], intervals: int = 4) -> float:
+    """Seconds a step normally takes, from the last `intervals` gaps between logged points of one
+    metric history (0 if unknown). The lower median, so a gap stretched by a checkpoint save (counted
+    apart, as checkpoint time) or by eval samples does not pass for a normal step."""
+    points = sorted(history, key=lambda m: (m.step, m.timestamp))[-(intervals + 1) :]
+    per_step = [(b.timestamp - a.timestamp) / 1000 / (b.step - a.step) for a, b in zip(points, points[1:]) if b.step > a.step]
+    return max(0.0, statistics.median_low(per_step)) if per_step else 0.0
 
 
 # --- the tracker -------------------------------------------------------------------------
@@ -185,7 +188,10 @@ class Tracker:
         self._client: Any = None
         # per metric key: the last step already in the run (resume skips anything at or below it)
         self._last_step: dict[str, int] = {}
-        self._pending: list[Any] = []  # async log_batch operations not yet confirmed
+        # Metric batches go out on one thread of our own, so they land in the order they were logged
+        # and a slow store never stalls a step; the futures say when each has landed or failed.
+        self._sender: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []  # batches not yet confirmed
         self._checkpoint_s = 0.0
         self._restart_s = 0.0
         self._run_start_s = time.time()
@@ -241,14 +247,17 @@ class Tracker:
         if not self.active or self.run_id is None:
             return
         self.flush()
+        if self._sender is not None:
+            self._sender.shutdown()
+            self._sender = None
         self._client.set_terminated(self.run_id, status=status)
         logger.info("MLflow run %s ended: %s", self.run_id, status)
 
     def flush(self) -> None:
         """Block until every asynchronously logged batch has landed (raises if one failed)."""
         pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        for future in pending:
+            future.result()
 
     @property
     def last_logged_step(self) -> int:
@@ -323,11 +332,12 @@ class Tracker:
                 continue
             self._last_step[key] = step
             batch.append(Metric(key[:MAX_KEY_CHARS], float(value), timestamp_ms, step))
-        self._pending = [op for op in self._pending if not _finished(op)]
+        self._pending = [future for future in self._pending if not _settled(future)]
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reelforge-mlflow")
         for start in range(0, len(batch), METRICS_PER_BATCH):
-            self._pending.append(
-                self._client.log_batch(self.run_id, metrics=batch[start : start + METRICS_PER_BATCH], synchronous=False)
-            )
+            chunk = batch[start : start + METRICS_PER_BATCH]
+            self._pending.append(self._sender.submit(self._client.log_batch, self.run_id, metrics=chunk))
 
     # -- goodput --
 
@@ -389,21 +399,19 @@ class Tracker:
             self._last_step[key] = last.step
             last_time_s = max(last_time_s, last.timestamp / 1000)
             if key not in GOODPUT_KEYS:
-                step_time_s = max(step_time_s, _step_time_s(history))
+                step_time_s = max(step_time_s, normal_step_s(history))
         self._checkpoint_s = run.data.metrics.get("goodput/checkpoint_s", 0.0)
         self._restart_s = run.data.metrics.get("goodput/restart_s", 0.0)
         if self._last_step:
             self._resume_gap = (last_time_s, self.last_logged_step, step_time_s)
 
 
-def _finished(operation: Any) -> bool:
+def _settled(future: Future) -> bool:
     """True once an async batch has landed or failed. A failure is logged, not raised: a tracking
     server hiccup must not kill hours of training (`flush()` at the end still raises)."""
-    # RunOperations exposes only wait(); its futures tell whether waiting would block
-    if not all(future.done() for future in getattr(operation, "_operation_futures", [])):
+    if not future.done():
         return False
-    try:
-        operation.wait()
-    except Exception as exc:  # noqa: BLE001 - MlflowException wrapping whatever the store raised
-        logger.error("MLflow metrics batch failed: %s", exc)
+    error = future.exception()
+    if error is not None:
+        logger.error("MLflow metrics batch failed: %s", error)
     return True

@@ -30,7 +30,7 @@ def clip_frames(number: int, num_frames: int, width: int, height: int) -> np.nda
 
 
 def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
-    from model.video_io import write_mp4
+    from model.mp4 import write_mp4
 
     return write_mp4(frames, fps)
 

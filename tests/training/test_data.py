@@ -175,7 +175,7 @@ def test_reads_real_ingest_output(ray_local, tmp_path):
     from fractions import Fraction
 
     from infra.footage import FootageSpec, varied_shots, write_video
-    from pipelines.ingest import main as ingest
+    from infra.ingest import main as ingest
 
     src = tmp_path / "src"
     for i in range(2):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from infra.config import load_config
-from training.loop import BUNDLE_DIR, WorkerArgs
+from training.export import BUNDLE_DIR
+from training.loop import WorkerArgs
 
 # No conditioning frames, no text dropout, raw weights exported (ema_decay 0): the loss curve and
 # the bundle then depend only on the optimizer, which is what these tests look at.
@@ -32,7 +33,7 @@ def run_ray(shards: Path, out: Path, overrides: list[str], tracking_uri: str):
     """Fit `train_loop` on the Ray instance the `ray_local` fixture started; returns Ray's Result."""
     from training.train import build_trainer
 
-    cfg = load_config("train/tiny", [*overrides, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-loop"])
+    cfg = load_config("train/tiny", [*overrides, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-loop"]).training()
     args = WorkerArgs(config=cfg, data=str(shards), out=str(out))
     return build_trainer(cfg, args, out, run_name=out.name).fit()
 

@@ -1,4 +1,4 @@
-"""training/registry.py, training/promote.py and `reelforge generate --model models:/...` against real MLflow:
+"""training/registry.py, `reelforge register` / `promote` (infra/) and `reelforge generate --model models:/...` against real MLflow:
 a SQLite store in tmp_path, and a real `mlflow server` on a free loopback port. The model is a tiny
 random-initialised DiT with the pixel autoencoder and the offline MiniLM, saved by `save_bundle`."""
 
@@ -78,8 +78,7 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
     import mlflow
     from mlflow import MlflowClient
 
-    from infra import generate
-    from training import promote, registry
+    from infra import generate, promote, register
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -88,7 +87,7 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
     client = MlflowClient(uri)
 
     # no logged model yet: `register` logs the run's bundle/ artifact first
-    rc, out, err = cli(registry, ["--run-id", run_id, "--name", "fox", "--tracking-uri", uri], capsys)
+    rc, out, err = cli(register, ["--run-id", run_id, "--name", "fox", "--tracking-uri", uri], capsys)
     assert rc == 0, err
     assert "fox version 1 as @candidate" in out
     assert str(client.get_model_version_by_alias("fox", "candidate").version) == "1"
@@ -100,7 +99,7 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
 
     # registering again is idempotent: same run, same bundle -> version 1 again, nothing uploaded
     client.set_registered_model_alias("fox", "candidate", "1")
-    assert cli(registry, ["--run-id", run_id, "--name", "fox", "--alias", "reviewed", "--out", str(tmp_path)], capsys)[0] == 0
+    assert cli(register, ["--run-id", run_id, "--name", "fox", "--alias", "reviewed", "--out", str(tmp_path)], capsys)[0] == 0
     assert str(client.get_model_version_by_alias("fox", "reviewed").version) == "1"
     # the training driver's path (a rerun of a finished training): the bundle's hash finds version 1
     assert str(log_and_register(bundle, run_id, RegistrySection(model_name="fox"), uri).version) == "1"
@@ -144,17 +143,17 @@ def test_register_promote_serve_and_generate_from_sqlite_store(bundle, tmp_path,
 
 
 def test_register_without_model_or_bundle_fails_in_one_line(tracking_uri, tmp_path, capsys):
-    from training import registry
+    from infra import register
 
     uri = tracking_uri  # the training tests' shared store (conftest): a new schema costs seconds
     run_id = finished_training_run(uri, tmp_path, bundle=None)
-    rc, _, err = cli(registry, ["--run-id", run_id, "--name", "fox", "--tracking-uri", uri], capsys)
+    rc, _, err = cli(register, ["--run-id", run_id, "--name", "fox", "--tracking-uri", uri], capsys)
     assert rc == 2 and len(error_lines(err)) == 1
     assert f"run {run_id} has no logged model and no bundle/ artifact; pass --bundle DIR" in error_lines(err)[0]
-    rc, _, err = cli(registry, ["--run-id", run_id, "--alias", "Not An Alias", "--tracking-uri", uri], capsys)
+    rc, _, err = cli(register, ["--run-id", run_id, "--alias", "Not An Alias", "--tracking-uri", uri], capsys)
     assert rc == 2 and "alias" in err and "'Not An Alias'" in err
     with pytest.raises(SystemExit, match="no mlflow.db there"):
-        registry.main(["--run-id", run_id, "--out", str(tmp_path / "nowhere")])
+        register.main(["--run-id", run_id, "--out", str(tmp_path / "nowhere")])
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""The same loop without Ray: `torchrun --nproc_per_node 2 -m training.loop` (gloo, 2 CPU processes)
+"""The same loop without Ray: `torchrun --nproc_per_node 2 -m infra train --launcher torchrun` (gloo, 2 CPU processes)
 at ZeRO-3, then `--resume` from its middle checkpoint with ONE process (the ZeRO-3 shards go
 through DeepSpeed's universal checkpoint) continues the same MLflow run to a later max_steps."""
 
@@ -19,7 +19,7 @@ EVAL_PROMPT = "a red square moving right"
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "training.loop", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "infra", "train", "--launcher", "torchrun", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
@@ -108,10 +108,11 @@ def _check_eval_samples(tracking_uri: str, run_id: str, steps: list[int]) -> Non
 
 
 def test_bad_resume_path_is_one_line(tiny_shards, tmp_path):
-    from training.loop import main
+    from infra.train import main
 
+    argv = ["--launcher", "torchrun", "--config", "train/tiny", "--data", str(tiny_shards), "--resume", str(tmp_path)]
     with pytest.raises(SystemExit, match=f"--resume {tmp_path}: not a reelforge checkpoint"):
-        main(["--config", "train/tiny", "--data", str(tiny_shards), "--resume", str(tmp_path)])
+        main(argv)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 3}))
     with pytest.raises(SystemExit, match=r"deepspeed.zero_stage=2 but the checkpoint was written at zero_stage=3"):
-        main(["--config", "train/tiny", "--data", str(tiny_shards), "--resume", str(tmp_path)])
+        main(argv)

@@ -20,6 +20,7 @@ from training.tracking import (
     Tracker,
     prompt_slug,
     resolve_tracking_uri,
+    normal_step_s,
     restart_lost_s,
     run_tags,
 )
@@ -201,7 +202,50 @@ def test_restart_lost_subtracts_steps_trained_in_the_gap():
     assert restart_lost_s(1000.0, 50, 1010.0, 70, 2.0) == 0.0
 
 
+def test_normal_step_time_ignores_a_gap_stretched_by_a_checkpoint():
+    from mlflow.entities import Metric
+
+    def history(times_s: list[float], every_steps: int = 10) -> list:
+        return [Metric("loss", 1.0, int(t * 1000), (i + 1) * every_steps) for i, t in enumerate(times_s)]
+
+    # 2 s per 10 steps, except one interval that also saved a checkpoint (+5 s)
+    assert normal_step_s(history([0.0, 2.0, 4.0, 11.0, 13.0])) == pytest.approx(0.2)
+    assert normal_step_s(history([0.0, 2.0, 9.0])) == pytest.approx(0.2)
+    assert normal_step_s(history([0.0])) == 0.0
+
+
 def test_prompt_slug():
     assert prompt_slug("A red fox, in snow!") == "a-red-fox-in-snow"
     assert prompt_slug("???") == "prompt"
     assert len(prompt_slug("word " * 40)) <= 60
+
+
+@pytest.mark.slow
+def test_failed_metric_batches_are_logged_not_raised_until_flush(out_dir, caplog):
+    """Metric batches go out on the tracker's own thread: a batch the store rejects (here: the run was
+    deleted under the training) never raises into the step that logged it; the failure is logged once
+    it is noticed, and `flush()` / `end()` raise it."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = Tracker(MlflowSection(experiment="async"), out_dir)
+    run_id = tracker.start_or_resume(run_name="async")
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    tracker.flush()
+    client = _client(tracker)
+    # batches land in the order they were logged, every one of them
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
+
+    client.delete_run(run_id)
+    tracker.log_metrics({"loss": 0.2}, step=4)  # returns at once although the store will refuse it
+    with pytest.raises(MlflowException):
+        tracker.flush()
+    with caplog.at_level(logging.ERROR, logger="training.tracking"):
+        step, deadline = 5, time.monotonic() + 60
+        while "MLflow metrics batch failed" not in caplog.text:
+            assert time.monotonic() < deadline, "a failed batch was never reported"
+            tracker.log_metrics({"loss": 0.1}, step=step)  # each call reports the batches that failed so far
+            step += 1
+            time.sleep(0.05)
+    with pytest.raises(MlflowException):
+        tracker.end()

@@ -1,4 +1,4 @@
-"""training/train.py: preflight errors, and `reelforge train` on Ray surviving a killed worker and
+"""training/preflight.py errors, and `reelforge train` (training/train.py) on Ray surviving a killed worker and
 resuming at another worker count.
 
 Real Ray (the session's local instance, 2 CPUs), real DeepSpeed, real MLflow (SQLite), real shards.
@@ -21,7 +21,8 @@ import pytest
 
 from infra.config import load_config
 from tests.training.conftest import uniform_clips, write_shards
-from training.train import PreflightError, check_memory, main, preflight, training_bytes_per_worker
+from infra.train import main
+from training.preflight import PreflightError, check_memory, preflight, training_bytes_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,7 +149,7 @@ def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
     out = tmp_path_factory.mktemp("killed") / "run"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     command = [
-        sys.executable, "-m", "training.train", "--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out),
+        sys.executable, "-m", "infra", "train", "--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out),
         "--no-register", *[arg for item in RUN for arg in ("--set", item)], "--set", f"mlflow.tracking_uri={tracking_uri}",
         "--set", "mlflow.experiment=test-killed",
     ]
@@ -230,7 +231,7 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
         [*RUN, "train.max_steps=28", "scaling.num_workers=1", "train.data_workers=2",
          f"mlflow.tracking_uri={killed_run['tracking_uri']}", "mlflow.experiment=test-killed",
          "registry.model_name=test-killed"],
-    )
+    ).training()
     out = tmp_path / "resumed"
     summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint))
     assert summary["steps"] == 28 and summary["mlflow_run_id"] == state.mlflow_run_id
