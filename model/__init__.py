@@ -13,6 +13,7 @@ needs only torch):
     pipeline         VideoPipeline: text / image / extend / connect / edit, any length
     video_io         video and image files -> uint8 frames <-> model tensors
     mp4              uint8 frames -> H.264 MP4: the one MP4 writer (imports no torch)
+    specs            how configs and bundles name components: `kind` or `kind:location`
     storage          URI -> pyarrow filesystem, sha256 of files and folders, config hashes
     errors           an exception as one line
     pyfunc           the registered MLflow model (the one module here that imports mlflow)

@@ -35,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+from model.specs import split_spec
+
 logger = logging.getLogger(__name__)
 
 AUTOENCODER_KINDS = ("pixel", "wan", "cogvideox", "kl")
@@ -234,12 +236,8 @@ class DiffusersAutoencoder:
 
 def parse_autoencoder_spec(spec: str) -> tuple[str, str]:
     """"wan:/models/wan" -> ("wan", "/models/wan"); "pixel" / "pixel:s=2,t=1,scale=4" -> ("pixel", options)."""
-    kind, _, rest = spec.partition(":")
-    if kind not in AUTOENCODER_KINDS:
-        raise ValueError(f"unknown autoencoder {spec!r}: expected pixel[:s=S,t=T,scale=K] or one of wan|cogvideox|kl:<dir or hub id>")
-    if kind != "pixel" and not rest:
-        raise ValueError(f"autoencoder {spec!r} needs a location: {kind}:<local dir or hub id>")
-    return kind, rest
+    expected = "pixel[:s=S,t=T,scale=K] or one of wan|cogvideox|kl:<dir or hub id>"
+    return split_spec(spec, AUTOENCODER_KINDS, "pixel", "autoencoder", expected)
 
 
 def _is_power_of_two(value: float) -> bool:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from model.specs import split_spec
+
 logger = logging.getLogger(__name__)
 
 TEXT_ENCODER_KINDS = ("minilm", "t5", "clip")
@@ -66,11 +68,8 @@ class TextEncoder:
 
 def parse_text_encoder_spec(spec: str) -> tuple[str, str]:
     """"t5:/models/t5" -> ("t5", "/models/t5"); "minilm" -> ("minilm", "")."""
-    kind, _, location = spec.partition(":")
-    if kind not in TEXT_ENCODER_KINDS:
-        raise ValueError(f"unknown text encoder {spec!r}: expected minilm, t5:<dir or hub id> or clip:<dir or hub id>")
-    if kind != "minilm" and not location:
-        raise ValueError(f"text encoder {spec!r} needs a location: {kind}:<local dir or hub id>")
+    expected = "minilm, t5:<dir or hub id> or clip:<dir or hub id>"
+    kind, location = split_spec(spec, TEXT_ENCODER_KINDS, "minilm", "text encoder", expected)
     if kind == "minilm" and location:
         raise ValueError(f"text encoder {spec!r}: minilm is the bundled offline model and takes no location")
     return kind, location
