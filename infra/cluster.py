@@ -1,12 +1,14 @@
-"""Reaching Ray: the cluster `RAY_ADDRESS` names, or a Ray instance of this process's own.
+"""Reaching Ray, by Ray's own convention, and saying which Ray it is.
 
-    start_ray()            # RAY_ADDRESS=ray://head:10001 or auto: join it; unset or "local": start one here
-    start_ray(num_cpus=4)  # a local instance with 4 CPUs (ignored when joining a cluster)
+    start_ray()            # RAY_ADDRESS names a cluster: join it (`ray job submit` sets it for a job)
+                           # RAY_ADDRESS unset: a Ray started on this machine (`ray start --head`),
+                           #   else a new local instance of this process's own
+                           # RAY_ADDRESS=local: always a new local instance (what the tests use)
+    start_ray(num_cpus=4)  # the CPUs of a new local instance (ignored when joining a cluster)
 
-`ray job submit` sets RAY_ADDRESS for the job's driver, so a submitted command joins its cluster.
-Without it a command never attaches to a Ray that another process started on this machine
-(Ray's own `ray.init()` would): it starts one of its own, sized for the work, and stops it on
-exit. Every worker of the job logs like the driver (infra/logs.py).
+Every command that needs Ray comes through here, so `reelforge ingest` and `reelforge train` pick
+the same Ray and log it in one line (address, CPUs, GPUs). Every worker of the job logs like the
+driver (infra/logs.py).
 """
 
 from __future__ import annotations
@@ -21,17 +23,28 @@ logger = logging.getLogger(__name__)
 
 
 def start_ray(num_cpus: int | None = None) -> None:
-    """Connect this process to Ray once (later calls return at once). `num_cpus` sizes a local
-    instance (default: this machine's CPUs) and is ignored when RAY_ADDRESS names a cluster."""
+    """Connect this process to Ray once (later calls return at once)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or "local"
+    address = os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"worker_process_setup_hook": worker_logging_hook()}
     started = time.monotonic()
+    if address is None:
+        try:
+            # Ray's rule for no address: a cluster running on this machine. "auto" is that rule
+            # without its fallback, so a new local instance can be sized (joining takes no num_cpus).
+            ray.init(address="auto", runtime_env=runtime_env)
+        except ConnectionError:
+            address = "local"
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, runtime_env=runtime_env)
-    else:
+    elif address is not None:
         ray.init(address=address, runtime_env=runtime_env)
-    logger.info("Ray ready in %.1f s (%s)", time.monotonic() - started, "local instance" if address == "local" else address)
+    where = "a new local instance" if address == "local" else ray.get_runtime_context().gcs_address
+    resources = ray.cluster_resources()
+    logger.info(
+        "Ray: %s, %g CPUs, %g GPUs (ready in %.1f s)",
+        where, resources.get("CPU", 0), resources.get("GPU", 0), time.monotonic() - started,
+    )  # fmt: skip

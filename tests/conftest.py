@@ -18,9 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Ray: no usage stats prompt, no dashboard, quiet workers.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Commands the tests run start their own local Ray (infra/cluster.py) unless a test points them
-# at the session's instance; never at a `ray start` cluster that happens to run on this machine.
-os.environ.pop("RAY_ADDRESS", None)
+# Commands the tests run start a local Ray of their own (infra/cluster.py) unless a test points
+# them at the session's instance: never a `ray start` cluster that happens to run on this machine,
+# which Ray's convention (no RAY_ADDRESS) would join.
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
