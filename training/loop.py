@@ -61,8 +61,9 @@ from training.eval_samples import log_eval_samples
 from training.export import export_bundle
 from training.metrics import MetricsWindow, format_eta, peak_flops_per_device, sum_over_ranks
 from training.preflight import check_world_size, read_resume_state
-from training.sessions import RaySession, Session, TorchrunSession
-from training.tracking import Tracker, flat_params, run_tags
+from training.run_dir import check_outputs_last, check_run_record, nothing_to_resume, run_identity, write_run_record
+from training.sessions import RaySession, Session, TorchrunSession, latest_torchrun_checkpoint
+from training.tracking import TAG_OUT, Tracker, resolve_tracking_uri, run_params, run_tags
 from training.wrap import TrainingModule, build_context, wrap_model
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class WorkerArgs(BaseModel):
     data: str
     out: str
     mlflow_run_id: str | None = None  # the driver's run; a checkpoint's run id takes precedence
+    run_name: str | None = None  # of an MLflow run the worker starts itself (torchrun); default: out's folder name
     resume_from: str | None = None  # a checkpoint folder (--resume); Ray's own restart checkpoint wins
 
 
@@ -121,13 +123,36 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     run_training(WorkerArgs.model_validate(config_dict), session)
 
 
-def run_torchrun(config: TrainingConfig, data: str, out: Path, resume: str | None = None) -> TrainerState:
+def run_torchrun(
+    config: TrainingConfig,
+    data: str,
+    out: Path,
+    resume: str | None = None,
+    *,
+    resume_out: bool = False,
+    run_name: str | None = None,
+) -> TrainerState:
     """Train in this torchrun process (one rank of `torchrun --nproc_per_node N`); returns the final
-    state. A --resume that is no checkpoint, or one of another ZeRO stage, raises `PreflightError`
-    (one line) before the process group starts."""
+    state. `resume_out` (--resume alone) continues the newest checkpoint in `<out>/checkpoints`.
+    The launch checks of the output folder (training/run_dir.py) and of a --resume that is no
+    checkpoint, or one of another ZeRO stage, raise `PreflightError` (one line) before the process
+    group starts."""
+    session = TorchrunSession()
+    check_outputs_last(out, resolve_tracking_uri(config.mlflow, out))
+    resume_requested = resume_out or resume is not None
+    if resume_out and resume is None:
+        latest = latest_torchrun_checkpoint(out)
+        if latest is None:
+            raise nothing_to_resume(out)
+        resume = str(latest)
     if resume is not None:
         check_world_size(config, read_resume_state(resume))
-    state = run_training(WorkerArgs(config=config, data=data, out=str(out), resume_from=resume), TorchrunSession())
+    identity = run_identity(config, data)
+    check_run_record(out, identity, resume=resume_requested)
+    if session.rank == 0:
+        write_run_record(out, identity)
+    args = WorkerArgs(config=config, data=data, out=str(out), resume_from=resume, run_name=run_name)
+    state = run_training(args, session)
     if dist.is_initialized():
         dist.destroy_process_group()
     return state
@@ -235,12 +260,13 @@ def start_tracking(cfg: TrainingConfig, out: Path, state: TrainerState, args: Wo
     a fresh start only); every other rank gets a tracker whose methods do nothing."""
     tracker = Tracker(cfg.mlflow, out, rank=rank)
     # Tags hash the data manifest and ask git: work only rank 0's (active) tracker needs.
-    tags = run_tags(state.config_hash, args.data) if rank == 0 else {}
-    run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=out.name, tags=tags)
+    tags = run_tags(state.config_hash, args.data) | {TAG_OUT: str(out.resolve())} if rank == 0 else {}
+    run_name = args.run_name or out.name
+    run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=run_name, tags=tags)
     if rank == 0:
         state.mlflow_run_id = run_id
         if state.step == 0:
-            tracker.log_params(flat_params(cfg))
+            tracker.log_params(run_params(cfg, args.data))
     return tracker
 
 

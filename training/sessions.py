@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import checkpoint_tag
+from training.checkpoint import STATE_FILE, checkpoint_tag
 
 logger = logging.getLogger(__name__)
+
+TORCHRUN_CHECKPOINTS = "checkpoints"  # <out>/checkpoints/step-NNNNNN under torchrun
 
 
 class RaySession:
@@ -96,7 +98,7 @@ class TorchrunSession:
         return None
 
     def checkpoint_dir(self, out: Path, step: int) -> Path:
-        return out / "checkpoints" / checkpoint_tag(step)
+        return out / TORCHRUN_CHECKPOINTS / checkpoint_tag(step)
 
     def publish(self, directory: Path, metrics: dict[str, float]) -> None:
         if self.rank == 0:
@@ -104,3 +106,10 @@ class TorchrunSession:
 
 
 Session = RaySession | TorchrunSession
+
+
+def latest_torchrun_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint torchrun wrote in `out` (what `--resume` without a path
+    continues), or None. Complete: `trainer_state.json` is written last."""
+    complete = sorted(state.parent for state in (out / TORCHRUN_CHECKPOINTS).glob(f"step-*/{STATE_FILE}"))
+    return complete[-1] if complete else None

@@ -6,13 +6,18 @@ SQLite + local artifacts under the run's output folder (`sqlite:///<out>/mlflow.
 artifacts in `<out>/mlartifacts`), so a laptop run needs no server.
 
     tracker = Tracker(cfg.mlflow, out_dir, rank=rank)
-    run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(cfg, data_dir))
-    tracker.log_params(flat_params(cfg))
+    run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(config_hash, data_dir))
+    tracker.log_params(run_params(cfg, data_dir))      # the training config + the shards' ingest config
     tracker.log_metrics({"loss": 0.31, "clips_per_s": 12.0}, step=100)   # a step is logged at most once
     with tracker.checkpoint_timer():                                       # counted as goodput loss
         save_checkpoint(...)
     tracker.log_sample_video(mp4_bytes, "a red fox in snow", step=100)     # samples/step-000100/a-red-fox-in-snow.mp4
     tracker.end("FINISHED")
+
+What a run trained is pinned by its tags (git commit, config hash, the data's manifest sha256 and
+the ingest config hash the shards record) and params: the training config as `train.lr` and the
+like, and the ingest config the shards were made with, read from the shards' own record
+(`_work/config.json`), as `ingest.clips.fps` and the like.
 
 Resume continues the SAME run (its id travels in `trainer_state.json`). Steps replayed
 between the last checkpoint and the crash were logged already; `log_metrics` drops any step
@@ -27,6 +32,7 @@ the steps that gap legitimately trained) and `goodput/fraction` = 1 - lost / wal
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -39,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from model.storage import file_sha256
+from model.storage import file_sha256, resolve_uri
 from training.config import MlflowSection
 
 logger = logging.getLogger(__name__)
@@ -55,6 +61,12 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_CONFIG_HASH = "reelforge.config_hash"
 TAG_MANIFEST_SHA256 = "reelforge.data_manifest_sha256"
 TAG_GIT_DIRTY = "reelforge.git_dirty"
+TAG_INGEST_CONFIG_HASH = "reelforge.data_ingest_config_hash"
+TAG_OUT = "reelforge.out"
+
+# What an ingest output says about the config it was made with (docs/data-format.md).
+INGEST_CONFIG_RECORD = "_work/config.json"
+INGEST_STATS = "stats.json"
 
 GOODPUT_KEYS = ("goodput/wall_s", "goodput/checkpoint_s", "goodput/restart_s", "goodput/fraction")
 
@@ -96,8 +108,9 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
         return experiment.experiment_id
 
 
-def flat_params(config: Any) -> dict[str, Any]:
-    """`{"train.lr": 1e-4, ...}`: a pydantic config as dotted keys, what `Tracker.log_params` takes."""
+def flat_params(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train.lr": 1e-4, ...}`: a pydantic config (or plain nested dicts) as dotted keys, what
+    `Tracker.log_params` takes."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -107,8 +120,18 @@ def flat_params(config: Any) -> dict[str, Any]:
         else:
             flat[prefix[:-1]] = node
 
-    walk(config.model_dump(mode="json"), "")
+    walk(config.model_dump(mode="json") if hasattr(config, "model_dump") else config, prefix)
     return flat
+
+
+def run_params(config: Any, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """A run's params: its training config, and the ingest config its shards were made with as
+    `ingest.<section>.<key>` (from the shards' own record, `ingest_record`), when they carry one."""
+    params = flat_params(config)
+    record = ingest_record(data_dir) if data_dir is not None else None
+    if record is not None and record.get("sections"):
+        params.update(flat_params(record["sections"], prefix="ingest."))
+    return params
 
 
 # --- tags --------------------------------------------------------------------------------
@@ -131,19 +154,44 @@ def git_commit(repo_dir: str | Path | None = None) -> tuple[str, bool] | None:
 
 
 def run_tags(config_hash: str, data_dir: str | Path | None = None) -> dict[str, str]:
-    """Tags that pin what a run trained: code commit, resolved config, exact data (manifest hash)."""
+    """Tags that pin what a run trained: code commit, resolved config, exact data (manifest hash)
+    and the ingest config hash the shards were made with."""
     tags = {TAG_CONFIG_HASH: config_hash}
     commit = git_commit()
     if commit is not None:
         tags[TAG_GIT_COMMIT] = commit[0]
         tags[TAG_GIT_DIRTY] = str(commit[1]).lower()
     if data_dir is not None:
-        manifest = f"{str(data_dir).rstrip('/')}/manifest.parquet"
         try:
-            tags[TAG_MANIFEST_SHA256] = file_sha256(manifest)
+            tags[TAG_MANIFEST_SHA256] = manifest_sha256(data_dir)
         except (OSError, FileNotFoundError) as exc:
-            logger.warning("no data manifest hash: %s unreadable (%s)", manifest, exc)
+            logger.warning("no data manifest hash: %s unreadable (%s)", data_dir, exc)
+        record = ingest_record(data_dir)
+        if record is not None:
+            tags[TAG_INGEST_CONFIG_HASH] = record["config_hash"]
     return tags
+
+
+def manifest_sha256(data_dir: str | Path) -> str:
+    """sha256 of the shards' `manifest.parquet`: one dataset, wherever it is copied."""
+    return file_sha256(f"{str(data_dir).rstrip('/')}/manifest.parquet")
+
+
+def ingest_record(data_dir: str | Path) -> dict[str, Any] | None:
+    """The ingest config the shards in `data_dir` were made with, from their own record
+    (docs/data-format.md): `_work/config.json` (`{"config_hash", "sections"}`), else the
+    `config_hash` of `stats.json` alone (`sections` None); None when the folder has neither."""
+    filesystem, root = resolve_uri(data_dir)
+    for name in (INGEST_CONFIG_RECORD, INGEST_STATS):
+        try:
+            with filesystem.open_input_stream(f"{root}/{name}") as stream:
+                record = json.loads(stream.read())
+        except (OSError, FileNotFoundError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("config_hash"):
+            return {"config_hash": record["config_hash"], "sections": record.get("sections")}
+    logger.warning("%s carries no ingest config record (%s or %s)", data_dir, INGEST_CONFIG_RECORD, INGEST_STATS)
+    return None
 
 
 def prompt_slug(prompt: str, max_chars: int = 60) -> str:

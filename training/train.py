@@ -2,7 +2,8 @@
 
     summary = train(cfg.training(), "shards/", Path("runs/tiny"))   # what `reelforge train` calls
 
-Run the preflight checks (each failure is one line naming the value), start or attach to Ray
+Run the launch checks (each failure is one line naming the value: training/preflight.py, and
+training/run_dir.py for the output folder), start or attach to Ray
 (through the caller's `start_ray`), create or resume the MLflow run, build the `TorchTrainer`
 around `training.loop.train_loop`, fit, register the bundle, and return the summary. Ray Train V2
 is the default in Ray 2.60 (`RAY_TRAIN_V2_ENABLED` unset means on); this module and the loop use
@@ -25,6 +26,7 @@ from training.config import TrainingConfig
 from training.export import BUNDLE_DIR
 from training.loop import WorkerArgs, train_loop
 from training.preflight import check_memory, preflight
+from training.run_dir import check_outputs_last, check_run_record, nothing_to_resume, run_identity, write_run_record
 
 logger = logging.getLogger(__name__)
 
@@ -35,38 +37,38 @@ def train(
     out: Path,
     resume: str | None = None,
     *,
+    resume_out: bool = False,
     register: bool = True,
     start_ray: Callable[[], None] | None = None,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Preflight, fit on Ray, register; returns the summary. Bad input raises `PreflightError` (a
-    ValueError, one line) before Ray starts. `start_ray` connects this process to Ray when it is
-    not yet (default: plain `ray.init()`)."""
-    from training.tracking import Tracker, flat_params, resolve_tracking_uri, run_tags
+    ValueError, one line) before Ray starts. `resume` is a checkpoint to continue from (--resume
+    CKPT); `resume_out` continues the run already in `out` (--resume alone). Either lets the run in
+    `out` go on with another config or dataset (training/run_dir.py). `start_ray` connects this
+    process to Ray when it is not yet (default: plain `ray.init()`). `run_name` names the MLflow run
+    (default: the folder name of `out`; the command passes the config's name)."""
+    from training.tracking import TAG_OUT, Tracker, resolve_tracking_uri, run_params, run_tags
 
     started = time.time()
+    tracking_uri = resolve_tracking_uri(config.mlflow, out)
+    check_outputs_last(out, tracking_uri)  # first: nothing may be written where Ray deletes it
     out = out.resolve()
-    # Ray's restart checkpoint wins over --resume in the workers (training/loop.py), so it is also
-    # the one whose world size, ZeRO stage and MLflow run the driver checks and continues.
-    restart = ray_restart_checkpoint(out)
-    if restart is not None:
-        logger.info("%s holds a Ray run: continuing from its latest checkpoint %s", out, restart)
-        if resume is not None and Path(resume).resolve() != restart.resolve():
-            logger.warning("--resume %s is ignored: Ray resumes %s (use a new --out to start from --resume)", resume, restart)
-        resume = str(restart)
-    facts = preflight(config, data, resume)
+    facts, resume = launch_checks(config, data, out, resume, resume_out)
     _connect_ray(start_ray)
     check_memory(config, facts["params"])
-    out.mkdir(parents=True, exist_ok=True)
+    write_run_record(out, facts["identity"])
     # The driver opens the MLflow run so a crash before the first checkpoint still resumes into it.
     tracker = Tracker(config.mlflow, out, rank=0)
     resume_state = facts["resume_state"]
-    run_id = tracker.start_or_resume(
-        resume_state.mlflow_run_id if resume_state else None, run_name=out.name, tags=run_tags(config_hash(config), data)
-    )
-    tracker.log_params(flat_params(config))
+    run_name = run_name or out.name
+    tags = run_tags(config_hash(config), data) | {TAG_OUT: str(out)}
+    run_id = tracker.start_or_resume(resume_state.mlflow_run_id if resume_state else None, run_name=run_name, tags=tags)
+    tracker.log_params(run_params(config, data))
     worker_args = WorkerArgs(
-        config=config, data=data, out=str(out), mlflow_run_id=run_id, resume_from=str(Path(resume).resolve()) if resume else None
-    )
+        config=config, data=data, out=str(out), mlflow_run_id=run_id, run_name=run_name,
+        resume_from=str(Path(resume).resolve()) if resume else None,
+    )  # fmt: skip
     trainer = build_trainer(config, worker_args, out, run_name=out.name)
     try:
         result = trainer.fit()
@@ -79,7 +81,7 @@ def train(
         "samples_seen": int(result.metrics.get("samples_seen", 0)) if result.metrics else 0,
         "wall_s": round(time.time() - started, 1),
         "mlflow_run_id": run_id,
-        "tracking_uri": resolve_tracking_uri(config.mlflow, out),
+        "tracking_uri": tracking_uri,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "bundle": str(bundle_dir),
         "params": facts["params"],
@@ -87,9 +89,33 @@ def train(
     if register:
         from training.registry import log_and_register
 
-        version = log_and_register(bundle_dir, run_id, config.registry, summary["tracking_uri"])
+        version = log_and_register(bundle_dir, run_id, config.registry, tracking_uri)
         summary["registered"] = f"models:/{config.registry.model_name}@{config.registry.alias} (version {getattr(version, 'version', version)})"
     return summary
+
+
+def launch_checks(
+    config: TrainingConfig, data: str, out: Path, resume: str | None, resume_out: bool
+) -> tuple[dict[str, Any], str | None]:
+    """What the driver checks before Ray, after the output folder's place: the checkpoint to resume,
+    preflight, and the run `out` already holds. Returns (preflight facts plus the run's identity,
+    the checkpoint the run continues from)."""
+    # --resume in either form is the user's word that the run in `out` may go on changed.
+    resume_requested = resume_out or resume is not None
+    # Ray's restart checkpoint wins over --resume in the workers (training/loop.py), so it is also
+    # the one whose world size, ZeRO stage and MLflow run the driver checks and continues.
+    restart = ray_restart_checkpoint(out)
+    if restart is not None:
+        logger.info("%s holds a Ray run: continuing from its latest checkpoint %s", out, restart)
+        if resume is not None and Path(resume).resolve() != restart.resolve():
+            logger.warning("--resume %s is ignored: Ray resumes %s (use a new --out to start from --resume)", resume, restart)
+        resume = str(restart)
+    elif resume_out:
+        raise nothing_to_resume(out)
+    facts = preflight(config, data, resume)
+    facts["identity"] = run_identity(config, data)
+    check_run_record(out, facts["identity"], resume=resume_requested)
+    return facts, resume
 
 
 def build_trainer(cfg: TrainingConfig, worker_args: WorkerArgs, out: Path, run_name: str) -> Any:

@@ -1,6 +1,7 @@
 """infra/cluster.py and infra/logs.py on a real local Ray: RAY_ADDRESS=local starts a Ray of the
 command's own, named in one line, and its workers log like the driver without importing any module
-of ours."""
+of ours. With a `ray start` cluster on the machine (joined without RAY_ADDRESS, not with
+RAY_ADDRESS=local): tests/infra/test_ray_job.py."""
 
 from __future__ import annotations
 
@@ -13,9 +14,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
-import json, logging, sys
+import json, logging, sys, threading
 from infra.cluster import start_ray
 from infra.logs import setup_logging
+
+class Watch:
+    # Ray forwards worker output to the driver's sys.stderr from a thread, a moment after the
+    # task returns: the driver waits until the line is out instead of exiting before it.
+    def __init__(self, stream):
+        self.stream, self.seen = stream, threading.Event()
+    def write(self, text):
+        if "an info line from a worker" in text:
+            self.seen.set()
+        return self.stream.write(text)
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+sys.stderr = watch = Watch(sys.stderr)
 
 setup_logging()
 start_ray(num_cpus=1)
@@ -28,7 +43,9 @@ def work():
     ours = sorted(m for m in sys.modules if m.split(".")[0] in ("infra", "pipelines", "training", "model"))
     return ours
 
-print(json.dumps({"worker_modules": ray.get(work.remote())}))
+modules = ray.get(work.remote())
+watch.seen.wait(timeout=60)
+print(json.dumps({"worker_modules": modules}))
 """
 
 

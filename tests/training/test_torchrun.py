@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.training.conftest import uniform_clips, write_shards
+from training.sessions import latest_torchrun_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_PROMPT = "a red square moving right"
@@ -58,6 +59,8 @@ def test_torchrun_trains_checkpoints_and_resumes(tmp_path, tracking_uri):
     assert (checkpoints / "step-000003" / "universal" / "latest_universal").is_file()
     # Adam's moments and step count were re-cut for one process, not restarted: 3 + 5 steps
     assert _adam_step_count(checkpoints / "step-000008") == 8
+    # what `--resume` without a path would continue now: the newest complete checkpoint
+    assert latest_torchrun_checkpoint(out) == checkpoints / "step-000008"
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("test-torchrun").experiment_id])
     assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]

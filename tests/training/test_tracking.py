@@ -16,12 +16,14 @@ from training.tracking import (
     MAX_PARAM_VALUE_CHARS,
     TAG_CONFIG_HASH,
     TAG_GIT_COMMIT,
+    TAG_INGEST_CONFIG_HASH,
     TAG_MANIFEST_SHA256,
     Tracker,
     prompt_slug,
     resolve_tracking_uri,
     normal_step_s,
     restart_lost_s,
+    run_params,
     run_tags,
 )
 
@@ -249,3 +251,32 @@ def test_failed_metric_batches_are_logged_not_raised_until_flush(out_dir, caplog
             time.sleep(0.05)
     with pytest.raises(MlflowException):
         tracker.end()
+
+
+def test_run_records_the_ingest_config_its_shards_were_made_with(tmp_path):
+    """Params `ingest.*` and the ingest config hash come from the shards' own record (its format:
+    docs/data-format.md, "The work area"), never from the embedded ingest defaults. The record as
+    the real ingest writes it: tests/infra/test_ray_job.py."""
+    from infra.config import load_config
+    from model.storage import config_hash
+    from tests.training.conftest import uniform_clips, write_shards
+
+    ingest = load_config("ingest/demo", ["clips.fps=12", "clips.size=48x48", "scenes.threshold=31"]).ingest()
+    assert load_config().ingest().clips.fps != 12  # the embedded default differs
+    sections = {name: getattr(ingest, name).model_dump(mode="json") for name in ("scenes", "clips", "filters", "caption")}
+    shards = write_shards(tmp_path / "shards", uniform_clips(4))
+    (shards / "_work").mkdir()
+    (shards / "_work" / "config.json").write_text(json.dumps({"config_hash": config_hash(sections), "sections": sections}))
+    training = load_config("train/tiny").training()
+    params = run_params(training, shards)
+    assert (params["ingest.clips.fps"], params["ingest.clips.size"], params["ingest.scenes.threshold"]) == (12, "48x48", 31)
+    assert params["ingest.caption.backend"] == "sidecar" and params["train.lr"] == training.train.lr
+    assert run_tags("0123456789abcdef", shards)[TAG_INGEST_CONFIG_HASH] == config_hash(sections)
+
+    # shards whose _work/ is gone still carry the hash in stats.json; shards with neither, nothing
+    bare = write_shards(tmp_path / "bare", uniform_clips(2))
+    assert TAG_INGEST_CONFIG_HASH not in run_tags("0123456789abcdef", bare)
+    assert not [key for key in run_params(training, bare) if key.startswith("ingest.")]
+    (bare / "stats.json").write_text(json.dumps({"config_hash": config_hash(sections), "sources": {}}))
+    assert run_tags("0123456789abcdef", bare)[TAG_INGEST_CONFIG_HASH] == config_hash(sections)
+    assert not [key for key in run_params(training, bare) if key.startswith("ingest.")]

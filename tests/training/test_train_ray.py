@@ -153,7 +153,10 @@ def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
         "--no-register", *[arg for item in RUN for arg in ("--set", item)], "--set", f"mlflow.tracking_uri={tracking_uri}",
         "--set", "mlflow.experiment=test-killed",
     ]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output to a file, not a pipe: a pipe nobody reads while we poll fills up and blocks the run.
+    log = out.parent / "train.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
     pid_file = out / "workers" / "rank-1.pid"
     killed_pid = None
     deadline = time.time() + 400
@@ -164,7 +167,13 @@ def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
             os.kill(killed_pid, signal.SIGKILL)
             break
         time.sleep(0.1)
-    output, _ = process.communicate(timeout=max(10, deadline - time.time()))
+    try:
+        process.wait(timeout=max(10, deadline - time.time()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = log.read_text(errors="replace")
     assert killed_pid is not None, output[-3000:]
     assert process.returncode == 0, output[-3000:]
     return {"out": out, "tracking_uri": tracking_uri, "output": output, "killed_pid": killed_pid}
@@ -191,6 +200,29 @@ def test_killed_worker_resumes_from_checkpoint_and_ends_at_max_steps(killed_run,
     assert sum(counts.values()) == 24 * 2 * 4
     assert_each_epoch_once(counts, num_clips=16)
     assert (out / "bundle" / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_its_out_refuses_another_config_or_dataset_unless_resume(killed_run, tiny_shards, tmp_path):
+    """The killed run's --out, written by the real command, holds one run: the same command with
+    another setting or other shards is refused in one line before any work (training/run_dir.py)."""
+    out = killed_run["out"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["data"] == str(tiny_shards) and "train.max_steps" not in record["config"]
+    before = sorted(str(p) for p in out.rglob("*"))
+    base = ["--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out), "--no-register",
+            *[arg for item in RUN for arg in ("--set", item)], "--set", f"mlflow.tracking_uri={killed_run['tracking_uri']}",
+            "--set", "mlflow.experiment=test-killed"]  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        main([*base, "--set", "train.lr=1e-3"])
+    assert str(refused.value) == (
+        f"reelforge train: --out {out} holds a training run of another config (train.lr 0.003 -> 0.001); "
+        "use another --out, or pass --resume to continue that run with these settings"
+    )
+    other = write_shards(tmp_path / "other", uniform_clips(16, num_frames=10))
+    with pytest.raises(SystemExit, match=rf"holds a training run of another dataset \(manifest sha256 \w{{12}} of {tiny_shards}, this run \w{{12}} of {other}\)"):
+        main([*base[:2], "--data", str(other), *base[4:]])
+    assert sorted(str(p) for p in out.rglob("*")) == before  # nothing touched
 
 
 def adam_step_count(checkpoint: Path) -> int:
