@@ -1,5 +1,6 @@
-"""`reelforge demo-footage DIR [--suite demo|standard|bad|all]`: write synthetic footage with known
-cuts and captions (infra/footage), plus truth.json."""
+"""`reelforge demo-footage DIR [--suite demo|standard|storm|bad|all]`: write synthetic footage with known
+cuts and captions (infra/footage), plus truth.json. `storm` is continuous, fast-changing content (a
+music visualiser) on which PySceneDetect's ContentDetector fires on nearly every frame."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from infra.footage import GeneratedVideo, bad_files, damaged_files, demo_suite, standard_suite, write_truth
+from infra.footage import GeneratedVideo, bad_files, damaged_files, demo_suite, standard_suite, storm_suite, write_truth
 from infra.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Write synthetic footage with known cuts and captions, plus truth.json.",
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the files and truth.json into")
-    parser.add_argument("--suite", choices=("demo", "standard", "bad", "all"), default="demo")
+    parser.add_argument("--suite", choices=("demo", "standard", "storm", "bad", "all"), default="demo")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         videos += demo_suite(out_dir)
     if args.suite in ("standard", "all"):
         videos += standard_suite(out_dir)
+    if args.suite in ("storm", "all"):
+        videos += storm_suite(out_dir)
     if args.suite in ("bad", "all"):
         bad = bad_files(out_dir)
         damaged = damaged_files(out_dir)

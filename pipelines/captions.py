@@ -11,8 +11,8 @@ every clip row (`caption_model`). `make_captioner` picks one with a `match` on t
 * `metadata`: one descriptive sentence from what the pipeline measured (duration, motion,
   brightness, dominant colours by name, orientation); a weak but honest caption that the
   recaptioning pass rewrites later.
-* `vlm` / `openai`: a later issue. They fail at construction, before any footage is decoded;
-  a model captioner slots in as one more class with the same call signature.
+* Model captioners (`vlm`, `openai`) come with the recaptioning issue; until then the config
+  refuses them (pipelines/config.py). One slots in as one more class with the same call signature.
 """
 
 from __future__ import annotations
@@ -61,8 +61,6 @@ def make_captioner(cfg: CaptionConfig, filesystem: pafs.FileSystem | None = None
             return SidecarCaptioner(cfg, filesystem)
         case "metadata":
             return MetadataCaptioner()
-        case "vlm" | "openai":
-            raise ValueError(f"caption.backend={cfg.backend} is not available yet (use none, sidecar or metadata)")
     raise ValueError(f"caption.backend={cfg.backend!r} is unknown")
 
 

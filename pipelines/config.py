@@ -125,16 +125,33 @@ class ShardsConfig(Section):
     target_mb: float = Field(default=256.0, gt=0, le=16384)
 
 
+# Caption backends ingest has. Model captioners (a local VLM, an OpenAI-compatible endpoint) come with
+# the recaptioning issue; until then naming one fails here, in one line, before any worker starts
+# (it used to pass validation and then kill every worker at start-up).
+CAPTION_BACKENDS = ("none", "sidecar", "metadata")
+PLANNED_CAPTION_BACKENDS = ("vlm", "openai")
+
+
 class CaptionConfig(Section):
     # none: empty caption; sidecar: .txt/.json/.srt next to the source; metadata: a sentence
-    # built from measured properties; vlm/openai: model captioners (not available yet).
-    backend: Literal["none", "sidecar", "metadata", "vlm", "openai"] = "metadata"
+    # built from measured properties.
+    backend: Literal["none", "sidecar", "metadata"] = "metadata"
     endpoint: str | None = None
     model: str | None = None
     # Sidecar extensions tried in order next to `clip.mp4`: `clip.srt`, `clip.txt`, `clip.json`.
     sidecar_extensions: tuple[str, ...] = (".srt", ".txt", ".json")
     # Key holding the caption in a .json sidecar.
     sidecar_json_key: str = "caption"
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _check_backend(cls, value: object) -> object:
+        if value in PLANNED_CAPTION_BACKENDS:
+            raise ValueError(
+                f"caption.backend {value!r} is not available yet (model captioners come with recaptioning); "
+                f"available: {', '.join(CAPTION_BACKENDS)}"
+            )
+        return value
 
 
 class IngestConfig(Section):

@@ -55,7 +55,8 @@ REJECT_FIELDS = ("status", "reject_stage", "reject_reason", "reject_score", "rej
 # is stable across incremental runs and bounded whatever the corpus size.
 SAMPLES_KEPT = 24
 SAMPLES_PER_REASON = 8
-# Whole-source rejects of a run that stats.json (and the end-of-run summary) name with their reason.
+# Whole-source rejects, and sources without a kept clip, that stats.json (and the end-of-run summary)
+# name per run; every one is in rejects.parquet and sources.parquet.
 STATS_SOURCE_REJECTS = 20
 
 
@@ -71,6 +72,8 @@ class PackResult:
     rejected_by_stage: Counter = field(default_factory=Counter)
     # (uri, stage, reason) of every source rejected whole in this run, for the end-of-run summary.
     source_rejects: list[dict[str, Any]] = field(default_factory=list)
+    # Sources processed in this run that yield no kept clip (uri, clips_rejected, rejected_by_stage).
+    sources_without_clips: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackResult:
@@ -91,14 +94,7 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     next_shard = 1 + max((int(SHARD_RE.match(s)[1]) for s in committed_shards), default=-1)
 
     work = sorted((read_work(out, key) for key in new_keys), key=lambda w: (w[0].get("sha256") or "", w[0]["uri"]))
-    index = NearDuplicateIndex(dedup_hamming if dedup_hamming is not None else 0)
-    seen_ids: set[str] = set()
-    if manifest is not None:
-        for clip_id, phash in zip(manifest.column("id").to_pylist(), manifest.column("phash").to_pylist()):
-            seen_ids.add(clip_id)
-            if phash:
-                index.add(clip_id, phash)
-
+    dedup = Deduplicator(manifest, dedup_hamming)
     kept_rows: list[dict[str, Any]] = []  # (metadata) in shard order
     reject_rows: list[dict[str, Any]] = []
     source_rows: list[dict[str, Any]] = []
@@ -110,16 +106,19 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
             reject_rows.append(_source_reject(source))
             result.source_rejects.append({k: reject_rows[-1][k] for k in ("uri", "stage", "reason")})
         for row in sorted(clips, key=lambda r: (r.get("start_s") or 0.0, r.get("id") or "")):
-            reason = _dedup_reason(row, seen_ids, index, dedup_hamming)
+            reason = dedup.reason(row)
             if row.get("status") != "kept" or reason is not None:
                 reject_rows.append(_clip_reject(source, row, reason, dedup_hamming))
                 continue
-            seen_ids.add(row["id"])
             kept_rows.append(row)
         result.sources += 1
         result.sources_rejected += bool(source.get("reject_stage"))
         result.source_seconds += float(source.get("duration_s") or 0.0)
-        source_rows.append(_source_row(source, len(kept_rows) - kept_before, len(reject_rows) - rejected_before))
+        source_rejects, kept = reject_rows[rejected_before:], len(kept_rows) - kept_before
+        if kept == 0 and not source.get("reject_stage"):
+            # Named in the summary and the report, apart from the sources rejected whole.
+            result.sources_without_clips.append(_no_clip_source(source, source_rejects))
+        source_rows.append(_source_row(source, kept, len(source_rejects)))
 
     shard_of = _write_shards(out, work, kept_rows, next_shard, target_mb, result)
     manifest_rows = [_metadata(row) | {"shard": shard_of[row["id"]], "source_key": row["source_key"]} for row in kept_rows]
@@ -137,23 +136,45 @@ def pack(out: OutputDir, dedup_hamming: int | None, target_mb: float) -> PackRes
     return result
 
 
-def _dedup_reason(
-    row: dict[str, Any], seen_ids: set[str], index: NearDuplicateIndex, dedup_hamming: int | None
-) -> tuple[str, int] | None:
-    """(reason, distance) when a kept clip repeats an earlier one, else None (and it joins the index)."""
-    if row.get("status") != "kept":
+class Deduplicator:
+    """Exact copies and near-duplicates (step 2 of the module docstring): the clips of the manifest,
+    then each clip kept before, in pack order. It remembers where every kept clip came from, so a
+    reject names the clip it repeats by source file and span, not by id alone."""
+
+    def __init__(self, manifest: pa.Table | None, dedup_hamming: int | None) -> None:
+        self.dedup_hamming = dedup_hamming
+        self.index = NearDuplicateIndex(dedup_hamming if dedup_hamming is not None else 0)
+        self.origin: dict[str, str] = {}  # kept clip id -> "source_uri start-end s"
+        if manifest is not None:
+            names = ("id", "phash", "source_uri", "start_s", "end_s")
+            columns = [manifest.column(n).to_pylist() if n in manifest.column_names else [None] * manifest.num_rows for n in names]
+            for clip_id, phash, uri, start_s, end_s in zip(*columns):
+                self._keep(clip_id, phash, uri, start_s, end_s)
+
+    def reason(self, row: dict[str, Any]) -> tuple[str, int] | None:
+        """(reason, distance) when a kept clip repeats an earlier one, else None (and it counts as kept)."""
+        if row.get("status") != "kept":
+            return None
+        if row["id"] in self.origin:
+            # Same id = same source bytes and same cut: a second copy of a file already ingested.
+            return f"duplicate of {row['id']} from {self.origin[row['id']]} (same source content)", 0
+        phash = row.get("phash")
+        match = self.index.nearest(phash) if self.dedup_hamming is not None and phash else None
+        if match is not None:
+            return f"near-duplicate of {match[0]} from {self.origin[match[0]]}", match[1]
+        self._keep(row["id"], phash, row.get("source_uri"), row.get("start_s"), row.get("end_s"))
         return None
-    if row["id"] in seen_ids:
-        # Same id = same source bytes and same cut: a second copy of a file already ingested.
-        return f"duplicate of {row['id']} (same source content)", 0
-    phash = row.get("phash")
-    if dedup_hamming is None or not phash:
-        return None
-    match = index.nearest(phash)
-    if match is not None:
-        return f"near-duplicate of {match[0]}", match[1]
-    index.add(row["id"], phash)
-    return None
+
+    def _keep(self, clip_id: str, phash: str | None, uri: str | None, start_s: float | None, end_s: float | None) -> None:
+        self.origin[clip_id] = f"{uri or 'an unknown source'} {start_s or 0.0:.2f}-{end_s or 0.0:.2f} s"
+        if phash and self.dedup_hamming is not None:
+            self.index.add(clip_id, phash)
+
+
+def _no_clip_source(source: dict[str, Any], reject_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A processed source that yields no kept clip: its uri and its clip rejects counted by stage."""
+    by_stage = Counter(row["stage"] for row in reject_rows if row["id"] is not None)
+    return {"uri": source["uri"], "clips_rejected": sum(by_stage.values()), "rejected_by_stage": dict(sorted(by_stage.items()))}
 
 
 def _whole_source_failure(source: dict[str, Any], clips: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -417,8 +438,9 @@ def write_stats(
     """stats.json: totals over the whole output plus this run's numbers; returns it."""
     manifest = out.read_table(MANIFEST, columns=["start_s", "end_s"])
     rejects = out.read_table(REJECTS, columns=["id", "stage"])
-    sources = out.read_table(SOURCES, columns=["status", "duration_s"])
+    sources = out.read_table(SOURCES, columns=["status", "duration_s", "clips_kept"])
     source_status = sources.column("status").to_pylist() if sources is not None else []
+    source_kept = sources.column("clips_kept").to_pylist() if sources is not None else []
     reject_ids = rejects.column("id").to_pylist() if rejects is not None else []
     reject_stages = rejects.column("stage").to_pylist() if rejects is not None else []
     clip_seconds = 0.0
@@ -426,6 +448,8 @@ def write_stats(
         clip_seconds = sum(e - s for s, e in zip(manifest.column("start_s").to_pylist(), manifest.column("end_s").to_pylist()))
     stats = {
         "sources": {"total": len(source_status), "ok": source_status.count("ok"), "rejected": source_status.count("rejected")},
+        # Of the "ok" sources, those that yield no kept clip (every clip rejected, or none at all).
+        "sources_without_clips": sum(1 for status, kept in zip(source_status, source_kept) if status == "ok" and not kept),
         "clips": {
             "kept": manifest.num_rows if manifest is not None else 0,
             "rejected": sum(1 for i in reject_ids if i is not None),
@@ -448,6 +472,9 @@ def write_stats(
             "rejected_by_stage": dict(sorted(run.rejected_by_stage.items())),
             # The first few whole-source rejects with their reasons (all are in rejects.parquet).
             "rejected_sources": sorted(run.source_rejects, key=lambda r: r["uri"])[:STATS_SOURCE_REJECTS],
+            "sources_without_clips": len(run.sources_without_clips),
+            # The first few sources of the run that yield no kept clip, with their clip rejects by stage.
+            "no_clip_sources": sorted(run.sources_without_clips, key=lambda r: r["uri"])[:STATS_SOURCE_REJECTS],
             "new_shards": run.shards,
             "source_seconds": round(run.source_seconds, 3),
             "clip_seconds": round(run.clip_seconds, 3),

@@ -58,7 +58,9 @@ from pipelines.transcode import encode_mp4, jpeg_thumbnail
 logger = logging.getLogger(__name__)
 
 # Bump when a change alters clip bytes, spans or scores, so shards record what made them.
-PIPELINE_VERSION = "reelforge-ingest/2"  # 2: 384-bit phash, resolution-independent motion/static scores, x264 superfast
+# 2: 384-bit phash, resolution-independent motion/static scores, x264 superfast. 3: a cut storm (continuous,
+# fast-changing content) is one scene instead of hundreds of one-frame ones (pipelines/scenes.py).
+PIPELINE_VERSION = "reelforge-ingest/3"
 
 CLIP_COLUMNS = (
     "id",
@@ -160,7 +162,11 @@ class SourceProcessor:
         converter = FrameConverter(geometry)
         tracker = CutTracker(self.settings.scenes, source_fps)
         slots = SettlingSlots(ClipAssembler(clips_cfg), max_pending=2 * max_frames(clips_cfg) + tracker.lag_frames)
-        context = {"row": row, "geometry": geometry}
+        # Recent detect frames (time_s, BGR): the picture of a piece too short to fill one clip-grid
+        # slot after trimming. Such a piece is closed when the cut after it is reported, at most
+        # lag_frames later, and spans at most 2 * trim_seconds plus one clip frame.
+        longest_empty = math.ceil((2 * clips_cfg.trim_seconds + 1 / clips_cfg.fps) * source_fps)
+        context = {"row": row, "geometry": geometry, "recent": deque(maxlen=tracker.lag_frames + longest_empty + 2)}
         next_slot: int | None = None
         last_time_s = 0.0
         decoded = 0
@@ -188,6 +194,7 @@ class SourceProcessor:
             decoded += 1
             self.frames_decoded = decoded
             last_time_s = time_s
+            context["recent"].append((time_s, detect_bgr))
             cuts = tracker.push(time_s, detect_bgr)
             while rgb is not None and next_slot / clips_cfg.fps <= time_s + 1e-6:
                 slots.push(next_slot / clips_cfg.fps, time_s, rgb)
@@ -201,6 +208,8 @@ class SourceProcessor:
             return
         end_s = last_time_s + 1.0 / source_fps
         finished = [clip for cut_s in tracker.finish() for clip in slots.cut(cut_s)] + slots.finish(end_s)
+        for storm in tracker.storms:
+            logger.info("%s: %s", row["uri"], storm.describe(self.settings.scenes.detector))
         yield from (self._clip_row(clip, context) for clip in finished)
         expected_end_s = row.get("duration_s") or end_s
         if end_s < expected_end_s - TRUNCATION_TOLERANCE_S:
@@ -265,7 +274,11 @@ class SourceProcessor:
             end_s=clip.end_s,
             num_frames=num_frames,
             scene_index=clip.scene_index,
-            thumbnail=jpeg_thumbnail(clip.frames[num_frames // 2], self.settings.clips.thumbnail_width) if num_frames else None,
+            thumbnail=(
+                jpeg_thumbnail(clip.frames[num_frames // 2], self.settings.clips.thumbnail_width)
+                if num_frames
+                else self._piece_thumbnail(clip, context)
+            ),
         )
         if clip.reject_reason is not None:
             out.update(status="rejected", reject_stage="clips", reject_reason=clip.reject_reason)
@@ -291,6 +304,18 @@ class SourceProcessor:
             caption=self.captioner(CaptionRequest(row["uri"], clip.start_s, clip.end_s, display_w, display_h, pixels, scores)),
         )
         return out
+
+    def _piece_thumbnail(self, clip: ClipFrames, context: dict[str, Any]) -> bytes | None:
+        """A rejected piece with no frame on the clip grid (a scene shorter than the trim at both
+        ends) still gets a thumbnail for report.html: the decoded frame nearest its middle, at
+        detection size and turned to display orientation."""
+        middle_s = (clip.start_s + clip.end_s) / 2
+        inside = [(abs(t - middle_s), bgr) for t, bgr in context["recent"] if clip.start_s - 1e-6 <= t < clip.end_s]
+        if not inside:
+            return None
+        bgr = min(inside, key=lambda pair: pair[0])[1]  # (h, w, 3)
+        rgb = np.rot90(bgr[..., ::-1], k=context["geometry"].rotation // 90)  # display orientation
+        return jpeg_thumbnail(np.ascontiguousarray(rgb), self.settings.clips.thumbnail_width)
 
 
 class SettlingSlots:

@@ -22,6 +22,21 @@ Detectors report some cuts late: ContentDetector's flash filter (MERGE mode) emi
 ThresholdDetector places a cut in the middle of a dark stretch when the picture comes back.
 `CutTracker.settled_before(t)` tells the clip builder up to which time no further cut can
 appear, so it never commits a frame that a late cut would have moved to another scene.
+
+Cut storms. ContentDetector compares each frame with the one before; on continuous, fast-changing
+content (a music visualiser, strobing colour) that difference is large on every frame and the
+detector "cuts" on most of them: two real 320x180 visualiser sources became 317 and 59 one-frame
+scenes, every one rejected as too short, and gave no clip. A one- or two-frame scene happens
+(a flash, an inserted frame), but not on half the frames of half a second: such a stretch is a
+storm, and its cuts say the picture moves fast, not that the shot changed. `StormCheck` keeps a
+storm's edges as cuts (calm frames on one side: a real cut into or out of it, or where the fast
+change starts), so the stretch is a scene of its own, and re-checks each cut inside it with
+PySceneDetect's AdaptiveDetector, which compares a frame's score with the rolling average of its
+neighbours (made for fast motion): a real cut stands out from the storm around it and stays; the
+others are dropped. The stretch is continuous content and becomes clips the filters judge like any
+other. A storm the re-check confirms just as densely (`scenes.detector=adaptive` storming on its
+own) keeps no cut inside. The processor logs each storm: "scenes.detector=content fired on 150 of
+150 frames at ...: fast-changing content, kept as continuous (...)".
 """
 
 from __future__ import annotations
@@ -30,6 +45,8 @@ import bisect
 import inspect
 import logging
 from collections import deque
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, SceneDetector, ThresholdDetector
@@ -77,18 +94,26 @@ class CutTracker:
     def __init__(self, cfg: ScenesConfig, fps: float):
         self.fps = fps
         self.detector = make_detector(cfg, fps)
-        # Frames a cut can be reported after it happened (plus one for the frame in hand).
-        self.lag_frames = max(self.detector.event_buffer_length, min_scene_frames(cfg, fps), 1) + 1
+        self.storm_check = StormCheck(self.detector, fps)
+        # Frames a cut can be reported after it happened: the detector's own delay and the storm
+        # check's look at the frames after it (plus one for the frame in hand).
+        self.lag_frames = max(self.storm_check.delay_frames, min_scene_frames(cfg, fps), 1) + 1
         self._times: deque[float] = deque()  # times of recent frames, index self._first_index onward
         self._first_index = 0
         self._index = -1
+
+    @property
+    def storms(self) -> list[CutStorm]:
+        """The cut storms found so far (see the module docstring), in time order."""
+        return self.storm_check.storms
 
     def push(self, time_s: float, bgr: np.ndarray) -> list[float]:
         """Process the next frame ((h, w, 3) uint8 BGR); returns cut times found so far, ascending."""
         self._index += 1
         self._times.append(time_s)
         cuts = self.detector.process_frame(FrameTimecode(self._index, fps=self.fps), bgr)
-        result = [self._time_of(cut.frame_num) for cut in cuts]
+        kept = self.storm_check.push(self._index, bgr, [cut.frame_num for cut in cuts], self._time_of)
+        result = [self._time_of(frame) for frame in kept]
         self._forget_old()
         return sorted(result)
 
@@ -96,7 +121,8 @@ class CutTracker:
         if self._index < 0:
             return []
         cuts = self.detector.post_process(FrameTimecode(self._index, fps=self.fps))
-        return sorted(self._time_of(cut.frame_num) for cut in cuts)
+        kept = self.storm_check.finish(self._index, [cut.frame_num for cut in cuts], self._time_of)
+        return sorted(self._time_of(frame) for frame in kept)
 
     def settled_before(self, now_s: float) -> float:
         """Frames earlier than this time will not be split from their scene by a later cut."""
@@ -128,6 +154,154 @@ class CutTracker:
         while len(self._times) > keep:
             self._times.popleft()
             self._first_index += 1
+
+
+# --- cut storms (see the module docstring) ---------------------------------------------------
+
+# A storm: in STORM_WINDOW_S centred on a cut, the detector fired on at least STORM_FRACTION of the
+# frames. That is shots of two frames or less on average for half a second, which no edit makes.
+STORM_WINDOW_S = 0.5
+STORM_FRACTION = 0.5
+# AdaptiveDetector's own default: a frame's score against the mean of the 2 frames each side.
+ADAPTIVE_WINDOW = 2
+
+
+@dataclass
+class CutStorm:
+    """A stretch where the detector fired on most frames (first to last cut of the storm)."""
+
+    start_s: float
+    end_s: float
+    first_frame: int
+    last_frame: int
+    fired: int = 1  # frames of the stretch the detector cut at
+    confirmed: int = 0  # cuts inside it (not at its edges) the AdaptiveDetector re-check confirmed
+
+    @property
+    def frames(self) -> int:
+        return self.last_frame - self.first_frame + 1
+
+    def describe(self, detector: str) -> str:
+        inside = f"{self.confirmed} cut{'s' if self.confirmed != 1 else ''} inside confirmed by AdaptiveDetector"
+        return (
+            f"scenes.detector={detector} fired on {self.fired} of {self.frames} frames at "
+            f"{self.start_s:.2f}-{self.end_s:.2f} s: fast-changing content, kept as continuous ({inside})"
+        )
+
+
+class StormCheck:
+    """Holds each cut a detector reports until the frames around it are seen, then decides:
+
+    1. A cut outside a storm stands.
+    2. A cut at a storm's edge (no cut in the half window before it, or after it) stands.
+    3. A cut inside a storm stands only if an AdaptiveDetector re-check confirms it, and that
+       re-check does not itself fire on half the window (then nothing inside stands).
+
+    The re-check runs only where a storm may be: an AdaptiveDetector starts on the frames held back
+    when a cut follows another within a window, and stops once its ratio for the latest cut is known.
+    Isolated cuts and calm footage pay nothing for it.
+    """
+
+    def __init__(self, detector: SceneDetector, fps: float) -> None:
+        self.fps = fps
+        self.half_window = max(2, round(STORM_WINDOW_S * fps / 2))  # frames each side of a cut
+        # AdaptiveDetector is its own re-check; any other detector gets one beside it.
+        self.self_checked = isinstance(detector, AdaptiveDetector)
+        recheck_delay = 0 if self.self_checked else ADAPTIVE_WINDOW
+        # A cut is decided once the frames up to half_window after it are in and reported on.
+        self.delay_frames = self.half_window + max(detector.event_buffer_length, recheck_delay)
+        # The re-check's ratio at frame f needs frames f - ADAPTIVE_WINDOW - 1 to f + ADAPTIVE_WINDOW,
+        # and it starts when the next cut comes, up to 2 * half_window later.
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=2 * self.half_window + ADAPTIVE_WINDOW + 2)
+        self._adaptive: AdaptiveDetector | None = None
+        self._last_cut = -1
+        self._cuts: set[int] = set()  # frames the detector cut at (recent ones)
+        self._confirmed: set[int] = set()  # frames the re-check cut at
+        self._pending: list[int] = []  # cuts not yet decided, ascending
+        self.storms: list[CutStorm] = []
+
+    def push(self, index: int, bgr: np.ndarray, cuts: list[int], time_of: Callable[[int], float]) -> list[int]:
+        """Frame `index` and the cut frames the detector reported with it; returns decided cuts to keep."""
+        self._recent.append((index, bgr))
+        previous = self._last_cut
+        self._add(cuts)
+        self._recheck(index, cuts, previous)
+        return self._decide(index, time_of, final=False)
+
+    def finish(self, last_index: int, cuts: list[int], time_of: Callable[[int], float]) -> list[int]:
+        """The source ended at frame `last_index`: decide every cut still held."""
+        self._add(cuts)
+        if self.self_checked:
+            self._confirmed.update(cuts)
+        return self._decide(last_index, time_of, final=True)
+
+    def _add(self, cuts: list[int]) -> None:
+        for frame in cuts:
+            self._cuts.add(frame)
+            bisect.insort(self._pending, frame)
+            self._last_cut = max(self._last_cut, frame)
+
+    def _recheck(self, index: int, cuts: list[int], previous: int) -> None:
+        if self.self_checked:
+            self._confirmed.update(cuts)
+            return
+        if self._adaptive is None:
+            # A cut in a storm has another within half_window: start when one follows another closely.
+            close = [f for f in (*cuts, previous) if 0 <= self._last_cut - f <= 2 * self.half_window]
+            if not cuts or len(close) < 2:
+                return
+            self._adaptive = AdaptiveDetector(min_scene_len=1, window_width=ADAPTIVE_WINDOW)
+            frames = [(i, bgr) for i, bgr in self._recent if i >= min(close) - ADAPTIVE_WINDOW - 1]
+        else:
+            frames = [self._recent[-1]]
+        for i, bgr in frames:
+            found = self._adaptive.process_frame(FrameTimecode(i, fps=self.fps), bgr)
+            self._confirmed.update(cut.frame_num for cut in found)
+        if index >= self._last_cut + ADAPTIVE_WINDOW:  # the latest cut's ratio is known
+            self._adaptive = None
+
+    def _decide(self, index: int, time_of: Callable[[int], float], final: bool) -> list[int]:
+        kept = []
+        while self._pending and (final or self._pending[0] + self.delay_frames <= index):
+            frame = self._pending.pop(0)
+            if self._keep(frame, index, time_of):
+                kept.append(frame)
+        if len(self._cuts) > 8 * self.half_window:  # forget what no window reaches any more
+            oldest = index - self.delay_frames - 2 * self.half_window - 1
+            self._cuts = {f for f in self._cuts if f >= oldest}
+            self._confirmed = {f for f in self._confirmed if f >= oldest}
+        return kept
+
+    def _keep(self, frame: int, last_index: int, time_of: Callable[[int], float]) -> bool:
+        """Whether the cut at `frame` stands: rules 1-3 of the class docstring."""
+        half = self.half_window
+        window = range(max(0, frame - half), min(last_index, frame + half) + 1)
+        needed = STORM_FRACTION * len(window)
+        if sum(f in self._cuts for f in window) < needed:
+            return True  # 1. not in a storm
+        before, after = range(frame - half, frame), range(frame + 1, frame + half + 1)
+        # 2. An edge of the storm: calm frames on one side, so the content changes character here (a
+        # real cut into or out of it, or where the fast change starts). The storm then gets a scene of
+        # its own and no clip mixes it with what is around it. Not within a window of the source's
+        # start or end, where the piece on the calm side could never be a clip anyway.
+        edge = (before.start >= 1 and not any(f in self._cuts for f in before)) or (
+            after.stop - 1 <= last_index and not any(f in self._cuts for f in after)
+        )
+        # 3. Inside the storm: a cut the AdaptiveDetector re-check confirms, unless the re-check storms too.
+        confirmed_nearby = sum(f in self._cuts and f in self._confirmed for f in window)
+        confirmed = frame in self._confirmed and confirmed_nearby < needed
+        self._note_storm(frame, edge, confirmed, time_of)
+        return edge or confirmed
+
+    def _note_storm(self, frame: int, edge: bool, confirmed: bool, time_of: Callable[[int], float]) -> None:
+        storm = self.storms[-1] if self.storms else None
+        if storm is None or frame - storm.last_frame > 2 * self.half_window:
+            storm = CutStorm(time_of(frame), time_of(frame), frame, frame)
+            self.storms.append(storm)
+        else:
+            storm.fired += sum(f in self._cuts for f in range(storm.last_frame + 1, frame + 1))
+            storm.last_frame, storm.end_s = frame, time_of(frame)
+        storm.confirmed += confirmed and not edge
 
 
 def cut_times(cfg: ScenesConfig, fps: float, frames: list[tuple[float, np.ndarray]]) -> list[float]:

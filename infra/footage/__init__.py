@@ -20,8 +20,8 @@ API (all deterministic: the same spec gives the same pixels, and byte-identical 
     varied_shots([(kind, duration_s), ...], offset=0)   shots that change colour/shape/direction/background
     write_video(spec, path) -> GeneratedVideo            encode one file (+ its .srt/.txt sidecar)
     render_frames(spec) -> Iterator[(pts, rgb)]          the drawn frames, without encoding
-    standard_specs() / demo_specs() -> list[FootageSpec] the catalogues, without encoding
-    standard_suite(out_dir) / demo_suite(out_dir) -> list[GeneratedVideo]
+    standard_specs() / demo_specs() / storm_specs() -> list[FootageSpec] the catalogues, without encoding
+    standard_suite(out_dir) / demo_suite(out_dir) / storm_suite(out_dir) -> list[GeneratedVideo]
     bad_files(out_dir) -> dict[str, Path]                empty, truncated, not a video, audio only, zero frames
     damaged_files(out_dir) -> dict[str, Path]            open fine, end early: decode error part way / silent
     write_truth(videos, path, bad=None, damaged=None)    truth.json: every GeneratedVideo as JSON
@@ -32,6 +32,9 @@ over a textured, vertically graded background of one of 4 colours. Consecutive s
 change background between a dark and a light one, so the mean frame difference at a
 cut is > 30 levels (of 255) and ContentDetector scores it > 70, while inside a shot
 they stay under ~9 and ~10: PySceneDetect's ContentDetector finds every hard cut.
+Outside that vocabulary, `visualiser` shots (storm_specs) are continuous content whose colours
+change on every frame: ContentDetector fires on nearly every frame of them although nothing is
+cut, the cut storm that real music-visualiser footage causes.
 
 Conventions:
 - `width`/`height` are the coded (stored) size. `rotation` is the display rotation in
@@ -70,6 +73,8 @@ from infra.footage.suites import (
     demo_suite,
     standard_specs,
     standard_suite,
+    storm_specs,
+    storm_suite,
     varied_shots,
     write_truth,
 )
@@ -77,6 +82,7 @@ from infra.footage.suites import (
 __all__ = [
     "AUDIO_RATE", "BACKGROUNDS", "COLORS", "DAMAGED_SOURCE", "DIRECTIONS", "SHAPES", "SHOT_KINDS", "FootageSpec",
     "GeneratedVideo", "Shot", "ShotKind", "bad_files", "damaged_files", "demo_specs", "demo_suite",
-    "encoder_available", "render_frames", "standard_specs", "standard_suite", "varied_shots", "write_truth",
+    "encoder_available", "render_frames", "standard_specs", "standard_suite", "storm_specs", "storm_suite",
+    "varied_shots", "write_truth",
     "write_video",
 ]  # fmt: skip

@@ -5,7 +5,9 @@ from __future__ import annotations
 import bisect
 import filecmp
 import logging
+import math
 import os
+import uuid
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -133,6 +135,27 @@ def _paint_shape(img: np.ndarray, shot: Shot, cy: float, cx: float) -> None:
     np.copyto(img[y0:y1, x0:x1], np.array(COLORS[shot.color], np.uint8), where=mask[..., None])
 
 
+# Visualiser shots: a luma swirl that drifts slowly under colours that turn VISUALISER_TURN_DEG round
+# the colour wheel on every frame. The colours turn in the CbCr plane, so luma (and with it the motion
+# score) stays calm while hue, which ContentDetector weighs, jumps: it scores ~45 per frame, against
+# its default threshold of 27, where AdaptiveDetector's rolling average sees no cut at all.
+VISUALISER_TURN_DEG = 90.0
+VISUALISER_CHROMA = 70.0  # CbCr radius: strongly coloured, and inside the RGB gamut at this luma
+
+
+def _visualiser(index_in_shot: int, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: frame `index_in_shot` of a visualiser shot."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)  # (H, W) each
+    dy, dx = yy - height / 2, xx - width / 2
+    radius = np.hypot(dy, dx) / min(height, width)  # (H, W), 0 at the centre
+    angle = np.arctan2(dy, dx)  # (H, W)
+    # Rings and spokes fine enough for the sharpness filter (Laplacian variance ~25 at 256x256).
+    luma = 120 + 50 * np.sin(60 * radius - 0.4 * index_in_shot) * np.cos(8 * angle)
+    hue = 3 * angle + 8 * radius + math.radians(VISUALISER_TURN_DEG) * index_in_shot
+    ycrcb = np.stack([luma, 128 + VISUALISER_CHROMA * np.cos(hue), 128 + VISUALISER_CHROMA * np.sin(hue)], axis=-1)
+    return cv2.cvtColor(np.clip(ycrcb, 0, 255).astype(np.uint8), cv2.COLOR_YCrCb2RGB)  # (H, W, 3)
+
+
 def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (pts, rgb (H, W, 3) uint8 in coded orientation) for every frame of `spec`.
 
@@ -154,15 +177,18 @@ def render_frames(spec: FootageSpec) -> Iterator[tuple[int, np.ndarray]]:
         if k in frozen:
             yield pts, frozen[k]
             continue
-        if k not in backgrounds:
-            backgrounds.clear()  # one shot at a time: a 1080p background is 6 MB
-            backgrounds[k] = _background(shot, disp_h, disp_w)
-            if grain:
-                backgrounds[k] = grain.add_texture(backgrounds[k])
-        img = backgrounds[k].copy()  # (H, W, 3) display orientation
-        if shot.kind != "black":
-            progress = float((pts * tb - boundaries[k]) / _exact_s(shot.duration_s))
-            _paint_shape(img, shot, *_shape_center(shot, progress, disp_h, disp_w))
+        if shot.kind == "visualiser":
+            img = _visualiser(index_in_shot, disp_h, disp_w)  # (H, W, 3) display orientation
+        else:
+            if k not in backgrounds:
+                backgrounds.clear()  # one shot at a time: a 1080p background is 6 MB
+                backgrounds[k] = _background(shot, disp_h, disp_w)
+                if grain:
+                    backgrounds[k] = grain.add_texture(backgrounds[k])
+            img = backgrounds[k].copy()  # (H, W, 3) display orientation
+            if shot.kind != "black":
+                progress = float((pts * tb - boundaries[k]) / _exact_s(shot.duration_s))
+                _paint_shape(img, shot, *_shape_center(shot, progress, disp_h, disp_w))
         if shot.kind in ("fade_out", "fade_in"):
             # Linear ramp over the shot's frames: a fade_out's last frame and a fade_in's first are black.
             alpha = index_in_shot / (per_shot_count[k] - 1)
@@ -280,7 +306,9 @@ def write_video(spec: FootageSpec, path: Path) -> GeneratedVideo:
     end_tick = pts_list[-1] + ((2 if len(pts_list) % 2 else 4) if spec.vfr else 1)
     # Encode beside the target and replace it only when the bytes differ: an unchanged file keeps its
     # mtime, so rerunning `make demo` (or a test) lets incremental ingest skip it as already done.
-    tmp_path = path.with_name(f".tmp-{path.name}")
+    # The temp name is this writer's own: two writers of one path (two `make demo`s, two test
+    # sessions sharing a folder) would otherwise interleave their bytes in one temp file.
+    tmp_path = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         options = MUXER_OPTIONS | ({"movflags": "+faststart"} if spec.faststart else {})
         with av.open(str(tmp_path), "w", options=options) as container:

@@ -33,10 +33,14 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 # footage carries noise and a pedestal).
 NEAR_BLACK_RGB = (9, 9, 11)
 
-ShotKind = Literal["moving", "static", "black", "fade_out", "fade_in"]
-SHOT_KINDS: tuple[str, ...] = ("moving", "static", "black", "fade_out", "fade_in")
+# "visualiser": continuous, fast-changing content like a music visualiser. Its colours turn a
+# quarter of the way round the colour wheel on every frame, so PySceneDetect's ContentDetector
+# fires on nearly every frame although there is no cut (real visualiser footage did the same).
+ShotKind = Literal["moving", "static", "black", "fade_out", "fade_in", "visualiser"]
+SHOT_KINDS: tuple[str, ...] = ("moving", "static", "black", "fade_out", "fade_in", "visualiser")
 DARK_START = ("fade_in", "black")  # kinds whose first frame is (near) black
 DARK_END = ("fade_out", "black")  # kinds whose last frame is (near) black
+PATTERN_KINDS = ("black", "visualiser")  # kinds that show no shape, colour or background of their own
 
 # Shape size and travel, as fractions of the (display) frame.
 SHAPE_RADIUS_FRAC = 0.15  # of min(H, W)
@@ -55,8 +59,14 @@ DEFAULT_PIX_FMT: dict[str, str] = {
 }
 # Encoder options. One thread everywhere: multi-threaded x264/vpx slice work differently
 # run to run, and determinism (byte-identical files) matters more than speed at these sizes.
+# render._add_video_stream sets the codec context's thread_count to 1, which libav's libx264
+# wrapper passes on as x264's `threads`; x264 then derives one lookahead thread and no sliced
+# threads. x264-params states all three, so no default of a future x264 or FFmpeg can bring
+# threads back (the options x264 records in every stream's SEI are the same, and so are the bytes).
+X264_SINGLE_THREAD = "threads=1:lookahead-threads=1:sliced-threads=0"
 CODEC_OPTIONS: dict[str, dict[str, str]] = {
-    "libx264": {"preset": "veryfast", "crf": "16", "x264-params": "log=0"},  # log=0: errors only, no stats on stderr
+    # log=0: errors only, no stats on stderr
+    "libx264": {"preset": "veryfast", "crf": "16", "x264-params": f"log=0:{X264_SINGLE_THREAD}"},
     "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "20"},
     # One strip per frame halves cinepak's encode time at no visible cost on flat synthetic frames.
     "cinepak": {"max_extra_cb_iterations": "0", "max_strips": "1"},
@@ -86,7 +96,7 @@ def encoder_available(codec: str) -> bool:
 @dataclass(frozen=True)
 class Shot:
     """One shot between hard cuts. `color`/`shape`/`direction`/`background` are ignored by
-    `black` shots and `direction` by `static` ones; `caption` says what is on screen."""
+    `black` and `visualiser` shots and `direction` by `static` ones; `caption` says what is on screen."""
 
     kind: ShotKind
     duration_s: float
@@ -113,6 +123,8 @@ class Shot:
     def caption(self) -> str:
         if self.kind == "black":
             return "an empty, nearly black frame"
+        if self.kind == "visualiser":
+            return "a swirl of colours changing on every frame"
         if self.kind == "static":
             return f"a {self.color} {self.shape} standing still on a {self.background} background"
         moving = f"a {self.color} {self.shape} moving {self.direction} on a {self.background} background"
@@ -249,10 +261,10 @@ class GeneratedVideo:
                     "kind": shot.kind,
                     "duration_s": shot.duration_s,
                     # null where the kind does not show it, so the truth never names what is not on screen
-                    "color": None if shot.kind == "black" else shot.color,
-                    "shape": None if shot.kind == "black" else shot.shape,
-                    "direction": None if shot.kind in ("black", "static") else shot.direction,
-                    "background": None if shot.kind == "black" else shot.background,
+                    "color": None if shot.kind in PATTERN_KINDS else shot.color,
+                    "shape": None if shot.kind in PATTERN_KINDS else shot.shape,
+                    "direction": None if shot.kind in (*PATTERN_KINDS, "static") else shot.direction,
+                    "background": None if shot.kind in PATTERN_KINDS else shot.background,
                     "caption": shot.caption,
                     "start_s": start,
                     "end_s": end,

@@ -121,6 +121,20 @@ def demo_specs() -> list[FootageSpec]:
     ]  # fmt: skip
 
 
+def storm_specs() -> list[FootageSpec]:
+    """Continuous, fast-changing content (a music visualiser, kind "visualiser") that makes
+    PySceneDetect's ContentDetector fire on nearly every frame although nothing is cut, as two
+    real 320x180 visualiser sources did: one between ordinary shots (hard cuts at 2.4 s and 7.4 s),
+    one that is nothing else."""
+    return [
+        FootageSpec("visualiser_cuts_h264_320x180_25fps", "mp4", "libx264", 320, 180, Fraction(25),
+                    (*varied_shots(_moving(2.4), offset=2), Shot("visualiser", 5.0),
+                     *varied_shots(_moving(2.4), offset=5))),
+        FootageSpec("visualiser_only_h264_320x180_25fps", "mp4", "libx264", 320, 180, Fraction(25),
+                    (Shot("visualiser", 6.0),)),
+    ]  # fmt: skip
+
+
 def _write_all(specs: list[FootageSpec], out_dir: Path, desc: str) -> list[GeneratedVideo]:
     out_dir = Path(out_dir)
     return [write_video(spec, out_dir / spec.filename) for spec in tqdm(specs, desc=desc, unit="file")]
@@ -132,6 +146,10 @@ def standard_suite(out_dir: Path) -> list[GeneratedVideo]:
 
 def demo_suite(out_dir: Path) -> list[GeneratedVideo]:
     return _write_all(demo_specs(), out_dir, "encoding demo footage")
+
+
+def storm_suite(out_dir: Path) -> list[GeneratedVideo]:
+    return _write_all(storm_specs(), out_dir, "encoding visualiser footage")
 
 
 def bad_files(out_dir: Path) -> dict[str, Path]:

@@ -122,7 +122,8 @@ def test_moving_shots_move_and_frozen_shots_do_not(standard: dict[str, Generated
             else:
                 assert inside.min() > 0.2, f"{name}: {shot.kind} shot has a frozen frame pair"
     kinds = {shot.kind for video in standard.values() for shot in video.spec.shots}
-    assert kinds == set(footage.SHOT_KINDS)
+    storm_kinds = {shot.kind for spec in footage.storm_specs() for shot in spec.shots}
+    assert kinds == set(footage.SHOT_KINDS) - {"visualiser"} and kinds | storm_kinds == set(footage.SHOT_KINDS)
 
 
 def _shape_centroid(frame: np.ndarray, color: str) -> np.ndarray:
@@ -364,3 +365,36 @@ def test_grain_is_deterministic_noise_that_costs_bits_and_keeps_cuts(tmp_path: P
     assert grainy_video.cut_frames == flat_video.cut_frames == (25,)
     diffs = frame_diffs(decode(str(grainy_video.path)).frames)
     assert int(np.argmax(diffs)) + 1 == 25 and diffs.max() > CUT_DIFF
+
+
+@pytest.fixture(scope="module")
+def storm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GeneratedVideo]:
+    return {video.spec.name: video for video in footage.storm_suite(tmp_path_factory.mktemp("storm"))}
+
+
+def test_visualiser_footage_is_a_cut_storm_without_a_cut(storm: dict[str, GeneratedVideo]) -> None:
+    """What real music-visualiser sources did to PySceneDetect: its ContentDetector fires on nearly
+    every frame of continuous content, while AdaptiveDetector's rolling average sees no cut."""
+    from scenedetect import AdaptiveDetector, ContentDetector, detect
+
+    video = storm["visualiser_cuts_h264_320x180_25fps"]
+    assert [shot.kind for shot in video.spec.shots] == ["moving", "visualiser", "moving"]
+    assert video.cut_frames == (60, 185) and video.cut_times_s == pytest.approx((2.4, 7.4))
+    first, stop = video.shot_frames[1]
+    diffs = frame_diffs(decode(str(video.path)).frames)
+    assert diffs[first : stop - 1].min() > CUT_DIFF  # every frame of it changes like a cut would
+    content = {start.frame_num for start, _ in detect(str(video.path), ContentDetector(min_scene_len=1), backend="pyav")}
+    inside = content & set(range(first + 1, stop))
+    assert len(inside) >= 0.9 * (stop - first - 1), f"ContentDetector fired on {len(inside)} of {stop - first - 1} frames"
+    adaptive = {start.frame_num for start, _ in detect(str(video.path), AdaptiveDetector(min_scene_len=1), backend="pyav")}
+    assert not adaptive & set(range(first + 1, stop))
+    whole = storm["visualiser_only_h264_320x180_25fps"]
+    assert whole.cut_frames == () and whole.captions == ("a swirl of colours changing on every frame",)
+    assert whole.to_json()["shots"][0]["color"] is None and (whole.spec.width, whole.spec.height) == (320, 180)
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in footage.storm_specs()])
+def test_visualiser_encoding_is_byte_identical(storm: dict[str, GeneratedVideo], tmp_path: Path, name: str) -> None:
+    video = storm[name]
+    again = footage.write_video(video.spec, tmp_path / video.path.name)
+    assert again.sha256 == video.sha256 == hashlib.sha256(video.path.read_bytes()).hexdigest()

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from infra.config import ConfigError, load_config
 from pipelines.captions import CaptionRequest, dominant_colours, make_captioner, parse_srt
 from pipelines.config import CaptionConfig
 from pipelines.filters import ClipPixels, score_clip
@@ -93,9 +94,15 @@ def test_dominant_colours_ignores_small_patches():
 
 
 @pytest.mark.parametrize("backend", ["vlm", "openai"])
-def test_model_backends_fail_at_construction(backend):
-    with pytest.raises(ValueError, match=f"caption.backend={backend} is not available yet"):
-        make_captioner(CaptionConfig(backend=backend))
+def test_model_backends_fail_config_validation_in_one_line_naming_what_is_available(backend):
+    """They used to pass validation and then kill every worker at start-up (334 lines, 4 tracebacks)."""
+    with pytest.raises(ConfigError) as failure:
+        load_config(None, [f"caption.backend={backend}"])
+    message = str(failure.value)
+    assert "\n" not in message and f"caption.backend {backend!r} is not available yet" in message
+    assert message.endswith("available: none, sidecar, metadata")
+    with pytest.raises(ValueError, match="not available yet"):
+        CaptionConfig(backend=backend)
 
 
 def test_parse_srt_skips_malformed_blocks():

@@ -3,6 +3,7 @@ WebDataset shards, crash recovery, incremental appends, the same bytes on an obj
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tarfile
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import webdataset
 
 from pipelines.output import MANIFEST, REJECTS, SOURCES, OutputDir, committed_keys
-from pipelines.pack import pack
+from pipelines.pack import pack, write_stats
 from pipelines.work import work_keys
 
 
@@ -91,7 +92,7 @@ def test_interrupted_pack_is_redone_identically(tmp_path: Path, write_processed)
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "reference")
 
 
-def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, write_processed) -> None:
+def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path: Path, processed: dict, write_processed) -> None:
     out = OutputDir(str(tmp_path / "out"))
     out.make_dirs()
     write_processed(out, ["v0"])
@@ -106,7 +107,22 @@ def test_incremental_pack_appends_and_rejects_copies_of_committed_clips(tmp_path
     rejects = pq.read_table(out.path(REJECTS)).to_pylist()
     copy_rejects = [r for r in rejects if r["uri"].endswith("v0_copy.mp4") and r["stage"] == "dedup"]
     assert len(copy_rejects) == first.clips_kept
-    assert all("same source content" in r["reason"] for r in copy_rejects)
+    # The reason names the committed clip it repeats: id, source file and span.
+    committed = {r["id"]: r for r in pq.read_table(out.path(MANIFEST)).to_pylist()}
+    for row in copy_rejects:
+        original = committed[row["id"]]
+        where = f"{original['source_uri']} {original['start_s']:.2f}-{original['end_s']:.2f} s"
+        assert row["reason"] == f"duplicate of {row['id']} from {where} (same source content)"
+    # v0_copy yields no kept clip: named apart from whole-source rejects, with its rejects by stage.
+    assert second.sources_without_clips == [
+        {"uri": processed["v0_copy"][0]["uri"], "clips_rejected": len(processed["v0"][1]), "rejected_by_stage": {
+            stage: sum(1 for r in processed["v0"][1] if (r["reject_stage"] or "dedup") == stage)
+            for stage in {r["reject_stage"] or "dedup" for r in processed["v0"][1]}}}
+    ]  # fmt: skip
+    stats = write_stats(out, second, 1.0, {}, "hash", {})
+    assert stats["sources_without_clips"] == 1 and stats["sources"]["rejected"] == 0
+    assert stats["last_run"]["sources_without_clips"] == 1
+    assert stats["last_run"]["no_clip_sources"] == second.sources_without_clips
     manifest_ids = pq.read_table(out.path(MANIFEST), columns=["id"]).column("id").to_pylist()
     assert len(manifest_ids) == len(set(manifest_ids)) == first.clips_kept + second.clips_kept
 
@@ -125,3 +141,26 @@ def test_object_store_output_gives_the_same_shards(tmp_path: Path, write_process
     assert not bucket.is_local and names == sorted(_shard_bytes(tmp_path / "local"))
     assert {n: bucket.read_bytes(n) for n in names} == _shard_bytes(tmp_path / "local")
     assert committed_keys(bucket) == committed_keys(local) and work_keys(bucket) == set()
+
+
+def test_near_duplicate_reason_names_the_other_clips_source_file_and_span(tmp_path: Path, processed: dict) -> None:
+    """A near-duplicate's reason used to give only the other clip's id, useless to a person reading
+    report.html; it now says where that clip is: its source file and time span."""
+    from pipelines.work import write_source_result
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    source, rows = copy.deepcopy(processed["v1"])
+    write_source_result(out, source, iter(copy.deepcopy(rows)))
+    # The same pictures under another file and hash (as a re-encode would be): ids differ, phashes match.
+    twin = source | {"uri": source["uri"].replace("v1.", "v1_twin."), "sha256": "f" * 64, "source_key": "f" * 32}
+    twin_rows = [r | {"id": "f" * 16 + r["id"][16:], "source_uri": twin["uri"], "source_sha256": "f" * 64} for r in copy.deepcopy(rows)]
+    write_source_result(out, twin, iter(twin_rows))
+    pack(out, dedup_hamming=0, target_mb=0.05)
+    kept = {r["id"]: r for r in pq.read_table(out.path(MANIFEST)).to_pylist()}
+    dedup = [r for r in pq.read_table(out.path(REJECTS)).to_pylist() if r["stage"] == "dedup"]
+    assert dedup and {r["uri"] for r in dedup} == {twin["uri"]}
+    for row in dedup:
+        other = kept[row["id"].replace("f" * 16, source["sha256"][:16], 1)]
+        where = f"{source['uri']} {other['start_s']:.2f}-{other['end_s']:.2f} s"
+        assert row["reason"] == f"near-duplicate of {other['id']} from {where}" and row["score"] == 0

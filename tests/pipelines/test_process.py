@@ -217,7 +217,7 @@ def test_settings_pickle_and_come_from_the_full_config():
     assert pickle.loads(pickle.dumps(settings)) == settings
     assert settings.clips.fps == 8 and settings.scenes == ScenesConfig(detector="adaptive")
     assert SourceProcessor(cfg).settings == settings
-    with pytest.raises(ValueError, match="caption.backend=vlm is not available yet"):
+    with pytest.raises(ValueError, match="caption.backend 'vlm' is not available yet"):
         SourceProcessor(load_config(None, ["caption.backend=vlm"]))
 
 
@@ -247,3 +247,51 @@ def test_iter_rows_streams_clips_before_the_source_ends(videos, results, process
     assert 0 < processor.frames_decoded < total / 2, (processor.frames_decoded, total)
     assert first["id"] == results["cuts_h264_320x240_25fps"][0]["id"]
     assert [first["id"], *(r["id"] for r in rows)] == [r["id"] for r in results["cuts_h264_320x240_25fps"]]
+
+
+@pytest.fixture(scope="module")
+def storm_footage(tmp_path_factory):
+    from infra.footage import storm_suite
+
+    return {video.spec.name: video for video in storm_suite(tmp_path_factory.mktemp("storm"))}
+
+
+def test_visualiser_sources_become_clips_not_hundreds_of_one_frame_scenes(storm_footage, caplog):
+    """Real 320x180 visualiser sources gave 317 and 59 one-frame "scenes", every one rejected as too
+    short, and no clip. With the default settings the storm is one stretch of continuous content."""
+    processor = SourceProcessor(IngestSettings())
+    whole = storm_footage["visualiser_only_h264_320x180_25fps"]
+    with caplog.at_level("INFO", logger="pipelines.process"):
+        rows = processor(probe_source(str(whole.path)))
+    assert not [r for r in rows if r["reject_stage"] == "clips"], [r["reject_reason"] for r in rows][:5]
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert sum(r["end_s"] - r["start_s"] for r in kept) >= 0.9 * whole.duration_s
+    assert any("fast-changing content, kept as continuous" in r.getMessage() and str(whole.path) in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+    # Between ordinary shots: the hard cuts into and out of the visualiser still split it off.
+    video = storm_footage["visualiser_cuts_h264_320x180_25fps"]
+    rows = processor(probe_source(str(video.path)))
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert [r["scene_index"] for r in kept] == [0, 1, 2] and len(rows) == 3
+    tolerance = 1 / processor.settings.clips.fps + 1 / float(video.spec.fps)
+    for row in kept:
+        assert not any(row["start_s"] + tolerance < cut < row["end_s"] - tolerance for cut in video.cut_times_s), row["id"]
+
+
+def test_a_piece_too_short_for_a_clip_frame_still_gets_a_thumbnail_of_itself(tmp_path):
+    """A one-frame shot (a flash) has no frame on the clip grid after trimming; its reject row used
+    to carry no thumbnail, so report.html could not show it."""
+    shots = varied_shots([("moving", 2.0), ("moving", 0.04), ("moving", 2.0)], offset=1)
+    spec = FootageSpec("flash", "mp4", "libx264", 160, 120, Fraction(25), shots)
+    video = write_video(spec, tmp_path / spec.filename)
+    rows = SourceProcessor(SETTINGS)(probe_source(str(video.path)))
+    (flash,) = [r for r in rows if r["start_s"] <= video.cut_times_s[0] + 1e-6 and r["end_s"] >= video.cut_times_s[1] - 1e-6]
+    assert flash["num_frames"] == 0 and flash["reject_stage"] == "clips" and flash["reject_reason"].startswith("scene 0.04 s")
+    picture = np.asarray(Image.open(io.BytesIO(flash["thumbnail"])).convert("RGB"), np.float32)
+    # It shows the flash, not a neighbour: the mean colour is that of the one-frame shot.
+    drawn = {pts: rgb for pts, rgb in render_frames(spec)}
+    frame = video.shot_frames[1][0]
+    means = {k: np.asarray(drawn[k], np.float32).mean(axis=(0, 1)) for k in (frame - 1, frame, frame + 1)}
+    distance = {k: np.abs(picture.mean(axis=(0, 1)) - m).sum() for k, m in means.items()}
+    assert min(distance, key=distance.get) == frame, distance

@@ -135,3 +135,51 @@ def test_cuts_closer_than_min_scene_seconds_are_all_kept_and_no_clip_spans_one(t
         assert not inside, (row["start_s"], row["end_s"], inside)
     short = [row for row in rows if row["reject_stage"] == "clips"]
     assert len(short) == 1 and short[0]["reject_reason"].startswith("scene 0.3"), short
+
+
+@pytest.fixture(scope="module")
+def storm_footage(tmp_path_factory):
+    from infra.footage import storm_suite
+
+    return {video.spec.name: video for video in storm_suite(tmp_path_factory.mktemp("storm"))}
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_a_cut_storm_is_continuous_content_whose_edges_stay_cuts(storm_footage, detector):
+    """Two real music-visualiser sources became 317 and 59 one-frame scenes: ContentDetector fires on
+    nearly every frame of continuous, fast-changing content. Such a storm is now one stretch with cuts
+    at its edges (here the true hard cuts into and out of it), and nothing inside it."""
+    video = storm_footage["visualiser_cuts_h264_320x180_25fps"]
+    fps, frames = _detect_frames(video.path)
+    tracker = CutTracker(ScenesConfig(detector=detector), fps)
+    cuts = [cut for time_s, bgr in frames for cut in tracker.push(time_s, bgr)] + tracker.finish()
+    if detector == "adaptive":
+        # AdaptiveDetector's rolling average sees neither a storm nor, next to one, these two cuts.
+        assert cuts == [] and tracker.storms == []
+        return
+    assert cuts == pytest.approx(list(video.cut_times_s), abs=1 / fps + 1e-3)
+    (storm,) = tracker.storms
+    first, stop = video.shot_frames[1]
+    assert storm.first_frame == pytest.approx(first, abs=1) and storm.last_frame == pytest.approx(stop, abs=1)
+    assert storm.fired >= 0.9 * storm.frames and storm.confirmed == 0
+    assert storm.describe("content").startswith(f"scenes.detector=content fired on {storm.fired} of {storm.frames} frames at 2.4")
+
+
+def test_storm_rules_on_a_cut_pattern():
+    """StormCheck's three rules on cut frames as a detector would report them (AdaptiveDetector as the
+    detector is its own re-check, so no pictures are needed): isolated cuts stand; a storm keeps its
+    edges; inside it, cuts the re-check also storms on are dropped; no edge within a window of the start."""
+    from scenedetect import AdaptiveDetector
+
+    from pipelines.scenes import StormCheck
+
+    check = StormCheck(AdaptiveDetector(min_scene_len=1), fps=25.0)
+    half = check.half_window
+    reported = {10, 40, 41, *range(100, 161), 200, *range(1, half)}  # an isolated cut, a flash, a storm, a cut
+    kept = []
+    for index in range(250):
+        kept += check.push(index, None, [index] if index in reported else [], lambda f: f / 25.0)
+    kept += check.finish(249, [], lambda f: f / 25.0)
+    # The storm right at the start has no calm side to mark an edge; the one at 100-160 keeps both edges.
+    assert kept == [10, 40, 41, 100, 160, 200]
+    assert [(s.first_frame, s.last_frame, s.fired) for s in check.storms] == [(1, half - 1, half - 1), (100, 160, 61)]
