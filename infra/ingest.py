@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"ingest: --workers must be >= 1, got {args.workers}")
     if args.max_attempts < 1:
         raise SystemExit(f"ingest: --max-attempts must be >= 1, got {args.max_attempts}")
+    ray_before = _ray_connected()
     try:
         stats = run_ingest(
             cfg.ingest(),
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             start_ray=start_ray,
         )
     except (ValueError, IngestStopped) as exc:
+        if _ray_connected() and not ray_before:
+            # Disconnect from the Ray this command started or joined: log lines its workers still
+            # send (other sources' retries) would otherwise arrive after the one line that says why.
+            sys.modules["ray"].shutdown()
         raise SystemExit(f"ingest: {exc}") from None
     print(summary_table(stats))
     if stats["sources"]["ok"] == 0:
@@ -76,36 +81,66 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: a bad argument must not pay for Ray
+    return ray is not None and ray.is_initialized()
+
+
 def summary_table(stats: dict[str, Any]) -> str:
-    """The end-of-run markdown table: this run and the whole output folder."""
-    run = stats["last_run"]
+    """The end-of-run markdown table: this run and the whole output folder. A rerun that found
+    nothing new (`run_ingest` returns the stored stats.json with `nothing_new`) says so in the
+    "this run" column instead of repeating the figures of the run that wrote them."""
+    run, sources = stats["last_run"], stats["sources"]
+    nothing_new = bool(stats.get("nothing_new"))
+
+    def this(value: str) -> str:
+        return "" if nothing_new else value
+
     rows = [
-        ("sources ok / rejected", f"{run['sources'] - run['sources_rejected']} / {run['sources_rejected']}",
-         f"{stats['sources']['ok']} / {stats['sources']['rejected']}"),
-        ("clips kept", str(run["clips_kept"]), str(stats["clips"]["kept"])),
+        ("sources ok / rejected", "nothing new" if nothing_new else f"{run['sources'] - run['sources_rejected']} / {run['sources_rejected']}",
+         f"{sources['ok']} / {sources['rejected']}"),
+        # Processed, yet no clip kept: counted apart from whole-source rejects, and named below.
+        ("sources without a kept clip", this(str(run.get("sources_without_clips", 0))), str(stats.get("sources_without_clips", "?"))),
+        ("clips kept", this(str(run["clips_kept"])), str(stats["clips"]["kept"])),
     ]  # fmt: skip
     clip_stages, source_stages = stats["clips"]["rejected_by_stage"], stats["sources_rejected_by_stage"]
     stages = sorted(set(run["rejected_by_stage"]) | set(clip_stages) | set(source_stages))
     total_by_stage = {s: clip_stages.get(s, 0) + source_stages.get(s, 0) for s in stages}
     for stage in stages:
-        rows.append((f"rejected: {stage}", str(run["rejected_by_stage"].get(stage, 0)), str(total_by_stage[stage])))
+        rows.append((f"rejected: {stage}", this(str(run["rejected_by_stage"].get(stage, 0))), str(total_by_stage[stage])))
     rows += [
-        ("hours in (source)", f"{run['source_seconds'] / 3600:.3f}", f"{stats['source_seconds'] / 3600:.3f}"),
-        ("hours out (clips)", f"{run['clip_seconds'] / 3600:.3f}", f"{stats['clip_seconds'] / 3600:.3f}"),
-        ("wall time (s)", f"{run['wall_s']:.1f}", ""),
-        ("source s per wall s", str(run["source_seconds_per_wall_s"]), ""),
-        ("shards", str(len(run["new_shards"])), str(len(stats["shards"]))),
+        ("hours in (source)", this(f"{run['source_seconds'] / 3600:.3f}"), f"{stats['source_seconds'] / 3600:.3f}"),
+        ("hours out (clips)", this(f"{run['clip_seconds'] / 3600:.3f}"), f"{stats['clip_seconds'] / 3600:.3f}"),
+        ("wall time (s)", this(f"{run['wall_s']:.1f}"), ""),
+        ("source s per wall s", this(str(run["source_seconds_per_wall_s"])), ""),
+        ("shards", this(str(len(run["new_shards"]))), str(len(stats["shards"]))),
     ]
     lines = ["| | this run | output total |", "|---|---:|---:|"]
-    lines += [f"| {name} | {this} | {total} |" for name, this, total in rows]
+    lines += [f"| {name} | {value} | {total} |" for name, value, total in rows]
+    if not nothing_new:
+        lines += _named_sources(run)
+    return "\n".join(lines)
+
+
+def _named_sources(run: dict[str, Any]) -> list[str]:
+    """Tables naming this run's sources rejected whole (with the reason) and those that yield no kept
+    clip (with their clip rejects by stage): lost sources deserve a name on screen, not only a count."""
+    lines: list[str] = []
     rejected = run.get("rejected_sources") or []
     if rejected:
-        # Whole sources lost deserve their reason on screen, not only a count ("size", "crash").
         lines += ["", "| source rejected in this run | stage | reason |", "|---|---|---|"]
         lines += [f"| {r['uri']} | {r['stage']} | {_cell(r['reason'])} |" for r in rejected]
         if run["sources_rejected"] > len(rejected):
             lines.append(f"| ... and {run['sources_rejected'] - len(rejected)} more (rejects.parquet) | | |")
-    return "\n".join(lines)
+    empty = run.get("no_clip_sources") or []
+    if empty:
+        lines += ["", "| source without a kept clip in this run | clips rejected, by stage |", "|---|---|"]
+        for source in empty:
+            by_stage = ", ".join(f"{stage} {count}" for stage, count in source["rejected_by_stage"].items())
+            lines.append(f"| {source['uri']} | {_cell(by_stage) or 'no clip at all'} |")
+        if run["sources_without_clips"] > len(empty):
+            lines.append(f"| ... and {run['sources_without_clips'] - len(empty)} more (sources.parquet, clips_kept 0) | |")
+    return lines
 
 
 def _cell(text: str | None) -> str:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
 
-from pipelines.output import OutputDir
+from pipelines.output import OutputDir, StorageError
 from pipelines.work import clear_attempts, read_attempts, record_attempt
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,12 @@ class CrashGuard:
     """Bounds how often Ray may hand one source to a worker that then dies (SIGSEGV inside
     FFmpeg, the OOM killer). Ray Data restarts dead actors and resends their rows without limit
     (max_restarts=-1, max_task_retries=-1); attempt markers in --out (pipelines/work.py) count
-    the deaths, and the attempt that finds `max_attempts` of them writes a "crash" reject instead."""
+    the deaths, and the attempt that finds `max_attempts` of them writes a "crash" reject instead.
+
+    Only deaths that the source can have caused count: markers of workers of this same run
+    (epoch) other than the process reading them. A marker of an earlier run is a worker that died
+    with its run (a killed driver takes its workers along), which says nothing about the source;
+    a marker of this process is a try that ended in an exception (say a storage error, retried)."""
 
     def __init__(self, out: OutputDir, stage: str, max_attempts: int) -> None:
         self.out, self.stage, self.max_attempts = out, stage, max_attempts
@@ -42,18 +47,49 @@ class CrashGuard:
 
     def run(self, key: str, work: Callable[[], T], crashed: Callable[[str], T]) -> T:
         """`work()`, recorded as an attempt; or `crashed(reason)` when earlier attempts used them up."""
-        earlier = read_attempts(self.out, key, self.stage, self.max_attempts)
-        if len(earlier) >= self.max_attempts:
-            reason = crash_reason(earlier, self.stage)
+        markers = read_attempts(self.out, key, self.stage)
+        deaths = [marker for marker in markers if self._is_death(marker)]
+        if len(deaths) >= self.max_attempts:
+            reason = crash_reason(deaths, self.stage)
             logger.error("%s: %s", key, reason)
             result = crashed(reason)
         else:
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": round(time.time(), 3)}
-            record_attempt(self.out, key, self.stage, len(earlier) + 1, info)
-            result = work()
+            mine = [number for number, marker in enumerate(markers, start=1) if _is_this_process(marker)]
+            number = mine[0] if mine else len(markers) + 1
+            if not mine:
+                record_attempt(self.out, key, self.stage, number, self._marker())
+            try:
+                result = work()
+            except BaseException:
+                # This process lives: whatever ended the try (a storage error, a superseded run)
+                # was no death. Best effort: storage that just failed may fail this too.
+                try:
+                    clear_attempts(self.out, key, self.stage, first=number)
+                except StorageError:
+                    pass
+                raise
         # The outcome is written: any later run or retry skips the source, so its markers can go.
-        clear_attempts(self.out, key, self.stage, len(earlier) + 1)
+        clear_attempts(self.out, key, self.stage)
         return result
+
+    def _marker(self) -> dict[str, Any]:
+        epoch = self.out.lease.epoch if self.out.lease else None
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started_at": round(time.time(), 3), "epoch": epoch}
+
+    def _is_death(self, marker: dict[str, Any]) -> bool:
+        epoch = self.out.lease.epoch if self.out.lease else None
+        return marker.get("epoch") == epoch and not _is_this_process(marker)
+
+
+def _is_this_process(marker: dict[str, Any]) -> bool:
+    """Written by this very process (not by an earlier one that had the same pid)."""
+    import psutil
+
+    return (
+        marker["host"] == socket.gethostname()
+        and marker["pid"] == os.getpid()
+        and marker["started_at"] >= psutil.Process().create_time() - 1.0
+    )
 
 
 _fault_log: IO[str] | None = None

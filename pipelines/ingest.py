@@ -23,11 +23,12 @@ a "crash" reject after `max_attempts` deaths, so the rest of the job finishes.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from model import __version__
 from model.errors import one_line
@@ -39,12 +40,20 @@ from pipelines.output import (
     STATS,
     SUCCESS,
     WORK_DIR,
+    WRITERS_WAIT_S,
+    IngestStopped,
+    LeaseKeeper,
     OutputDir,
+    StorageError,
+    Superseded,
     check_config,
     clear_success,
     committed_keys,
     mark_success,
-    remove_temp_files,
+    record_config,
+    retry_storage,
+    sweep_temp_files,
+    take_lease,
 )
 from pipelines.pack import PackResult, pack, write_stats
 from pipelines.probe import empty_probe_row, preflight, probe_source, size_reject
@@ -57,15 +66,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Attempts at one source (per stage) before a worker that keeps dying on it is given up on and
 # the source becomes a "crash" reject: one death can be bad luck (a neighbour's memory spike),
 # three in a row on the same source is the source.
 DEFAULT_MAX_ATTEMPTS = 3
-
-
-class IngestStopped(RuntimeError):
-    """The job stopped before it could pack: no working H.264 encoder, or workers dying past Ray's
-    retries. The message says why and what to do next; finished sources stay in --out/_work."""
 
 
 def ingest_settings(config: IngestConfig) -> IngestSettings:
@@ -82,11 +88,14 @@ def probe_row(
 ) -> dict[str, Any]:
     """Discovery row → probe row (probe facts plus the source key, size and mtime), rejected for
     size when it is smaller than `clips` allows, or a "crash" reject once probing it has killed
-    `max_attempts` workers (opening a container runs FFmpeg's demuxer and first decode)."""
+    `max_attempts` workers (opening a container runs FFmpeg's demuxer and first decode). A source
+    whose store cannot be read is retried, then raises StorageError: never a reject."""
 
     def probe() -> dict[str, Any]:
         try:
             return size_reject(row | probe_source(row["uri"]), clips)
+        except StorageError:
+            raise
         except Exception as exc:  # probe_source reports bad files itself; this catches its bugs, not the job's end
             logger.exception("probe of %s failed", row["uri"])
             return row | empty_probe_row(row["uri"]) | {"reject_stage": "probe", "reject_reason": one_line(exc, with_type=True)}
@@ -94,19 +103,47 @@ def probe_row(
     def crashed(reason: str) -> dict[str, Any]:
         return row | empty_probe_row(row["uri"]) | {"reject_stage": "crash", "reject_reason": reason}
 
-    return CrashGuard(out, "probe", max_attempts).run(row["source_key"], probe, crashed)
+    # No fence here: a probe commits nothing, and a superseded worker's attempt marker carries its
+    # own epoch, which CrashGuard does not count.
+    return retry_storage(f"probing {row['uri']}", lambda: CrashGuard(out, "probe", max_attempts).run(row["source_key"], probe, crashed))
+
+
+class _SourceFailed(Exception):
+    """An exception raised by a source's processing (its __cause__), told apart from our writes'."""
+
+
+def _processed(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    try:
+        yield from rows
+    except Exception as exc:
+        raise _SourceFailed() from exc
 
 
 class ProcessSource:
-    """Actor: run SourceProcessor on one probed source and write its work result."""
+    """Actor: run SourceProcessor on one probed source and write its work result.
 
-    def __init__(self, settings: IngestSettings, out: OutputDir, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+    What becomes of an exception (docs/reliability.md): raised by the source's processing, a
+    "process" reject, unless it is an OSError or StorageError (reading the source's store or a
+    sidecar failed: our environment); raised by writing our output, StorageError. StorageError is
+    retried with backoff and then stops the job; Superseded (a newer run holds --out) stops at once."""
+
+    def __init__(
+        self,
+        settings: IngestSettings,
+        out: OutputDir,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        config_record: tuple[dict[str, Any], str] | None = None,
+    ) -> None:
         self.processor = SourceProcessor(settings)
         self.out = out
         self.guard = CrashGuard(out, "process", max_attempts)
+        self.config_record = config_record  # (sections, hash): recorded in --out with the first result
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         source = dict(row)
+        return retry_storage(f"processing {source['uri']}", lambda: self._attempt(source))
+
+    def _attempt(self, source: dict[str, Any]) -> dict[str, Any]:
         key = source["source_key"]
         if self.out.exists(f"{WORK_DIR}/{key}.parquet"):
             # Ray resent a source whose result was written just before its worker died.
@@ -118,13 +155,24 @@ class ProcessSource:
         try:
             # A generator: write_source_result streams each clip's MP4 into the work tar as it is
             # finished, so an actor holds one clip's bytes, not a whole source's.
-            return write_source_result(self.out, source, self.processor.iter_rows(source))
-        except Exception as exc:  # bad input never stops the job: the source becomes a reject row
-            logger.exception("reject %s: processing failed", source["uri"])
-            return write_source_result(self.out, source | {"reject_stage": "process", "reject_reason": one_line(exc, with_type=True)}, [])
+            return self._write(source, _processed(self.processor.iter_rows(source)))
+        except _SourceFailed as failed:
+            exc = failed.__cause__
+            if isinstance(exc, StorageError):
+                raise exc from None
+            if isinstance(exc, OSError):  # decode errors are caught inside: this is a store or a sidecar
+                raise StorageError(f"reading {source['uri']} or its sidecar failed: {one_line(exc, with_type=True)}") from exc
+            # Bad input never stops the job: the source becomes a reject row.
+            logger.error("reject %s: processing failed", source["uri"], exc_info=exc)
+            return self._write(source | {"reject_stage": "process", "reject_reason": one_line(exc, with_type=True)}, [])
 
     def _crashed(self, source: dict[str, Any], reason: str) -> dict[str, Any]:
-        return write_source_result(self.out, source | {"reject_stage": "crash", "reject_reason": reason}, [])
+        return self._write(source | {"reject_stage": "crash", "reject_reason": reason}, [])
+
+    def _write(self, source: dict[str, Any], rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        record = self.config_record
+        before_commit = (lambda: record_config(self.out, *record)) if record is not None else None
+        return write_source_result(self.out, source, rows, before_commit=before_commit)
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -143,10 +191,11 @@ def run_ingest(
     """Ingest every source under `srcs` not yet done in `out`, then pack and commit; returns stats.json.
 
     `out` must hold no ingest made with other settings (ValueError) unless `new_output` clears it
-    first. At most `num_workers` processing actors (default: the cluster's CPUs); a source whose
-    worker dies `max_attempts` times (per stage) becomes a "crash" reject. `start_ray` connects
-    to Ray when it is needed and not yet initialized (default `ray.init()`). Raises ValueError
-    for bad arguments before anything is written, IngestStopped when the job cannot finish."""
+    first, and no other live run (IngestStopped). At most `num_workers` processing actors (default:
+    the cluster's CPUs); a source whose worker dies `max_attempts` times (per stage) becomes a
+    "crash" reject. `start_ray` connects to Ray when it is needed and not yet initialized (default
+    `ray.init()`). Raises ValueError for bad arguments before anything is written, IngestStopped
+    when the job cannot finish (storage failing past its retries included)."""
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if max_attempts < 1:
@@ -154,44 +203,100 @@ def run_ingest(
     sources = discover_sources(srcs)
     output = OutputDir(out)
     settings = ingest_settings(config)
-    check_config(output, settings.model_dump(mode="json"), config_hash(settings), new_output)
+    record = (settings.model_dump(mode="json"), config_hash(settings))
+    try:
+        if not new_output:
+            check_config(output, *record, new_output=False)  # refuse before writing anything
+            if _nothing_new(output, sources):
+                logger.info("nothing new to ingest; %s is unchanged", out)
+                return json.loads(output.read_bytes(STATS)) | {"nothing_new": True}
+        retry_storage(f"taking the lease on {out}", lambda: take_lease(output))
+    except StorageError as exc:
+        raise IngestStopped(f"{exc}; nothing was changed in {out}") from None
+    keeper = LeaseKeeper(output)
+    try:
+        return _run(config, sources, output, record, new_output, num_workers, max_attempts, start_ray)
+    except (StorageError, Superseded, IngestStopped) as exc:
+        failure = IngestStopped(_stopped_message(exc, output))
+    finally:
+        keeper.release()
+    # Raised out here, as a new exception: the one caught holds, through its traceback, the frames
+    # of the failed run and so its Ray Data execution, whose actors stay alive and keep their CPUs
+    # while anything references it. A driver that goes on (a test, a notebook) would starve.
+    gc.collect()
+    raise failure
 
+
+def _nothing_new(out: OutputDir, sources: list[SourceFile]) -> bool:
+    """Every source committed, no work result waiting and _SUCCESS there: a rerun writes nothing."""
+    committed, finished = committed_keys(out), work_keys(out)
+    return all(s.source_key in committed | finished for s in sources) and not (finished - committed) and out.exists(SUCCESS)
+
+
+def _run(
+    config: IngestConfig,
+    sources: list[SourceFile],
+    output: OutputDir,
+    record: tuple[dict[str, Any], str],
+    new_output: bool,
+    num_workers: int | None,
+    max_attempts: int,
+    start_ray: Callable[[], None] | None,
+) -> dict[str, Any]:
+    """The job, once this run holds the lease of `output`."""
+    check_config(output, *record, new_output=new_output)
     start = time.monotonic()
-    remove_temp_files(output)
+    sweep_temp_files(output)  # what killed runs were writing; live writers' files stay
     done = committed_keys(output) | work_keys(output)
     todo = [source for source in sources if source.source_key not in done]
-    logger.info("%d sources, %d already done in %s, %d to process", len(sources), len(sources) - len(todo), out, len(todo))
-    if not todo and not (work_keys(output) - committed_keys(output)) and output.exists(SUCCESS):
-        logger.info("nothing new to ingest; %s is unchanged", out)
-        return json.loads(output.read_bytes(STATS))
+    logger.info("%d sources, %d already done in %s, %d to process", len(sources), len(sources) - len(todo), output.uri, len(todo))
     clear_success(output)
     phase_s: dict[str, float] = {}  # where the wall time went: ray_init, probe, process, pack
     if todo:
-        _process(config, todo, output, num_workers, max_attempts, start_ray, phase_s)
-        remove_temp_files(output)  # what workers that died (crash rejects, restarts) were writing
+        _process(config, todo, output, record, num_workers, max_attempts, start_ray, phase_s)
+    # Workers of a killed earlier run may still be finishing a file: wait for them to exit, so that
+    # nothing they do lands after packing, then drop what dead workers left.
+    sweep_temp_files(output, wait_s=WRITERS_WAIT_S)
     dedup_hamming = config.filters.dedup_hamming if config.filters.mode == "filter" else None
     started = time.monotonic()
-    result: PackResult = pack(output, dedup_hamming, config.shards.target_mb)
+    output.check_fence()
+    # Packing is a pure function of what is committed and finished, so a failed try is redone whole.
+    result: PackResult = retry_storage("packing", lambda: pack(output, dedup_hamming, config.shards.target_mb))
     phase_s["pack"] = time.monotonic() - started
     logger.info("packed %d clips into %d new shards in %.1f s", result.clips_kept, len(result.shards), phase_s["pack"])
-    stats = write_stats(output, result, time.monotonic() - start, phase_s, config_hash(settings), _versions())
-    write_report(output, config.filters, stats)
-    mark_success(output)
-    return stats
+
+    def finish() -> dict[str, Any]:
+        stats = write_stats(output, result, time.monotonic() - start, phase_s, record[1], _versions())
+        write_report(output, config.filters, stats)
+        output.check_fence()
+        mark_success(output)
+        return stats
+
+    return retry_storage("writing stats, report and _SUCCESS", finish)
+
+
+def _stopped_message(exc: BaseException, out: OutputDir) -> str:
+    # The first line only: Ray Data appends its retry advice to exceptions that pass through it.
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (Superseded, IngestStopped)):
+        return first
+    return f"{first}; finished sources are kept in {out.path(WORK_DIR)}, rerun the same command to resume"
 
 
 def _process(
     config: IngestConfig,
     todo: list[SourceFile],
     out: OutputDir,
+    record: tuple[dict[str, Any], str],
     num_workers: int | None,
     max_attempts: int,
     start_ray: Callable[[], None] | None,
     phase_s: dict[str, float],
 ) -> None:
-    """Probe `todo` and process the sources that pass, each into its work result in `out`."""
+    """Probe `todo` and process the sources that pass, each into its work result in `out`; then
+    write the probe and size rejects (last, so that a run whose processing fails at once leaves
+    no result, and so no config record, behind)."""
     import ray
-    from tqdm import tqdm
 
     if not ray.is_initialized():
         started = time.monotonic()
@@ -202,40 +307,87 @@ def _process(
     if alive_nodes > 1 and out.is_local:
         # Actors write work results where they run; the driver packs from its own disk.
         logger.warning("%d Ray nodes but --out %s is a local path: it must be a shared mount on every node", alive_nodes, out.uri)
-    good = _probe(todo, out, config.clips, max_attempts, phase_s)
-    num_good = good.count()
-    if num_good == 0:
-        return
-    results = good.map(
-        ProcessSource,
-        fn_constructor_args=(ingest_settings(config), out, max_attempts),
-        # A fixed pool: the number of sources is known, so start every actor at once instead of
-        # letting the autoscaler add them one backlog check at a time.
-        compute=ray.data.ActorPoolStrategy(size=min(workers, num_good)),
-        num_cpus=1,
-        # Left at Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1; passing
-        # them is deprecated): a dead actor is restarted and its row resent without limit, and
-        # CrashGuard's attempt markers are what bound a source that keeps killing workers.
-    )
-    started = time.monotonic()
+    # Our workers' StorageError and Superseded must reach this driver as themselves, not as Ray
+    # Data's UserCodeException, whose cause does not survive the trip (exceptions pickle without
+    # __cause__): this flag makes Ray Data raise what the UDF raised. Restored when the job ends.
+    context = ray.data.DataContext.get_current()
+    previous, context.raise_original_map_exception = context.raise_original_map_exception, True
     try:
-        for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
-            if summary["rejected"]:
-                logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
-    except Exception as exc:  # a worker died past Ray's retries (OOM kill, crash inside FFmpeg)
-        logger.exception("processing stopped")
-        raise IngestStopped(
-            f"processing stopped ({one_line(exc, with_type=True)[:300]}); finished sources are kept in "
-            f"{out.path(WORK_DIR)}, rerun the same command to resume"
-        ) from None
-    phase_s["process"] = time.monotonic() - started
-    logger.info("processed %d sources in %.1f s", num_good, phase_s["process"])
+        _probe_and_process(config, todo, out, record, workers, max_attempts, phase_s)
+    finally:
+        context.raise_original_map_exception = previous
+
+
+def _probe_and_process(
+    config: IngestConfig,
+    todo: list[SourceFile],
+    out: OutputDir,
+    record: tuple[dict[str, Any], str],
+    workers: int,
+    max_attempts: int,
+    phase_s: dict[str, float],
+) -> None:
+    import ray
+    from tqdm import tqdm
+
+    good, rejected = _probe(todo, out, config.clips, max_attempts, phase_s)
+    num_good = good.count()
+    if num_good:
+        results = good.map(
+            ProcessSource,
+            fn_constructor_args=(ingest_settings(config), out, max_attempts, record),
+            # A fixed pool: the number of sources is known, so start every actor at once instead of
+            # letting the autoscaler add them one backlog check at a time.
+            compute=ray.data.ActorPoolStrategy(size=min(workers, num_good)),
+            num_cpus=1,
+            # Left at Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1; passing
+            # them is deprecated): a dead actor is restarted and its row resent without limit, and
+            # CrashGuard's attempt markers are what bound a source that keeps killing workers.
+        )
+        started = time.monotonic()
+
+        def drain() -> None:
+            for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
+                if summary["rejected"]:
+                    logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+
+        _run_stage(drain, "processing", out)
+        phase_s["process"] = time.monotonic() - started
+        logger.info("processed %d sources in %.1f s", num_good, phase_s["process"])
+    if rejected:
+        retry_storage("recording the config", lambda: record_config(out, *record))
+    for row in rejected:
+        retry_storage(f"writing the reject of {row['uri']}", lambda row=row: write_source_result(out, dict(row), []))
+
+
+def _run_stage(stage: Callable[[], T], what: str, out: OutputDir) -> T:
+    """`stage()`, a Ray Data execution. When it fails: the StorageError or Superseded a worker
+    raised, or IngestStopped for anything else (a worker dying past Ray's retries)."""
+    try:
+        return stage()
+    except Exception as exc:
+        failure = _worker_cause(exc)
+        if failure is None:
+            logger.exception("%s stopped", what)
+            failure = IngestStopped(
+                f"{what} stopped ({one_line(exc, with_type=True)[:300]}); finished sources are kept in "
+                f"{out.path(WORK_DIR)}, rerun the same command to resume"
+            )
+    raise failure  # outside the except block: no __context__ back to the failed execution (see run_ingest)
+
+
+def _worker_cause(exc: BaseException) -> BaseException | None:
+    """The StorageError or Superseded a Ray worker raised, out of the RayTaskError around it (which
+    is also an instance of it, but its message is the whole remote traceback)."""
+    while isinstance(getattr(exc, "cause", None), BaseException):
+        exc = exc.cause  # type: ignore[attr-defined]
+    return exc if isinstance(exc, (StorageError, Superseded)) else None
 
 
 def _probe(
     todo: list[SourceFile], out: OutputDir, clips: ClipsConfig, max_attempts: int, phase_s: dict[str, float]
-) -> ray.data.Dataset:
-    """The probed sources that can be processed; probe and size rejects are written as work results."""
+) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
+    """(the probed sources that can be processed, the probe and size rejects)."""
     import ray
     from ray.data.expressions import col
 
@@ -243,7 +395,8 @@ def _probe(
     items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
     # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
     started = time.monotonic()
-    probed = items.map(probe_row, fn_kwargs={"clips": clips, "out": out, "max_attempts": max_attempts}, num_cpus=0.5).materialize()
+    mapped = items.map(probe_row, fn_kwargs={"clips": clips, "out": out, "max_attempts": max_attempts}, num_cpus=0.5)
+    probed = _run_stage(mapped.materialize, "probing", out)
     phase_s["probe"] = time.monotonic() - started
     logger.info("probed %d sources in %.1f s", len(todo), phase_s["probe"])
     try:
@@ -253,9 +406,8 @@ def _probe(
         raise IngestStopped(str(exc)) from None
     for line in lines:
         logger.info("preflight: %s", line)
-    for row in probed.filter(expr=col("reject_stage").is_not_null()).iter_rows():
-        write_source_result(out, dict(row), [])
-    return probed.filter(expr=col("reject_stage").is_null())
+    rejected = [dict(row) for row in probed.filter(expr=col("reject_stage").is_not_null()).iter_rows()]
+    return probed.filter(expr=col("reject_stage").is_null()), rejected
 
 
 def _versions() -> dict[str, str]:

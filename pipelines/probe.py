@@ -3,7 +3,9 @@
 `probe_source(uri)` is the first stage of ingestion. It never raises for bad input: a file
 that is empty, not a container, audio only, undecodable or missing comes back as the same
 row with `reject_stage="probe"` and a human `reject_reason`, so the job can write it to
-rejects.parquet and move on.
+rejects.parquet and move on. A source it cannot read at all (its store does not answer, an
+I/O or permission error) raises SourceUnavailable instead: that is our environment, not the
+source, and the job retries it, then stops with the source unprocessed (docs/reliability.md).
 
 Sources are local paths or any URI pyarrow understands (`s3://`, `gs://`, `file://`);
 `open_source` is the one place that turns a URI into something PyAV can read.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import AbstractContextManager
 from fractions import Fraction
 from typing import Any, BinaryIO, Iterable
 
@@ -24,6 +27,7 @@ from model.errors import one_line
 from model.storage import file_sha256, resolve_uri
 from pipelines.config import ClipsConfig
 from pipelines.decode import FrameGeometry, normalize_rotation
+from pipelines.output import StorageError, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +55,52 @@ PROBE_FIELDS = (
 H264_ENCODERS = ("libx264", "libopenh264", "h264_nvenc", "h264_qsv", "h264_amf", "h264_v4l2m2m")
 
 
+class SourceUnavailable(StorageError):
+    """A source that cannot be read because its store or our access to it fails (the store stops
+    answering, an I/O error, no permission): not a property of the source, so never a reject.
+    Deliberately no OSError: the decode loop turns OSError from FFmpeg into "decode" rejects."""
+
+
 def open_source(uri: str, filesystem: pafs.FileSystem | None = None) -> str | BinaryIO:
     """Something `av.open` accepts: a plain path for local files (FFmpeg reads those fastest),
-    otherwise a seekable pyarrow input file (MP4 moov atoms may sit at the end)."""
+    otherwise a seekable file on the store (MP4 moov atoms may sit at the end) whose read errors
+    come out as SourceUnavailable, which PyAV passes through from its read callback unchanged."""
     fs, path = resolve_uri(uri, filesystem)
     if isinstance(fs, pafs.LocalFileSystem):
         return path
-    return fs.open_input_file(path)
+    with _unavailable(uri):
+        return _StoreFile(uri, fs.open_input_file(path))
+
+
+class _StoreFile:
+    """A pyarrow input file as PyAV reads it (read/seek/tell), store errors as SourceUnavailable."""
+
+    def __init__(self, uri: str, handle: pafs.NativeFile) -> None:
+        self.uri, self.handle = uri, handle
+
+    def read(self, size: int = -1) -> bytes:
+        with _unavailable(self.uri):
+            return self.handle.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        with _unavailable(self.uri):
+            return self.handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.handle.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _unavailable(uri: str) -> AbstractContextManager[None]:
+    return storage_errors(f"cannot read source {uri}", SourceUnavailable)
 
 
 def empty_probe_row(uri: str) -> dict[str, Any]:
@@ -69,9 +112,10 @@ def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[st
     row = empty_probe_row(uri)
     try:
         fs, path = resolve_uri(uri, filesystem)
-        info = fs.get_file_info(path)
     except (OSError, ValueError) as exc:
         return _reject(row, f"cannot open source ({one_line(exc)})")
+    with _unavailable(uri):  # the store not answering says nothing about the source
+        info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return _reject(row, "file not found")
     if info.type != pafs.FileType.File:
@@ -81,12 +125,16 @@ def probe_source(uri: str, filesystem: pafs.FileSystem | None = None) -> dict[st
         return _reject(row, "empty file")
     try:
         row["sha256"] = file_sha256(path, fs)
+    except FileNotFoundError:
+        return _reject(row, "file not found")  # deleted since it was listed
     except OSError as exc:
-        return _reject(row, f"cannot read source ({one_line(exc)})")
+        raise SourceUnavailable(f"cannot read source {uri}: {one_line(exc)}") from exc
     try:
         handle = open_source(path, fs)
         with av.open(handle, mode="r", metadata_errors="ignore") as container:
             return _probe_container(container, row)
+    except StorageError:
+        raise
     except av.error.FFmpegError as exc:
         return _reject(row, f"not a video container ({one_line(exc)})")
     except (OSError, ValueError, RuntimeError) as exc:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.output import SAMPLES, TMP_MARK, WORK_DIR, OutputDir
+from pipelines.output import SAMPLES, TMP_MARK, WORK_DIR, OutputDir, storage_errors
 
 SOURCE_META_KEY = b"reelforge.source"
 
@@ -34,35 +34,67 @@ def work_keys(out: OutputDir) -> set[str]:
     }
 
 
-def write_source_result(out: OutputDir, source: dict[str, Any], clips: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def write_source_result(
+    out: OutputDir, source: dict[str, Any], clips: Iterable[dict[str, Any]], before_commit: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Stream one source's clip rows into `_work/<key>.tar` (mp4 bytes) and `_work/<key>.parquet`
     (everything else, with `source` as file metadata). Consumes `clips` lazily, so a generator
-    keeps only one clip's bytes in memory. Returns a small summary row for progress."""
+    keeps only one clip's bytes in memory. Returns a small summary row for progress.
+
+    Both files are written under temp names first; then the lease is checked (a worker of a
+    superseded run raises Superseded here), `before_commit` runs, and both are renamed, the parquet
+    last. An exception from `clips` (the source's processing) passes through unchanged; a failure
+    of our own storage comes out as StorageError. Either way the temp files go and nothing commits."""
     key = source["source_key"]
     tar_name, table_name = f"{WORK_DIR}/{key}.tar", f"{WORK_DIR}/{key}.parquet"
-    tar_temp = out.temp_name(tar_name)
+    if out.lease is not None:  # which run wrote it: the source facts travel as file metadata
+        source = source | {"run_id": out.lease.run_id, "epoch": out.lease.epoch}
+    tar_temp, table_temp = out.temp_name(tar_name), None
+    try:
+        rows = _write_tar(out, tar_temp, clips)
+        table = rows_to_table(rows) if rows else pa.table({})
+        table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
+        table_temp = out.write_table(table_name, table, commit=False)
+        out.check_fence()
+        if before_commit is not None:
+            before_commit()
+        out.commit(tar_temp, tar_name)
+        out.commit(table_temp, table_name)  # the done marker, last
+    except BaseException:
+        out.discard(tar_temp, table_temp)
+        raise
+    return _summary(source, rows)
+
+
+def _write_tar(out: OutputDir, temp: str, clips: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kept clips' mp4 bytes into tar `temp`, as `clips` yields them; returns the rows without bytes."""
     rows: list[dict[str, Any]] = []
+    what = f"cannot write {out.path(temp)}"
+    stream, tar = out.open_output(temp), None
     try:
         # tarfile, not webdataset's TarWriter as for shards: this tar is our own scratch format, and
         # importing webdataset (it imports torch) would cost every actor ~1.5 s of CPU and 180 MB.
-        with out.fs.open_output_stream(out.path(tar_temp)) as stream, tarfile.open(
-            fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT
-        ) as tar:
-            for row in clips:
-                mp4 = row.pop("mp4", None)
-                if mp4 and row.get("status") == "kept":
-                    member = tarfile.TarInfo(f"{row['id']}.mp4")  # mtime 0, mode 0644, no owner: fixed
-                    member.size = len(mp4)
+        tar = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        for row in clips:  # the source's processing runs here; its errors pass through as they are
+            mp4 = row.pop("mp4", None)
+            if mp4 and row.get("status") == "kept":
+                member = tarfile.TarInfo(f"{row['id']}.mp4")  # mtime 0, mode 0644, no owner: fixed
+                member.size = len(mp4)
+                with storage_errors(what):
                     tar.addfile(member, io.BytesIO(mp4))
-                rows.append(row)
-        out.commit(tar_temp, tar_name)
+            rows.append(row)
+        with storage_errors(what):
+            tar.close()
+            stream.close()  # on an object store, this is where the upload completes
     except BaseException:
-        out.delete(tar_temp)
+        for close in (tar.close if tar is not None else None, stream.close):
+            try:
+                if close is not None:
+                    close()  # tar first: once closed, it will not flush into a closed stream later
+            except (OSError, ValueError):
+                pass
         raise
-    table = rows_to_table(rows) if rows else pa.table({})
-    table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
-    out.write_table(table_name, table)
-    return _summary(source, rows)
+    return rows
 
 
 def read_work(out: OutputDir, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -110,19 +142,21 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 #
 # Ray restarts a dead actor (or reruns a dead task) and sends it the same source again, as often
 # as it takes. A source that crashes FFmpeg or exhausts memory would do that forever, so before
-# working on a source a worker records an attempt marker `_work/<key>.<stage>-attempt-<n>`, and
-# clears its markers once the source's outcome is written. A worker that finds `max_attempts`
-# markers knows every earlier attempt died with the source in hand: it writes a "crash" reject.
-# Markers live in --out, so they also count attempts of runs whose driver was killed with them.
+# working on a source a worker records an attempt marker `_work/<key>.<stage>-attempt-<n>`
+# (its pid, host and the run's epoch), and clears the source's markers once its outcome is
+# written. A worker that finds `max_attempts` markers of workers of its own run that died with
+# the source in hand writes a "crash" reject (pipelines/crash_guard.py decides).
 
 ATTEMPT_MARK = "-attempt-"
+# Markers read per source at most: each run adds at most max_attempts, plus one per killed run.
+MAX_MARKERS = 64
 
 
 def _attempt_name(key: str, stage: str, number: int) -> str:
     return f"{WORK_DIR}/{key}.{stage}{ATTEMPT_MARK}{number}"
 
 
-def read_attempts(out: OutputDir, key: str, stage: str, limit: int) -> list[dict[str, Any]]:
+def read_attempts(out: OutputDir, key: str, stage: str, limit: int = MAX_MARKERS) -> list[dict[str, Any]]:
     """Markers of earlier attempts at `key` in `stage`, oldest first, at most `limit`. Probes names
     one by one instead of listing _work, which holds a file per source."""
     attempts = []
@@ -135,9 +169,9 @@ def record_attempt(out: OutputDir, key: str, stage: str, number: int, info: dict
     out.write_bytes(_attempt_name(key, stage, number), json.dumps(info, sort_keys=True).encode())
 
 
-def clear_attempts(out: OutputDir, key: str, stage: str, count: int | None = None) -> None:
-    """Delete markers 1..count, or, with count None, every marker there is."""
-    number = 1
+def clear_attempts(out: OutputDir, key: str, stage: str, count: int | None = None, first: int = 1) -> None:
+    """Delete markers first..count, or, with count None, every marker from `first` on."""
+    number = first
     while number <= count if count is not None else out.exists(_attempt_name(key, stage, number)):
         out.delete(_attempt_name(key, stage, number))
         number += 1
