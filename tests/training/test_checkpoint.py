@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -30,22 +29,21 @@ from training.wrap import TrainingModule, build_context, wrap_model
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as torchrun would set up (free port: tests may run side by side)."""
+def process_group(tmp_path_factory):
+    """A one-process gloo group, as torchrun would set up. Rendezvous through a file, not a TCP
+    port: a port found free may be taken by a test running alongside before the store binds it."""
     import deepspeed
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    rendezvous = tmp_path_factory.mktemp("gloo") / "store"
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     # one intra-op thread, as torchrun and Ray give a 1-CPU worker: on a shared 2-core machine
     # torch's default thread pool makes these tiny steps 20x slower
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{rendezvous}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
     torch.set_num_threads(threads)

@@ -162,41 +162,55 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start_mlflow_server(tmp_path: Path, log) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free loopback port, once it answers /health. The port is free when
+    chosen but may be taken before the server binds it (tests and other jobs run side by side):
+    a server that exits while starting is started again on another port."""
+    for _ in range(3):
+        port = _free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # no background job runner (huey workers): nothing here uses it, and it costs CPU and processes
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200 and server.poll() is None:
+                        return server, url
+            except OSError:
+                pass
+            time.sleep(0.5)
+        _stop(server)
+    raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    # the CLI runs uvicorn as a child process: stop the whole session, not just the CLI
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real tracking + registry + artifact server on loopback, as deployed (SQLite here)."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # no background job runner (huey workers): nothing here uses it, and it costs CPU and processes
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        # the CLI runs uvicorn as a child process: stop the whole session, not just the CLI
-        os.killpg(server.pid, signal.SIGTERM)
+    with open(tmp_path / "server.log", "wb") as log:
+        server, url = _start_mlflow_server(tmp_path, log)
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+            yield url
+        finally:
+            _stop(server)
 
 
 def test_train_log_register_and_serve_through_mlflow_server(mlflow_server, bundle, tmp_path, monkeypatch):
