@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
   to look at     {preview}   ({VIEW_SCALE}x larger)
                  {strip}   (its frames above the training clip's)
   prompt         "{PROMPT}"  (a training caption: the demo model draws the
-                 background and a moving patch of the shape's colour; 1200 CPU steps are
-                 too few for a crisp shape, see docs/training.md "The demo preset")
+                 background and a flickering patch of the shape's colour; 1200 CPU steps
+                 are too few for a shape that moves, see docs/training.md "The demo preset")
   MLflow UI      .venv/bin/mlflow ui --backend-store-uri {tracking_uri}  (then open http://127.0.0.1:5000)
   registry       models:/{MODEL_NAME}@candidate"""
     )
