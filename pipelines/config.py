@@ -125,33 +125,107 @@ class ShardsConfig(Section):
     target_mb: float = Field(default=256.0, gt=0, le=16384)
 
 
-# Caption backends ingest has. Model captioners (a local VLM, an OpenAI-compatible endpoint) come with
-# the recaptioning issue; until then naming one fails here, in one line, before any worker starts
-# (it used to pass validation and then kill every worker at start-up).
-CAPTION_BACKENDS = ("none", "sidecar", "metadata")
-PLANNED_CAPTION_BACKENDS = ("vlm", "openai")
+CAPTION_BACKENDS = ("none", "sidecar", "metadata", "hf", "openai")
+MODEL_CAPTION_BACKENDS = ("hf", "openai")
+
+DEFAULT_CAPTION_PROMPT = (
+    "These are {frames} frames in order from a {seconds:.1f}-second video clip. Describe the video in one dense "
+    "paragraph: the main subjects and what they do, the setting, lighting and colours, and how the camera moves. "
+    "Describe only what is visible; do not guess at sounds or speech."
+)
+
+# Openings that describe the medium instead of the content; stripped from the front of a model
+# caption (case-insensitive, longest first), then the next letter is capitalised.
+DEFAULT_STRIP_PREFIXES = (
+    "The video shows",
+    "The video depicts",
+    "The video features",
+    "The video captures",
+    "This video shows",
+    "This video depicts",
+    "In this video,",
+    "In the video,",
+    "The clip shows",
+    "This clip shows",
+    "The footage shows",
+    "The frames show",
+    "These frames show",
+    "The images show",
+    "The image shows",
+    "In the frames,",
+    "The sequence shows",
+)
 
 
 class CaptionConfig(Section):
-    # none: empty caption; sidecar: .txt/.json/.srt next to the source; metadata: a sentence
-    # built from measured properties.
-    backend: Literal["none", "sidecar", "metadata"] = "metadata"
-    endpoint: str | None = None
+    # none: empty caption; sidecar: .txt/.json/.srt next to the source; metadata: a sentence built
+    # from measured properties; hf: a transformers image-text-to-text model (local folder or hub id
+    # in `model`); openai: any OpenAI-compatible chat-completions endpoint (`endpoint`, `model`).
+    backend: Literal["none", "sidecar", "metadata", "hf", "openai"] = "metadata"
+    # hf: folder or hub id; openai: the model name the endpoint serves.
     model: str | None = None
+    # A hub revision (hf), or a label recorded for an endpoint's model; part of a caption set's id.
+    revision: str | None = None
+    # openai: the server's base URL, e.g. http://gpu-node:8000/v1 (we POST <endpoint>/chat/completions).
+    endpoint: str | None = None
+    # Name of the environment variable holding the endpoint's API key (never the key itself).
+    api_key_env: str = "OPENAI_API_KEY"
+    # The instruction sent with the frames; {frames} and {seconds} are filled in per clip. Recorded
+    # in every caption set by its hash.
+    prompt: str = DEFAULT_CAPTION_PROMPT
+    system_prompt: str | None = None
+    # Frames shown to the model per clip: `frames` spread evenly over the clip, or with `frames_fps`
+    # one every 1/fps seconds (at most `frames`).
+    frames: int = Field(default=4, ge=1, le=64)
+    frames_fps: float | None = Field(default=None, gt=0)
+    # Pixel budget per frame (width x height, aspect kept, never upscaled): 448x448 is what
+    # Qwen2-VL-class models see at ~256 visual tokens per frame.
+    max_pixels: int = Field(default=448 * 448, ge=32 * 32, le=4096 * 4096)
+    jpeg_quality: int = Field(default=90, ge=30, le=100)
+    # Sampling: greedy (temperature 0) by default, so a rerun writes the same captions.
+    max_new_tokens: int = Field(default=160, ge=8, le=4096)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    # hf: clips per generate() call; openai: requests in flight per captioning actor.
+    batch_size: int = Field(default=8, ge=1, le=512)
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    # openai: send the clip itself as vLLM's `video_url` instead of frames.
+    video_input: bool = False
+    # hf: GPUs per captioning actor (None: 1 when the cluster has GPUs, else CPU).
+    num_gpus: float | None = Field(default=None, ge=0)
+    # Captioning actors (None: one per GPU for hf on GPUs, else min(4, CPUs) for openai, 1 for hf on CPU).
+    workers: int | None = Field(default=None, ge=1)
+    # Clips per committed part file: a killed job loses at most this many clips per actor.
+    part_clips: int = Field(default=64, ge=1, le=100_000)
+    # Cleaning (pipelines/caption_clean.py).
+    strip_prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES
+    # Cap captions at this many tokens of the training text encoder (`model.text_encoder`); None:
+    # that encoder's own limit (MiniLM 256, T5 512, CLIP 77).
+    max_tokens: int | None = Field(default=None, ge=8)
+    min_words: int = Field(default=3, ge=1)
     # Sidecar extensions tried in order next to `clip.mp4`: `clip.srt`, `clip.txt`, `clip.json`.
     sidecar_extensions: tuple[str, ...] = (".srt", ".txt", ".json")
     # Key holding the caption in a .json sidecar.
     sidecar_json_key: str = "caption"
 
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _check_backend(cls, value: object) -> object:
-        if value in PLANNED_CAPTION_BACKENDS:
-            raise ValueError(
-                f"caption.backend {value!r} is not available yet (model captioners come with recaptioning); "
-                f"available: {', '.join(CAPTION_BACKENDS)}"
-            )
-        return value
+    @model_validator(mode="after")
+    def _check_model_backend(self) -> "CaptionConfig":
+        if self.backend in MODEL_CAPTION_BACKENDS and not self.model:
+            example = "/models/Qwen2.5-VL-7B-Instruct" if self.backend == "hf" else "Qwen/Qwen2.5-VL-7B-Instruct"
+            raise ValueError(f"caption.model is required for caption.backend={self.backend} (e.g. caption.model={example})")
+        if self.backend == "openai":
+            if not self.endpoint:
+                raise ValueError("caption.endpoint is required for caption.backend=openai (e.g. caption.endpoint=http://gpu-node:8000/v1)")
+            if not re.match(r"^https?://[^/\s]+", self.endpoint):
+                raise ValueError(f"caption.endpoint must be an http(s) URL, got {self.endpoint!r}")
+        try:
+            self.prompt.format(frames=1, seconds=1.0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"caption.prompt may use only {{frames}} and {{seconds}} as fields ({exc!r})") from None
+        return self
 
 
 class IngestConfig(Section):

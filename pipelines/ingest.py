@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 from model import __version__
+from model.chat import BackendUnavailable
 from model.errors import one_line
 from model.storage import config_hash
 from pipelines.config import ClipsConfig, IngestConfig
@@ -160,6 +161,8 @@ class ProcessSource:
             exc = failed.__cause__
             if isinstance(exc, StorageError):
                 raise exc from None
+            if isinstance(exc, BackendUnavailable):  # the captioner, not the source: retried, then the job stops
+                raise StorageError(f"captioning {source['uri']}: {exc}") from exc
             if isinstance(exc, OSError):  # decode errors are caught inside: this is a store or a sidecar
                 raise StorageError(f"reading {source['uri']} or its sidecar failed: {one_line(exc, with_type=True)}") from exc
             # Bad input never stops the job: the source becomes a reject row.
@@ -203,7 +206,7 @@ def run_ingest(
     sources = discover_sources(srcs)
     output = OutputDir(out)
     settings = ingest_settings(config)
-    record = (settings.model_dump(mode="json"), config_hash(settings))
+    record = (settings.record(), config_hash(settings.record()))
     try:
         if not new_output:
             check_config(output, *record, new_output=False)  # refuse before writing anything

@@ -444,7 +444,7 @@ def check_config(out: OutputDir, sections: dict[str, Any], config_hash: str, new
             raise ValueError(f"--out {out.uri} holds reelforge results but no {CONFIG}; use another --out or --new-output")
         return
     if previous["config_hash"] != config_hash:
-        changed = _diff(previous["sections"], sections)
+        changed = diff_records(previous["sections"], sections)
         raise ValueError(
             f"--out {out.uri} holds an ingest made with another config (hash {previous['config_hash']}, "
             f"this run {config_hash}; changed: {changed}); use the same config, another --out, or --new-output"
@@ -466,12 +466,13 @@ def _has_results(out: OutputDir) -> bool:
     )
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+def diff_records(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """What changed between two nested records, as "a.b 1 -> 2, c 'x' -> 'y'"."""
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
+            inner = diff_records(a, b, f"{prefix}{key}.")
             if inner:
                 changes.append(inner)
         elif a != b:

@@ -114,6 +114,19 @@ class IngestSettings(BaseModel):
         """From a full ReelforgeConfig (anything with scenes/clips/filters/caption sections)."""
         return cls(scenes=cfg.scenes, clips=cfg.clips, filters=cfg.filters, caption=cfg.caption)
 
+    def record(self) -> dict[str, Any]:
+        """What an output folder records and compares (pipelines/output.py check_config): these
+        settings, with only the caption keys its backend reads, so that the model captioners'
+        knobs change nothing for outputs made without them."""
+        data = self.model_dump(mode="json")
+        if self.caption.backend not in ("hf", "openai"):
+            data["caption"] = {k: data["caption"][k] for k in ("backend", "endpoint", "model", "sidecar_extensions", "sidecar_json_key")}
+        else:
+            unread = ("sidecar_extensions", "sidecar_json_key", "endpoint", "api_key_env", "batch_size", "concurrency",
+                      "timeout_s", "max_retries", "num_gpus", "workers", "part_clips", "max_tokens")  # fmt: skip
+            data["caption"] = {k: v for k, v in data["caption"].items() if k not in unread}
+        return data
+
 
 def clip_id(sha256: str, start_s: float, end_s: float) -> str:
     return f"{sha256[:16]}-{round(start_s * 1000):08d}-{round(end_s * 1000):08d}"
@@ -301,7 +314,7 @@ class SourceProcessor:
         out.update(
             status="kept",
             mp4=encode_mp4(clip.frames, clips_cfg.fps, clips_cfg.crf, clips_cfg.x264_preset, self.encoder),
-            caption=self.captioner(CaptionRequest(row["uri"], clip.start_s, clip.end_s, display_w, display_h, pixels, scores)),
+            caption=self.captioner(CaptionRequest(row["uri"], clip.start_s, clip.end_s, display_w, display_h, pixels, scores, clips_cfg.fps)),
         )
         return out
 

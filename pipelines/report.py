@@ -69,7 +69,7 @@ def render_report(
     parts.append(_reasons(rejects))
     parts.append(_sources(sources, rejects))
     parts.append(_thumbnails(samples))
-    return _PAGE.format(body="\n".join(parts))
+    return _PAGE.format(body="\n".join(parts), thumb_check=THUMB_CHECK)
 
 
 def _mode(filters: FiltersConfig) -> str:
@@ -284,6 +284,25 @@ def _thumbnails(samples: pa.Table | None) -> str:
     return "\n".join(parts)
 
 
+# Annotates a report page after load so that a headless browser's DOM dump shows whether every
+# thumbnail (img.thumb) decoded; the browser tests read #thumb-check. Shared with the caption report.
+THUMB_CHECK = """<p id="thumb-check">thumbnails not checked yet</p>
+<script>
+// Annotates the page after load so a headless browser dump shows whether every thumbnail decoded.
+window.addEventListener("load", function () {
+  var images = document.querySelectorAll("img.thumb"), decoded = 0;
+  images.forEach(function (img) {
+    img.setAttribute("data-natural-width", img.naturalWidth);
+    if (img.complete && img.naturalWidth > 0) decoded += 1;
+  });
+  var check = document.getElementById("thumb-check");
+  check.setAttribute("data-decoded", decoded);
+  check.setAttribute("data-total", images.length);
+  check.textContent = decoded + " of " + images.length + " thumbnails decoded";
+});
+</script>
+"""
+
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>reelforge ingest report</title>
 <style>
@@ -300,20 +319,5 @@ img.thumb {{ margin: 2px; border: 1px solid #ddd; }}
 <p>Histograms: kept clips in blue, rejected clips stacked in orange; red lines are the configured bounds;
 a paler bar at either end holds the scores beyond the axis (far outliers).</p>
 {body}
-<p id="thumb-check">thumbnails not checked yet</p>
-<script>
-// Annotates the page after load so a headless browser dump shows whether every thumbnail decoded.
-window.addEventListener("load", function () {{
-  var images = document.querySelectorAll("img.thumb"), decoded = 0;
-  images.forEach(function (img) {{
-    img.setAttribute("data-natural-width", img.naturalWidth);
-    if (img.complete && img.naturalWidth > 0) decoded += 1;
-  }});
-  var check = document.getElementById("thumb-check");
-  check.setAttribute("data-decoded", decoded);
-  check.setAttribute("data-total", images.length);
-  check.textContent = decoded + " of " + images.length + " thumbnails decoded";
-}});
-</script>
-</body></html>
+{thumb_check}</body></html>
 """

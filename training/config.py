@@ -189,12 +189,20 @@ class MlflowSection(Section):
     experiment: str = "reelforge"
 
 
+class DataSection(Section):
+    # Train on the captions of this caption set (SHARDS/captions/NAME, written by `reelforge
+    # recaption`) instead of the shards' own; clips without a usable caption in it are skipped
+    # and counted. None: the shards' own captions.
+    caption_set: str | None = None
+
+
 class TrainingConfig(Section):
     """Everything `reelforge train` (and the worker loop it starts) reads."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())  # a field is named `model`
 
     model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()

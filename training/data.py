@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.storage import resolve_uri
+from training.caption_sets import read_caption_set
 from training.config import ModelSection
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class ClipIndex:
     fps: list[float]
     width: list[int]
     height: list[int]
+    # data.caption_set: sample i's caption, None if the set has none usable (skipped); None: the shards'
+    captions: list[str | None] | None = None
+    caption_set_id: str | None = None
     index_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,8 +85,8 @@ class ClipIndex:
         return len(self.ids)
 
 
-def read_clip_index(data_dir: str) -> ClipIndex:
-    """Check an ingest output folder and read its manifest; one-line ValueError naming what is wrong."""
+def read_clip_index(data_dir: str, caption_set: str | None = None) -> ClipIndex:
+    """Check an ingest output folder, read its manifest (and `caption_set`); one-line ValueError if wrong."""
     filesystem, root = resolve_uri(data_dir)
     info = filesystem.get_file_info(root)
     if info.type != pyarrow.fs.FileType.Directory:
@@ -108,15 +112,19 @@ def read_clip_index(data_dir: str) -> ClipIndex:
     unknown = sorted({s for s in columns["shard"] if _shard_name(s) not in shard_pos})
     if unknown:
         raise ValueError(f"--data {data_dir}: {MANIFEST} names shards that are not there: {unknown[:3]}")
+    ids = [str(x) for x in columns["id"]]
+    captions, set_id = read_caption_set(data_dir, caption_set, ids) if caption_set else (None, None)
     return ClipIndex(
         data_dir=data_dir,
         shards=shard_names,
-        ids=[str(x) for x in columns["id"]],
+        ids=ids,
         shard_of=[shard_pos[_shard_name(s)] for s in columns["shard"]],
         num_frames=[int(x) for x in columns["num_frames"]],
         fps=[float(x) for x in columns["fps"]],
         width=[int(x) for x in columns["width"]],
         height=[int(x) for x in columns["height"]],
+        captions=captions,
+        caption_set_id=set_id,
     )
 
 
@@ -156,15 +164,19 @@ def bucket_batch_sizes(shapes: list[tuple[int, int, int]], batch_size: int) -> d
 
 
 def usable_clips(index: ClipIndex, model: ModelSection) -> np.ndarray:
-    """Boolean mask over sample indices: clips long enough for at least one bucket."""
+    """Boolean mask over sample indices: clips long enough for at least one bucket (and, training
+    on a caption set, with a usable caption in it)."""
     shapes = model.bucket_shapes()
-    return np.array(
+    fits = np.array(
         [
             assign_bucket(f, r, w, h, shapes, model.fps) is not None
             for f, r, w, h in zip(index.num_frames, index.fps, index.width, index.height)
         ],
         dtype=bool,
     )
+    if index.captions is not None:  # a caption set: clips without a usable caption in it are skipped
+        fits &= np.array([caption is not None for caption in index.captions], dtype=bool)
+    return fits
 
 
 # --- epoch order and ownership ------------------------------------------------------------
@@ -411,7 +423,12 @@ class ClipBatches(IterableDataset):
         """(skip reason or None, bucket, frames, caption) for one raw sample."""
         if "mp4" not in raw:
             return "no_mp4", None, None, ""
-        caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
+        if self.index.captions is not None:
+            caption = self.index.captions[i]
+            if caption is None:
+                return "no_caption_in_set", None, None, ""
+        else:
+            caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
         clip_frames, clip_fps = self.index.num_frames[i], self.index.fps[i]
         shape = assign_bucket(clip_frames, clip_fps, self.index.width[i], self.index.height[i], self.shapes, self.model.fps)
         if shape is None:

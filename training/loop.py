@@ -170,7 +170,7 @@ def run_training(args: WorkerArgs, session: Session) -> TrainerState:
         resume_dir = _resume_dir(session, args, resources)
         parts = set_up(cfg, device, session.world_size, resume_dir)
         state = resume(parts, cfg, session, resume_dir)
-    index = read_clip_index(args.data)
+    index = read_clip_index(args.data, cfg.data.caption_set)
     tracker = start_tracking(cfg, out, state, args, session.rank)
     progress = open_data(parts, cfg, index, state, out, session)
     _log_start(parts, cfg, len(index), session, state.step)

@@ -43,9 +43,14 @@ class PreflightError(ValueError):
 
 def check_data(cfg: TrainingConfig, data: str) -> ClipIndex:
     try:
-        index = read_clip_index(data)
+        index = read_clip_index(data, cfg.data.caption_set)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
+    if index.captions is not None and all(caption is None for caption in index.captions):
+        raise PreflightError(
+            f"data.caption_set={cfg.data.caption_set}: none of the {len(index)} clips has a usable caption in the set "
+            "(see its report.html for why)"
+        )
     usable = usable_clips(index, cfg.model)
     if not usable.any():
         shortest = min(cfg.model.bucket_shapes())[0]
@@ -61,7 +66,8 @@ def check_data(cfg: TrainingConfig, data: str) -> ClipIndex:
             f"(scaling.num_workers={cfg.scaling.num_workers} x train.data_workers={cfg.train.data_workers}); "
             "every reader needs a clip: use fewer workers or more data"
         )
-    logger.info("data: %d clips in %d shards, %d usable at the configured buckets", len(index), len(index.shards), int(usable.sum()))
+    with_set = f" with a caption in set {cfg.data.caption_set}" if index.captions is not None else ""
+    logger.info("data: %d clips in %d shards, %d usable at the configured buckets%s", len(index), len(index.shards), int(usable.sum()), with_set)
     return index
 
 

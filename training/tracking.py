@@ -125,12 +125,22 @@ def flat_params(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_params(config: Any, data_dir: str | Path | None = None) -> dict[str, Any]:
-    """A run's params: its training config, and the ingest config its shards were made with as
-    `ingest.<section>.<key>` (from the shards' own record, `ingest_record`), when they carry one."""
+    """A run's params: its training config, the ingest config its shards were made with as
+    `ingest.<section>.<key>` (from the shards' own record, `ingest_record`), when they carry one,
+    and with `data.caption_set`, what made that set (`data.caption_set_id`, model, revision, prompt hash)."""
     params = flat_params(config)
     record = ingest_record(data_dir) if data_dir is not None else None
     if record is not None and record.get("sections"):
         params.update(flat_params(record["sections"], prefix="ingest."))
+    caption_set = getattr(getattr(config, "data", None), "caption_set", None)
+    if caption_set and data_dir is not None:
+        from training.caption_sets import caption_set_manifest
+
+        manifest = caption_set_manifest(str(data_dir), caption_set)
+        params["data.caption_set_id"] = manifest["set_id"]
+        params["data.caption_set_model"] = manifest["record"]["model"]
+        params["data.caption_set_revision"] = manifest["record"]["revision"]
+        params["data.caption_set_prompt_hash"] = manifest["record"]["prompt_hash"]
     return params
 
 

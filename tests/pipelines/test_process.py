@@ -217,8 +217,12 @@ def test_settings_pickle_and_come_from_the_full_config():
     assert pickle.loads(pickle.dumps(settings)) == settings
     assert settings.clips.fps == 8 and settings.scenes == ScenesConfig(detector="adaptive")
     assert SourceProcessor(cfg).settings == settings
-    with pytest.raises(ValueError, match="caption.backend 'vlm' is not available yet"):
-        SourceProcessor(load_config(None, ["caption.backend=vlm"]))
+    # What an output records: the keys a backend reads, so model-captioner knobs leave other outputs alone.
+    assert settings.record()["caption"] == {"backend": "none", "endpoint": None, "model": None,
+                                            "sidecar_extensions": [".srt", ".txt", ".json"], "sidecar_json_key": "caption"}  # fmt: skip
+    assert IngestSettings.from_config(load_config(None, ["caption.backend=none", "caption.frames=9"])).record() == settings.record()
+    model = IngestSettings.from_config(load_config(None, ["caption.backend=openai", "caption.model=m", "caption.endpoint=http://h/v1"]))
+    assert model.record()["caption"]["frames"] == 4 and "endpoint" not in model.record()["caption"]
 
 
 @pytest.mark.parametrize("detector", ["adaptive", "threshold"])

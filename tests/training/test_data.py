@@ -196,3 +196,48 @@ def test_reads_real_ingest_output(ray_local, tmp_path):
         assert tuple(batch["frames"].shape) == (1, 8, 32, 48, 3) and batch["captions"][0]
         seen.update(zip(batch["epochs"], batch["indices"]))
     assert max(seen.values()) == 1 and {i for e, i in seen if e == 0} == usable
+
+
+def write_caption_set(shards, name: str, captions: dict[str, str | None]) -> str:
+    """A caption set as `reelforge recaption` writes it (pipelines/caption_sets.py): the ids in
+    `captions` get that caption (None: status failed); returns its set id."""
+    import pyarrow as pa
+
+    from pipelines.caption_sets import PART_SCHEMA, part_name, set_id, set_record, set_uri, write_set_manifest
+    from pipelines.config import CaptionConfig
+    from pipelines.output import OutputDir, mark_success
+
+    out = OutputDir(set_uri(str(shards), name))
+    record = set_record(CaptionConfig(backend="openai", model="dense-captioner", endpoint="http://h/v1"), "minilm", "r1")
+    write_set_manifest(out, record)
+    rows = [
+        {"clip_id": i, "caption": c or "", "status": "ok" if c else "failed", "reason": None if c else "refused: no"}
+        for i, c in captions.items()
+    ]
+    for chunk in (rows[: len(rows) // 2], rows[len(rows) // 2 :]):
+        out.write_table(part_name([r["clip_id"] for r in chunk]), pa.Table.from_pylist(chunk, schema=PART_SCHEMA))
+    mark_success(out)
+    return set_id(record)
+
+
+def test_a_caption_set_replaces_the_captions_and_clips_without_one_are_skipped(tmp_path):
+    shards = write_shards(tmp_path / "shards", uniform_clips(8), clips_per_shard=4)
+    ids = read_clip_index(str(shards)).ids
+    dense = {clip_id: (f"a dense caption of clip {k}" if k % 4 else None) for k, clip_id in enumerate(ids)}
+    set_id = write_caption_set(shards, "dense", dense)
+    index = read_clip_index(str(shards), "dense")
+    assert index.caption_set_id == set_id and index.captions == [dense[i] for i in ids]
+    model = ModelSection(fps=8, num_frames=8, size="32x32")
+    assert usable_clips(index, model).tolist() == [bool(dense[i]) for i in ids]
+    batches = _take([make_loader(ClipBatches(index, model, batch_size=2, seed=0, rank=0, world_size=1), data_workers=0)], 6)
+    captions = [c for batch in batches for c in batch["captions"]]
+    assert captions and set(captions) <= {c for c in dense.values() if c}, "never the shards' own captions"
+    skipped = Counter()
+    for batch in batches:
+        skipped.update(batch["skipped"])
+    assert skipped["no_caption_in_set"] >= 2
+    with pytest.raises(ValueError, match=r"data.caption_set=other: no caption set .*reelforge recaption"):
+        read_clip_index(str(shards), "other")
+    (shards / "captions" / "dense" / "_SUCCESS").unlink()
+    with pytest.raises(ValueError, match="is unfinished"):
+        read_clip_index(str(shards), "dense")

@@ -95,3 +95,31 @@ def test_loss_falls_and_bundle_holds_the_trained_weights(ray_local, tiny_shards,
     assert consolidated.keys() == bundle.keys()
     for name, tensor in bundle.items():
         assert torch.equal(tensor, consolidated[name].float()), name
+
+
+@pytest.mark.slow
+def test_trains_on_a_caption_set_and_the_run_records_it(ray_local, tmp_path, tracking_uri):
+    """data.caption_set=NAME end to end: only clips with a usable caption in the set are trained
+    on, and the MLflow run says which set (its id, model, revision, prompt hash)."""
+    from mlflow import MlflowClient
+
+    from tests.training.conftest import uniform_clips, write_shards
+    from tests.training.test_data import write_caption_set
+    from training.data import read_clip_index
+
+    shards = write_shards(tmp_path / "shards", uniform_clips(8), clips_per_shard=4)
+    ids = read_clip_index(str(shards)).ids
+    usable = {k for k in range(len(ids)) if k % 4}
+    set_id = write_caption_set(shards, "dense", {i: (f"dense caption {k}" if k in usable else None) for k, i in enumerate(ids)})
+    out = tmp_path / "run"
+    overrides = [*PLAIN, "data.caption_set=dense", "train.max_steps=3", "scaling.num_workers=1", "train.log_every_steps=1",
+                 "checkpoint.every_steps=100", "train.eval_every_steps=0"]  # fmt: skip
+    result = run_ray(shards, out, overrides, tracking_uri)
+    assert result.error is None and result.metrics["step"] == 3
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("test-loop").experiment_id], filter_string=f"attributes.run_name = '{out.name}'")
+    # 12 clips trained on = all 6 with a caption, twice: the 2 without one were met and skipped
+    assert sum(m.value for m in client.get_metric_history(run.info.run_id, "skipped_clips")) >= len(ids) - len(usable)
+    params = run.data.params
+    assert (params["data.caption_set"], params["data.caption_set_id"], params["data.caption_set_model"]) == ("dense", set_id, "dense-captioner")
+    assert params["data.caption_set_revision"] == "r1" and len(params["data.caption_set_prompt_hash"]) == 16

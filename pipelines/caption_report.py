@@ -1,0 +1,217 @@
+"""captions/<NAME>/report.html: one static, self-contained page about a caption set.
+
+Like the ingest report (pipelines/report.py): no external assets, thumbnails as data URIs, and a
+few lines of script that annotate the page after load for the headless-browser test.
+
+Sections: what made the set (model, revision, prompt and its hash, set id) and its counts; a
+histogram of caption lengths in tokens of the training text encoder; failures by kind with example
+clips; how often each boilerplate opening was stripped; and a sample of clips (a stable one: the
+smallest hashes of clip ids, failures included) with the shard's old caption beside the new one.
+The thumbnails are decoded from the shards at report time, so parts carry no image bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import logging
+import tarfile
+from collections import Counter
+from typing import Any
+
+import av
+import numpy as np
+import pyarrow as pa
+
+from pipelines.caption_sets import CAPTIONS_DIR
+from pipelines.output import OutputDir
+from pipelines.report import THUMB_CHECK
+from pipelines.transcode import jpeg_thumbnail
+
+logger = logging.getLogger(__name__)
+
+REPORT = "report.html"
+SAMPLE_CLIPS = 24
+SAMPLE_FAILED = 8
+EXAMPLES_PER_REASON = 5
+NUM_BINS = 24
+SVG_W, SVG_H, PAD = 420, 160, 28
+
+
+def write_caption_report(out: OutputDir, table: pa.Table, record: dict[str, Any], summary: dict[str, Any]) -> str:
+    rows = table.to_pylist()
+    sample = _sample(rows)
+    thumbnails = _thumbnails_from_shards(_shards_of(out), sample)
+    page = render_caption_report(rows, sample, thumbnails, record, summary, out.uri)
+    out.write_bytes(REPORT, page.encode())
+    return page
+
+
+def render_caption_report(
+    rows: list[dict[str, Any]],
+    sample: list[dict[str, Any]],
+    thumbnails: dict[str, bytes],
+    record: dict[str, Any],
+    summary: dict[str, Any],
+    uri: str,
+) -> str:
+    parts = [_header(record, summary, uri), _lengths(rows), _failures(rows), _stripped(rows), _side_by_side(sample, thumbnails)]
+    return _PAGE.format(body="\n".join(parts), thumb_check=THUMB_CHECK)
+
+
+def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stable sample: the clips whose ids hash lowest, plus up to SAMPLE_FAILED failures."""
+    ranked = sorted(rows, key=lambda r: hashlib.sha1(r["clip_id"].encode()).hexdigest())
+    failed = [r for r in ranked if r["status"] == "failed"][:SAMPLE_FAILED]
+    ok = [r for r in ranked if r["status"] == "ok"][: SAMPLE_CLIPS - len(failed)]
+    return ok + failed
+
+
+def _shards_of(out: OutputDir) -> OutputDir:
+    """The ingest output a set belongs to: SHARDS/captions/<NAME> -> SHARDS."""
+    base = out.uri.rstrip("/").rsplit("/", 2)
+    assert base[1] == CAPTIONS_DIR, out.uri
+    return OutputDir(base[0])
+
+
+def _thumbnails_from_shards(shards: OutputDir, sample: list[dict[str, Any]]) -> dict[str, bytes]:
+    """{clip id: JPEG of its middle frame} for the sampled clips, read from their shards; a clip
+    whose member cannot be read or decoded simply has no thumbnail (its row says why it failed)."""
+    wanted: dict[str, set[str]] = {}
+    for row in sample:
+        wanted.setdefault(row["shard"], set()).add(f"{row['clip_id']}.mp4")
+    thumbnails = {}
+    for shard, members in sorted(wanted.items()):
+        try:
+            with shards.fs.open_input_stream(shards.path(shard)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if member.name in members:
+                        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                        thumb = _middle_frame(data)
+                        if thumb is not None:
+                            thumbnails[member.name[: -len(".mp4")]] = thumb
+        except (OSError, tarfile.TarError) as exc:
+            logger.warning("report: cannot read thumbnails from %s: %s", shard, exc)
+    return thumbnails
+
+
+def _middle_frame(data: bytes) -> bytes | None:
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+    return jpeg_thumbnail(frames[len(frames) // 2], 160) if frames else None
+
+
+def _header(record: dict[str, Any], summary: dict[str, Any], uri: str) -> str:
+    facts = [
+        ("caption set", uri),
+        ("set id", summary.get("set_id") or ""),
+        ("backend", record["backend"]),
+        ("model", record["model"]),
+        ("revision", record["revision"] or "(none given)"),
+        ("prompt hash", record["prompt_hash"]),
+        ("sampling", ", ".join(f"{k}={v}" for k, v in record["sampling"].items())),
+        ("frames per clip", f"{record['frames']['count']} at most {record['frames']['max_pixels']} pixels"),
+        ("text encoder (token cap)", record["cleaning"]["text_encoder"]),
+    ]
+    counts = [
+        ("clips in the shards", summary["clips"]),
+        ("captioned", summary["captioned"]),
+        ("ok", summary["ok"]),
+        ("failed", summary["failed"]),
+        ("boilerplate opening stripped", summary["stripped"]),
+        ("cut at the token cap or an unfinished sentence", summary["truncated"]),
+    ]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    numbers = "".join(
+        f'<tr><th>{html.escape(k)}</th><td class="count" data-key="{html.escape(k)}">{v}</td></tr>' for k, v in counts
+    )
+    prompt = html.escape(record["prompt"])
+    return f"<table>{rows}</table><h2>Counts</h2><table id=\"counts\">{numbers}</table><h3>Prompt</h3><pre>{prompt}</pre>"
+
+
+def _lengths(rows: list[dict[str, Any]]) -> str:
+    tokens = np.array([r["tokens"] for r in rows if r["status"] == "ok" and r["tokens"] is not None], dtype=np.float64)
+    if tokens.size == 0:
+        return "<h2>Caption lengths</h2><p>No captions.</p>"
+    lo, hi = float(tokens.min()), float(max(tokens.max(), tokens.min() + 1))
+    counts, edges = np.histogram(tokens, np.linspace(lo, hi, NUM_BINS + 1))
+    tallest = max(1, int(counts.max()))
+    plot_w, plot_h = SVG_W - 2 * PAD, SVG_H - 2 * PAD
+    bar_w = plot_w / NUM_BINS
+    bars = "".join(
+        f'<rect class="len" x="{PAD + i * bar_w:.1f}" y="{PAD + plot_h - c / tallest * plot_h:.1f}" '
+        f'width="{bar_w - 1:.1f}" height="{c / tallest * plot_h:.1f}"/>'
+        for i, c in enumerate(counts.tolist())
+        if c
+    )
+    axis = (
+        f'<line class="axis" x1="{PAD}" x2="{PAD + plot_w}" y1="{PAD + plot_h}" y2="{PAD + plot_h}"/>'
+        f'<text x="{PAD}" y="{SVG_H - 8}">{lo:.0f}</text><text x="{PAD + plot_w}" y="{SVG_H - 8}" text-anchor="end">{hi:.0f}</text>'
+        f'<text x="{PAD - 4}" y="{PAD}" text-anchor="end">{tallest}</text>'
+    )
+    caption = f"{tokens.size} captions: {np.median(tokens):.0f} tokens median, {tokens.min():.0f}-{tokens.max():.0f}"
+    return (
+        f'<h2>Caption lengths</h2><figure class="hist" data-count="{tokens.size}">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_W}" height="{SVG_H}">{axis}{bars}</svg>'
+        f"<figcaption>{html.escape(caption)} (tokens of the training text encoder)</figcaption></figure>"
+    )
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not failed:
+        return "<h2>Failures</h2><p>None.</p>"
+    kinds = Counter((r["reason"] or "unknown").split(":", 1)[0] for r in failed)
+    lines = []
+    for kind, count in kinds.most_common():
+        examples = [r for r in failed if (r["reason"] or "unknown").split(":", 1)[0] == kind][:EXAMPLES_PER_REASON]
+        items = "".join(f"<li><code>{html.escape(r['clip_id'])}</code>: {html.escape(r['reason'] or '')}</li>" for r in examples)
+        lines.append(f'<tr class="failure" data-kind="{html.escape(kind)}"><td>{html.escape(kind)}</td><td>{count}</td><td><ul>{items}</ul></td></tr>')
+    return f"<h2>Failures</h2><table><tr><th>kind</th><th>clips</th><th>examples</th></tr>{''.join(lines)}</table>"
+
+
+def _stripped(rows: list[dict[str, Any]]) -> str:
+    counts = Counter(r["stripped"] for r in rows if r["status"] == "ok" and r["stripped"])
+    if not counts:
+        return "<h2>Boilerplate openings stripped</h2><p>None.</p>"
+    lines = "".join(f'<tr class="stripped"><td>{html.escape(p)}</td><td>{c}</td></tr>' for p, c in counts.most_common())
+    return f"<h2>Boilerplate openings stripped</h2><table><tr><th>opening</th><th>captions</th></tr>{lines}</table>"
+
+
+def _side_by_side(sample: list[dict[str, Any]], thumbnails: dict[str, bytes]) -> str:
+    if not sample:
+        return "<h2>Sampled clips</h2><p>No clips.</p>"
+    lines = []
+    for row in sample:
+        thumb = thumbnails.get(row["clip_id"])
+        image = (
+            f'<img class="thumb" alt="{html.escape(row["clip_id"])}" src="data:image/jpeg;base64,{base64.b64encode(thumb).decode()}">'
+            if thumb
+            else "(no thumbnail)"
+        )
+        new = html.escape(row["caption"]) if row["status"] == "ok" else f'<span class="failed">failed: {html.escape(row["reason"] or "")}</span>'
+        lines.append(
+            f'<tr class="clip" data-status="{row["status"]}"><td>{image}<br><code>{html.escape(row["clip_id"])}</code></td>'
+            f"<td>{html.escape(row['old_caption'] or '')}</td><td>{new}</td></tr>"
+        )
+    return f"<h2>Sampled clips</h2><table><tr><th>clip</th><th>old caption</th><th>new caption</th></tr>{''.join(lines)}</table>"
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>reelforge caption set report</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }}
+tr.clip td {{ max-width: 40em; }} span.failed {{ color: #b00; }}
+rect.len {{ fill: #4a7fb5; }} line.axis {{ stroke: #555; }} svg text {{ font-size: 10px; fill: #555; }}
+pre {{ white-space: pre-wrap; background: #f6f6f6; padding: 6px; }}
+</style></head>
+<body><h1>reelforge caption set report</h1>
+{body}
+{thumb_check}</body></html>
+"""

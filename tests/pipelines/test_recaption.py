@@ -1,0 +1,195 @@
+"""`reelforge recaption` end to end: real shards, a real local Ray, a real HTTP server on loopback
+that speaks chat completions (tests/model/chat_server.py).
+
+Faked, because it cannot exist here: the vision-language model behind the endpoint. The server
+answers by the clip's duration, which the prompt carries ("... a 2.5-second video clip"), so
+each clip gets a known kind of answer: a clean caption, one with a boilerplate opening, a loop,
+a refusal, an HTTP 400. The tiny hf models of tests/model/tiny_vlm.py run through the job in
+test_recaption_hf.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from infra.recaption import main
+from tests.model.chat_server import ChatServer
+from tests.training.conftest import write_shards
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+FPS = 8.0
+# Clip durations (frames at 8 fps) and what the "model" answers for each.
+ANSWERS = {
+    1.0: "A red square slides slowly from left to right across a gray background.",
+    1.5: "The video shows a blue circle bouncing in the middle of a dark frame.",
+    2.0: "In this video, green stripes scroll upward while the light slowly fades.",
+    2.5: "a man walks " * 40,  # a generation loop
+    3.0: "I'm sorry, but I can't describe this video.",
+    3.5: (400, {"error": {"message": "image too large for this model", "type": "invalid_request_error"}}),
+    4.0: "Yellow dots drift apart on a white field as the camera zooms out.",
+    4.5: "A purple triangle spins in place; its shadow stretches across the floor.",
+}
+POISON = 5.0  # this clip's mp4 member is not a video
+
+
+def answer(body: dict) -> object:
+    text = next(part["text"] for part in body["messages"][-1]["content"] if part["type"] == "text")
+    seconds = float(re.search(r"a (\d+\.\d)-second video clip", text).group(1))
+    return ANSWERS[seconds]
+
+
+def endpoint_args(server: ChatServer, *extra: str) -> list[str]:
+    return [
+        "--set", "caption.backend=openai", "--set", f"caption.endpoint={server.url}", "--set", "caption.model=tiny-vlm",
+        "--set", "caption.part_clips=3", "--set", "caption.max_retries=1", *(a for x in extra for a in ("--set", x)),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    clips = [
+        {"num_frames": int(s * FPS), "fps": FPS, "width": 48, "height": 32, "caption": f"clip of {s} seconds", "bad": s == POISON}
+        for s in [*ANSWERS, POISON]
+    ]
+    return write_shards(tmp_path_factory.mktemp("shards"), clips, clips_per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ChatServer(reply=answer) as chat:
+        yield chat
+
+
+@pytest.fixture(scope="module")
+def captioned(ray_local, shards: Path, server: ChatServer, tmp_path_factory) -> Path:
+    """The set `clean`, made once for the module's tests (a copy of the shards, so they stay pristine)."""
+    before = _tree_digest(shards)
+    assert main([str(shards), "--caption-set", "clean", *endpoint_args(server)]) == 0
+    assert _tree_digest(shards, skip="captions") == before, "the shards are never rewritten"
+    return shards / "captions" / "clean"
+
+
+def _tree_digest(root: Path, skip: str | None = None) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not (skip and p.relative_to(root).parts[0] == skip)
+    }
+
+
+def _rows(folder: Path) -> dict[str, dict]:
+    rows = [row for part in sorted(folder.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+    assert len({r["clip_id"] for r in rows}) == len(rows), "one row per clip"
+    return {r["old_caption"]: r for r in rows}
+
+
+def test_every_clip_gets_a_caption_or_a_failure_with_its_reason(captioned: Path, server: ChatServer) -> None:
+    rows = _rows(captioned)
+    assert len(rows) == len(ANSWERS) + 1
+    ok = {k: r for k, r in rows.items() if r["status"] == "ok"}
+    assert ok["clip of 1.0 seconds"]["caption"] == ANSWERS[1.0] and ok["clip of 1.0 seconds"]["stripped"] is None
+    assert ok["clip of 1.5 seconds"]["caption"] == "A blue circle bouncing in the middle of a dark frame."
+    assert ok["clip of 1.5 seconds"]["stripped"] == "The video shows"
+    assert ok["clip of 2.0 seconds"]["caption"].startswith("Green stripes") and ok["clip of 2.0 seconds"]["raw_caption"] == ANSWERS[2.0]
+    reasons = {k: r["reason"] for k, r in rows.items() if r["status"] == "failed"}
+    assert reasons["clip of 2.5 seconds"].startswith("repetition:")
+    assert reasons["clip of 3.0 seconds"].startswith("refused: I'm sorry")
+    assert reasons["clip of 3.5 seconds"] == "endpoint answered 400: image too large for this model"
+    assert reasons["clip of 5.0 seconds"].startswith("frames: cannot decode the clip")
+    assert len(ok) == 5 and all(r["caption"] == "" for k, r in rows.items() if k in reasons)
+    # what each row records about how it was made
+    manifest = json.loads((captioned / "manifest.json").read_text())
+    assert {r["model"] for r in rows.values()} == {"tiny-vlm"} and {r["prompt_hash"] for r in rows.values()} == {manifest["record"]["prompt_hash"]}
+    assert all(r["tokens"] > 5 for r in ok.values()) and all(r["frames_used"] == 4 for k, r in rows.items() if k != "clip of 5.0 seconds")
+    summary = manifest["summary"]
+    assert (summary["clips"], summary["ok"], summary["failed"], summary["stripped"]) == (9, 5, 4, 2)
+    assert summary["failure_reasons"] == {"endpoint answered 400": 1, "frames": 1, "refused": 1, "repetition": 1}
+    assert (captioned / "_SUCCESS").exists() and not list(captioned.rglob("*.tmp-*"))
+
+
+def test_requests_carry_the_frames_prompt_and_model(captioned: Path, server: ChatServer) -> None:
+    bodies = [r.body for r in server.requests[: len(ANSWERS)]]
+    assert len(bodies) == len(ANSWERS), "one request per decodable clip, none for the poison clip"
+    for body in bodies:
+        assert body["model"] == "tiny-vlm" and body["temperature"] == 0.0 and body["max_tokens"] == 160
+        content = body["messages"][-1]["content"]
+        images = [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
+        assert len(images) == 4 and all(url.startswith("data:image/jpeg;base64,") for url in images)
+        assert content[-1]["type"] == "text" and content[-1]["text"].startswith("These are 4 frames in order from a")
+
+
+def test_a_rerun_asks_nothing_and_a_changed_prompt_is_refused_in_one_line(captioned: Path, shards: Path, server: ChatServer, capsys) -> None:
+    asked = len(server.requests)
+    assert main([str(shards), "--caption-set", "clean", *endpoint_args(server)]) == 0
+    assert "nothing new" in capsys.readouterr().out and len(server.requests) == asked
+    with pytest.raises(SystemExit) as refused:
+        main([str(shards), "--caption-set", "clean", *endpoint_args(server, "caption.prompt=Describe the {frames} frames.")])
+    message = str(refused.value)
+    assert message.startswith("recaption: caption set") and "changed: prompt" in message and "\n" not in message
+    assert len(server.requests) == asked
+
+
+def test_report_shows_old_and_new_captions_in_a_browser(captioned: Path, tmp_path: Path) -> None:
+    from tests.pipelines.test_report import _chromium
+
+    dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", (captioned / "report.html").as_uri()], tmp_path)
+    check = re.search(r'id="thumb-check" data-decoded="(\d+)" data-total="(\d+)"', dom)
+    assert check and int(check.group(1)) == int(check.group(2)) == 8, "every decodable sampled clip has a thumbnail that decodes"
+    assert dom.count('class="clip" data-status="failed"') == 4 and dom.count('class="clip" data-status="ok"') == 5
+    assert 'data-kind="repetition"' in dom and 'data-kind="endpoint answered 400"' in dom
+    assert "The video shows</td><td>1</td>" in dom and "clip of 1.5 seconds</td><td>A blue circle" in dom
+
+
+def test_the_endpoint_failing_stops_the_job_in_one_line_and_a_rerun_finishes(ray_local, shards: Path, server: ChatServer) -> None:
+    server.fail_next(503, times=2)  # the first clip's try and its one retry: the job stops
+    with pytest.raises(SystemExit) as stopped:
+        main([str(shards), "--caption-set", "outage", *endpoint_args(server, "caption.concurrency=1", "caption.part_clips=9")])
+    message = str(stopped.value)
+    assert "gave up after 2 tries" in message and "rerun the same command to resume" in message and "\n" not in message
+    folder = shards / "captions" / "outage"
+    assert not (folder / "_SUCCESS").exists() and not list(folder.glob("part-*.parquet")), "no clip blamed for the outage"
+    assert main([str(shards), "--caption-set", "outage", *endpoint_args(server, "caption.concurrency=1", "caption.part_clips=9")]) == 0
+    assert len(_rows(folder)) == len(ANSWERS) + 1
+
+
+def test_sigkill_midway_then_rerun_equals_a_clean_run(ray_local, captioned: Path, shards: Path, tmp_path: Path) -> None:
+    with ChatServer(reply=answer, latency_s=0.4) as slow:
+        args = [str(shards), "--caption-set", "killed", *endpoint_args(slow, "caption.concurrency=1", "caption.part_clips=2")]
+        env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+        log = tmp_path / "killed.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen([sys.executable, "-m", "infra", "recaption", *args], cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)
+        folder = shards / "captions" / "killed"
+        deadline = time.monotonic() + 180
+        try:
+            while not list(folder.glob("part-*.parquet")):
+                assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "no part appeared"
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert not (folder / "_SUCCESS").exists(), "the run was meant to die mid-way"
+        committed = {r["clip_id"] for part in folder.glob("part-*.parquet") for r in pq.read_table(part).to_pylist()}
+        asked_before = len(slow.requests)
+        assert main(args) == 0
+        asked_by_rerun = len(slow.requests) - asked_before
+    fields = ("caption", "raw_caption", "status", "reason", "stripped", "truncated", "tokens", "frames_used")
+    clean, resumed = _rows(captioned), _rows(folder)
+    assert {k: [r[f] for f in fields] for k, r in resumed.items()} == {k: [r[f] for f in fields] for k, r in clean.items()}
+    poison = next(r["clip_id"] for r in clean.values() if (r["reason"] or "").startswith("frames:"))
+    assert 0 < asked_by_rerun <= len(ANSWERS) - len(committed - {poison}), "the rerun asks only for clips no part holds"
+    assert json.loads((folder / "manifest.json").read_text())["set_id"] == json.loads((captioned / "manifest.json").read_text())["set_id"]
