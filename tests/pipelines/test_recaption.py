@@ -193,3 +193,29 @@ def test_sigkill_midway_then_rerun_equals_a_clean_run(ray_local, captioned: Path
     poison = next(r["clip_id"] for r in clean.values() if (r["reason"] or "").startswith("frames:"))
     assert 0 < asked_by_rerun <= len(ANSWERS) - len(committed - {poison}), "the rerun asks only for clips no part holds"
     assert json.loads((folder / "manifest.json").read_text())["set_id"] == json.loads((captioned / "manifest.json").read_text())["set_id"]
+
+
+def test_ingest_captions_with_an_endpoint_from_the_frames_it_holds(ray_local, tmp_path: Path) -> None:
+    """caption.backend=openai at ingest: one request per kept clip, with frames of that clip (no
+    second decode: the frames ingest holds), the reply cleaned into the manifest and the shard."""
+    from fractions import Fraction
+
+    from infra.footage import FootageSpec, varied_shots, write_video
+    from infra.ingest import main as ingest
+    from tests.model.chat_server import default_caption
+
+    source = tmp_path / "src" / "v0.mp4"
+    source.parent.mkdir()
+    write_video(FootageSpec("v0", "mp4", "libx264", 160, 120, Fraction(12), varied_shots([("moving", 2.5)] * 2)), source)
+    with ChatServer() as server:
+        settings = ["clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=64x64", "caption.frames=3",
+                    "caption.backend=openai", f"caption.endpoint={server.url}", "caption.model=tiny-vlm"]  # fmt: skip
+        assert ingest([str(source.parent), "--out", str(tmp_path / "out"), *(a for s in settings for a in ("--set", s))]) == 0
+        bodies = [r.body for r in server.requests]
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(manifest) >= 2 and len(bodies) == len(manifest), "one request per kept clip"
+    assert sorted(r["caption"] for r in manifest) == sorted(default_caption(b) for b in bodies)
+    assert {r["caption_model"] for r in manifest} == {"tiny-vlm"}
+    for body in bodies:
+        images = [p for p in body["messages"][-1]["content"] if p["type"] == "image_url"]
+        assert len(images) == 3 and body["messages"][-1]["content"][-1]["text"].startswith("These are 3 frames in order from a")
