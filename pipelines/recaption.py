@@ -136,9 +136,12 @@ class CaptionParts:
 
         self.cfg, self.out = cfg, out
         self.backend = make_backend(backend_spec(cfg, num_gpus))
-        if cfg.backend == "hf" and self.backend.revision != revision:
-            raise BackendUnavailable(f"{cfg.model} changed while the job ran (revision {self.backend.revision}, the set has {revision})")
-        self.revision = revision
+        if cfg.backend == "hf":
+            from model.chat_hf import is_resolved
+
+            if is_resolved(revision) and self.backend.revision != revision:
+                raise BackendUnavailable(f"{cfg.model} is not what the set was started with (revision {self.backend.revision}, the set has {revision})")
+        self.revision = self.backend.revision or revision  # what actually ran
         self.prompt_hash = prompt_hash(cfg)
         self.tokenizer, _ = load_text_tokenizer(text_encoder, max_length=cfg.max_tokens)
 

@@ -219,3 +219,56 @@ def test_ingest_captions_with_an_endpoint_from_the_frames_it_holds(ray_local, tm
     for body in bodies:
         images = [p for p in body["messages"][-1]["content"] if p["type"] == "image_url"]
         assert len(images) == 3 and body["messages"][-1]["content"][-1]["text"].startswith("These are 3 frames in order from a")
+
+
+def test_a_local_hf_model_captions_through_the_job(ray_local, shards: Path, tmp_path: Path) -> None:
+    """caption.backend=hf on a tiny random Qwen2-VL saved by the test (no model hub here): its
+    generate() output for each clip's frames lands in the set, with the folder's content hash as
+    the revision the set and every row record."""
+    from model.chat_hf import resolve_revision
+    from tests.model.tiny_vlm import save_tiny_qwen2_vl
+
+    folder = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    args = [str(shards), "--caption-set", "hf", "--set", "caption.backend=hf", "--set", f"caption.model={folder}",
+            "--set", "caption.max_new_tokens=12", "--set", "caption.min_words=1", "--set", "caption.frames=2",
+            "--set", "caption.max_pixels=3136", "--set", "caption.batch_size=4"]  # fmt: skip
+    assert main(args) in (0, 1)  # random weights may fail every caption (a loop); the rows say why
+    rows = _rows(shards / "captions" / "hf")
+    revision = resolve_revision(str(folder))
+    assert revision.startswith("sha256:") and {r["revision"] for r in rows.values()} == {revision}
+    assert json.loads((shards / "captions" / "hf" / "manifest.json").read_text())["record"]["revision"] == revision
+    decodable = {k: r for k, r in rows.items() if k != f"clip of {POISON} seconds"}
+    assert len(decodable) == len(ANSWERS) and all(r["raw_caption"] is not None and r["output_tokens"] for r in decodable.values())
+    assert all(r["frames_used"] == 2 and (r["status"] == "ok" or r["reason"]) for r in decodable.values())
+
+
+def test_materialize_writes_shards_whose_captions_are_the_sets(captioned: Path, shards: Path, server: ChatServer, tmp_path: Path, capsys) -> None:
+    import tarfile
+
+    from training.data import read_clip_index
+
+    out = tmp_path / "materialized"
+    assert main([str(shards), "--caption-set", "clean", *endpoint_args(server), "--materialize", str(out)]) == 0
+    assert "materialized 5 clips into" in capsys.readouterr().out
+    ok = {r["clip_id"]: r for r in _rows(captioned).values() if r["status"] == "ok"}
+
+    def read(folder: Path) -> dict[str, dict[str, bytes]]:
+        samples: dict[str, dict[str, bytes]] = {}
+        for shard in sorted(folder.glob("shard-*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        return samples
+
+    samples, originals = read(out), read(shards)
+    assert samples.keys() == ok.keys(), "only clips with a usable caption"
+    for clip_id, sample in samples.items():
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode() == ok[clip_id]["caption"] == meta["caption"] and meta["caption_set"] == "clean"
+        assert sample["mp4"] == originals[clip_id]["mp4"], "video bytes copied as they are"
+    index = read_clip_index(str(out))  # a plain ingest-shaped folder: training reads it without the set
+    assert sorted(index.ids) == sorted(ok) and (out / "_SUCCESS").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main([str(shards), "--caption-set", "clean", *endpoint_args(server), "--materialize", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "a rerun writes nothing"
