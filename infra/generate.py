@@ -5,6 +5,13 @@
     reelforge generate --model BUNDLE --prompt "..." --video clip.mp4 --mode extend --seconds 20 --out long.mp4
     reelforge generate --model BUNDLE --prompt "..." --video a.mp4 --video2 b.mp4 --out joined.mp4
     reelforge generate --model BUNDLE --prompt "in watercolor" --video clip.mp4 --mode edit --strength 0.5 --out edit.mp4
+    reelforge generate --model BUNDLE --prompt "a fox in snow" --expand-prompt --expand-endpoint http://gpu:8000/v1 \
+        --expand-model Qwen/Qwen2.5-7B-Instruct --out fox.mp4
+
+`--expand-prompt` rewrites the prompt into a caption in the style of the model's training captions
+(model/prompt_expansion.py) with a local transformers model (`--expand-model DIR|ID`) or an
+OpenAI-compatible endpoint (`--expand-endpoint URL --expand-model NAME`); on failure the original
+prompt is used, with a warning. Next to OUT.mp4, OUT.json records the prompts, seed and mode.
 
 Bad input (missing or unreadable file, size not divisible, frames out of range, ...) prints one
 line `reelforge generate: error: ...` and exits with status 2.
@@ -13,6 +20,8 @@ line `reelforge generate: error: ...` and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import re
 import sys
@@ -77,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=int, help="frames taken from input videos and shared between windows")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="DiT weights dtype (default: as saved)")
-    parser.add_argument("--out", required=True, help="output .mp4 path")
+    parser.add_argument("--out", required=True, help="output .mp4 path (and OUT.json: prompts, seed, mode)")
+    expansion = parser.add_argument_group("prompt expansion")
+    expansion.add_argument("--expand-prompt", action="store_true", help="rewrite the prompt in the style of the training captions first")
+    expansion.add_argument("--expand-model", help="a transformers model folder or hub id, or the endpoint's model name")
+    expansion.add_argument("--expand-endpoint", help="an OpenAI-compatible base URL (default: run --expand-model locally)")
+    expansion.add_argument("--expand-api-key-env", default="OPENAI_API_KEY", help="variable holding the endpoint's API key")
     return parser
 
 
@@ -116,16 +130,48 @@ def _generate(args: argparse.Namespace) -> int:
         num_frames=args.frames, seconds=args.seconds, width=width, height=height, steps=args.steps,
         guidance=args.guidance, seed=args.seed, strength=args.strength, overlap_frames=args.overlap,
     )  # fmt: skip
-    pipeline = load_pipeline(
-        resolve_model_path(args.model), device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
-    )
+    if args.expand_prompt and not args.expand_model:
+        raise ValueError("--expand-prompt needs --expand-model (a local model, or the endpoint's model name with --expand-endpoint)")
+    bundle = resolve_model_path(args.model)
+    pipeline = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    expansion = _expand(args, bundle) if args.expand_prompt else None
+    if expansion is not None:
+        request = dataclasses.replace(request, prompt=expansion.prompt)
     # generate() checks the whole request before it reads any input: bad values fail in a second.
     video = pipeline.generate(request)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(video.frames, video.fps, out)
+    record = {k: v for k, v in video.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    record |= expansion.record() if expansion else {"original_prompt": args.prompt, "prompt": args.prompt, "expanded": False}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True))
     frames, h, w, _ = video.frames.shape
     print(f"{out}: {frames} frames {w}x{h} at {video.fps:g} fps ({video.metadata['mode']}, seed {video.metadata['seed']})")
+    if expansion is not None:
+        print(f"prompt: {expansion.prompt}" if expansion.expanded else f"warning: {expansion.warning}")
     return 0
+
+
+def _expand(args: argparse.Namespace, bundle: Path):
+    """The prompt expanded in the style of the bundle's training captions (model/prompt_expansion.py)."""
+    from model.bundle import read_bundle_config
+    from model.chat import BackendUnavailable
+    from model.chat_backends import BackendSpec, make_backend
+    from model.prompt_expansion import ExpandedPrompt, expand_prompt, style_examples
+
+    kind = "openai" if args.expand_endpoint else "hf"
+    # Someone is waiting on this one request: two retries, not the five a batch job affords.
+    spec = BackendSpec(kind, args.expand_model, endpoint=args.expand_endpoint, api_key_env=args.expand_api_key_env,
+                       device=args.device, max_retries=2, timeout_s=60.0)  # fmt: skip
+    try:
+        backend = make_backend(spec)
+    except BackendUnavailable as exc:
+        why = one_line(exc)
+        logger.warning("prompt expansion unavailable (%s); generating with the original prompt", why)
+        return ExpandedPrompt(args.prompt, args.prompt, False, args.expand_model, f"prompt expansion failed ({why}); the original prompt was used")
+    try:
+        return expand_prompt(args.prompt, style_examples(read_bundle_config(bundle).extra), backend)
+    finally:
+        backend.close()
 
 
 if __name__ == "__main__":

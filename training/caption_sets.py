@@ -8,6 +8,7 @@ through that layout, so this is the reading half of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CAPTIONS_DIR = "captions"
 SUCCESS_MARKER = "_SUCCESS"
+STYLE_EXAMPLES = 8  # training captions a bundle records for prompt expansion
 
 
 def caption_set_manifest(data_dir: str, name: str) -> dict[str, Any]:
@@ -55,3 +57,25 @@ def read_caption_set(data_dir: str, name: str, ids: list[str]) -> tuple[list[str
     missing = sum(c is None for c in captions)
     logger.info("caption set %s (%s): %d of %d clips have a usable caption, %d are skipped", name, manifest["set_id"], len(ids) - missing, len(ids), missing)
     return captions, manifest["set_id"]
+
+
+def prompt_style(index: Any, caption_set: str | None) -> dict[str, Any]:
+    """A few of the captions the model trains on, for prompt expansion at generation time
+    (model/prompt_expansion.py): the caption set's when training on one, else the shards' own.
+    `index` is training.data's ClipIndex (not imported: training.data imports this module).
+    A stable choice (the smallest hashes of distinct captions of 3+ words), so reruns agree."""
+    if index.captions is not None:
+        captions = [c for c in index.captions if c]
+    else:
+        filesystem, root = resolve_uri(index.data_dir)
+        with filesystem.open_input_file(f"{root.rstrip('/')}/manifest.parquet") as handle:
+            names = pq.read_schema(handle).names
+        if "caption" not in names:
+            return {}
+        with filesystem.open_input_file(f"{root.rstrip('/')}/manifest.parquet") as handle:
+            captions = [c for c in pq.read_table(handle, columns=["caption"]).column("caption").to_pylist() if c]
+    distinct = sorted({c for c in captions if len(c.split()) >= 3}, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
+    if not distinct:
+        return {}
+    return {"source": f"caption_set:{caption_set}" if caption_set else "shards", "caption_set_id": index.caption_set_id,
+            "examples": distinct[:STYLE_EXAMPLES]}  # fmt: skip

@@ -17,8 +17,11 @@ logger = logging.getLogger(__name__)
 BUNDLE_DIR = "bundle"
 
 
-def export_bundle(ema: ParameterEMA, dit_cfg: DiTConfig, cfg: TrainingConfig, out: Path, rank: int, tracker: Any) -> None:
-    """Rank 0 writes the inference bundle from the gathered EMA weights (collective gather first)."""
+def export_bundle(
+    ema: ParameterEMA, dit_cfg: DiTConfig, cfg: TrainingConfig, out: Path, rank: int, tracker: Any, prompt_style: dict[str, Any] | None = None
+) -> None:
+    """Rank 0 writes the inference bundle from the gathered EMA weights (collective gather first).
+    `prompt_style`: a few training captions for prompt expansion (training/caption_sets.py)."""
     weights = ema.full_state_dict()
     if rank != 0:
         return
@@ -39,6 +42,7 @@ def export_bundle(ema: ParameterEMA, dit_cfg: DiTConfig, cfg: TrainingConfig, ou
             "config_hash": config_hash(cfg),
             "ema_decay": cfg.train.ema_decay,
             "generation": generation_defaults(cfg.train),
+            **({"prompt_style": prompt_style} if prompt_style else {}),
         },
     )
     tracker.log_artifacts(bundle_dir, "bundle")

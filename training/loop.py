@@ -46,6 +46,7 @@ from model.dit import DiT, DiTConfig, dit_config
 from model.rectified_flow import training_loss
 from model.storage import config_hash
 from model.text_encoders import load_text_encoder
+from training.caption_sets import prompt_style
 from training.checkpoint import (
     ParameterEMA,
     TrainerState,
@@ -111,6 +112,7 @@ class Progress:
     window: MetricsWindow = field(default_factory=MetricsWindow)
     skipped_total: dict[str, int] = field(default_factory=dict)  # reason -> clips, this attempt
     unsynced_samples: int = 0  # clips this rank trained on since the last checkpoint
+    prompt_style: dict[str, Any] = field(default_factory=dict)  # training captions the bundle records
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -289,6 +291,7 @@ def open_data(
         text_cache=TextEmbeddingCache(parts.text_encoder, cfg.train.text_cache_size),
         sample_log=sample_log,
         start_step=state.step,
+        prompt_style=prompt_style(index, cfg.data.caption_set) if session.rank == 0 else {},
     )
 
 
@@ -419,7 +422,7 @@ def finish(
     """Export the bundle, log what this attempt did, end the MLflow run."""
     if progress.sample_log is not None:
         progress.sample_log.close()
-    export_bundle(parts.ema, parts.dit_cfg, cfg, out, rank, tracker)
+    export_bundle(parts.ema, parts.dit_cfg, cfg, out, rank, tracker, progress.prompt_style)
     elapsed_s = time.perf_counter() - progress.start_time
     if rank == 0:
         logger.info(

@@ -15,6 +15,9 @@ from model.mp4 import write_mp4
 from model.video_io import read_video
 
 
+STYLE = ["A red square slides slowly across a dark blue background.", "A green circle drifts upward in soft light."]
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -25,7 +28,8 @@ def bundle_dir(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.05)  # adaLN-Zero init predicts 0; make the output depend on the input
     return save_bundle(
         tmp_path_factory.mktemp("bundle"), model, cfg, autoencoder="pixel:s=2,t=1", text_encoder="minilm",
-        fps=6, num_frames=6, width=16, height=16, extra={"generation": {"steps": 2, "guidance": 2.0}},
+        fps=6, num_frames=6, width=16, height=16,
+        extra={"generation": {"steps": 2, "guidance": 2.0}, "prompt_style": {"source": "shards", "examples": STYLE}},
     )
 
 
@@ -85,3 +89,50 @@ def test_model_reference_errors(tmp_path):
     with pytest.raises(SystemExit) as exc:  # argparse: malformed size
         main(["--model", str(tmp_path), "--size", "big", "--out", str(tmp_path / "o.mp4")])
     assert exc.value.code == 2
+
+
+def test_expand_prompt_through_an_endpoint_records_both_prompts(bundle_dir, tmp_path, capsys):
+    """--expand-prompt: the prompt is rewritten by an OpenAI-compatible endpoint (a real server on
+    loopback; the language model behind it is faked: it cannot run here) shown the bundle's
+    training captions; OUT.json keeps the original and the expanded prompt."""
+    import json
+
+    from tests.model.chat_server import ChatServer
+
+    expanded = "A small red fox trots through deep snow under a pale morning sky."
+    out = tmp_path / "fox.mp4"
+    args = ["--model", str(bundle_dir), "--prompt", "a fox in snow", "--frames", "3", "--steps", "1", "--out", str(out), "--expand-prompt"]
+    with ChatServer(reply=lambda body: expanded) as server:
+        assert main([*args, "--expand-endpoint", server.url, "--expand-model", "rewriter"]) == 0
+        [request] = [r.body for r in server.requests]
+    user = request["messages"][-1]["content"]
+    assert request["model"] == "rewriter" and all(example in user for example in STYLE) and "Prompt: a fox in snow" in user
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["original_prompt"], record["prompt"], record["expanded"], record["expander"]) == ("a fox in snow", expanded, True, "rewriter")
+    assert f"prompt: {expanded}" in capsys.readouterr().out
+
+    # the endpoint gone: the video is still made, from the original prompt, with a warning
+    assert main([*args, "--expand-endpoint", server.url, "--expand-model", "rewriter"]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["prompt"] == "a fox in snow" and not record["expanded"] and "prompt expansion failed" in record["warning"]
+    assert "warning: prompt expansion failed" in capsys.readouterr().out
+
+
+def test_expand_prompt_with_a_local_model(bundle_dir, tmp_path):
+    """A tiny random causal LM saved by the test (no model hub here) loads through the real code."""
+    import json
+
+    from tests.model.tiny_vlm import save_tiny_qwen2_lm
+
+    folder = save_tiny_qwen2_lm(tmp_path / "lm")
+    out = tmp_path / "local.mp4"
+    assert main(["--model", str(bundle_dir), "--prompt", "a fox", "--frames", "3", "--steps", "1", "--out", str(out),
+                 "--expand-prompt", "--expand-model", str(folder)]) == 0  # fmt: skip
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["expander"].startswith(f"{folder}@sha256:")
+    assert record["expanded"] or "too short to be a caption" in record["warning"], record  # random weights may say little
+
+
+def test_expand_prompt_needs_a_model(bundle_dir, tmp_path, capsys):
+    assert main(["--model", str(bundle_dir), "--prompt", "a fox", "--out", str(tmp_path / "x.mp4"), "--expand-prompt"]) == 2
+    assert "--expand-prompt needs --expand-model" in capsys.readouterr().err

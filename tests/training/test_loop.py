@@ -123,3 +123,7 @@ def test_trains_on_a_caption_set_and_the_run_records_it(ray_local, tmp_path, tra
     params = run.data.params
     assert (params["data.caption_set"], params["data.caption_set_id"], params["data.caption_set_model"]) == ("dense", set_id, "dense-captioner")
     assert params["data.caption_set_revision"] == "r1" and len(params["data.caption_set_prompt_hash"]) == 16
+    # the bundle keeps a few of the set's captions: the style prompt expansion writes in at generation
+    style = json.loads((out / BUNDLE_DIR / "model_config.json").read_text())["prompt_style"]
+    assert style["source"] == "caption_set:dense" and style["caption_set_id"] == set_id
+    assert style["examples"] and set(style["examples"]) <= {f"dense caption {k}" for k in usable}
