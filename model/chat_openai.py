@@ -352,3 +352,33 @@ class OpenAIChat:
         if reply.error:
             reply.error = self._scrub(reply.error)
         return reply
+
+
+def probe_endpoint(endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 10.0) -> list[str]:
+    """Check an endpoint before a job depends on it: GET <base>/models, the list every
+    OpenAI-compatible server answers. Returns the model ids it serves ([] when it does not list
+    them); BackendUnavailable in one line when it cannot be reached or rejects the key. A model
+    missing from the list is only logged: some gateways list a subset of what they route."""
+    import urllib.error
+    import urllib.request
+
+    url = completions_url(endpoint).removesuffix("/chat/completions") + "/models"
+    parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    key = os.environ.get(api_key_env)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            listing = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise BackendUnavailable(f"chat endpoint {shown} answered {exc.code}: {LIKELY_CAUSE[exc.code]} (${api_key_env})") from None
+        return []  # a server that does not list models is still worth trying
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        text = one_line(f"{type(reason).__name__}: {reason}")
+        raise BackendUnavailable(f"chat endpoint {shown} cannot be reached ({text.replace(key, '***') if key else text})") from None
+    ids = [str(item.get("id")) for item in listing.get("data", []) if isinstance(item, dict)] if isinstance(listing, dict) else []
+    if ids and model not in ids:
+        logger.warning("chat endpoint %s lists %s but not %r; requests may fail with 404", shown, ", ".join(ids[:5]), model)
+    return ids

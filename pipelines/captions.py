@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from model.chat import ChatRequest, Sampling
+from model.chat import BackendUnavailable, ChatRequest, Sampling
 from model.chat_backends import BackendSpec, make_backend
 from model.storage import resolve_uri
 from pipelines.caption_clean import clean_caption, failed
@@ -266,6 +266,24 @@ def backend_spec(cfg: CaptionConfig, num_gpus: float = 0) -> BackendSpec:
         max_retries=cfg.max_retries,
         video_input=cfg.video_input,
     )
+
+
+def check_captioner(cfg: CaptionConfig) -> str:
+    """Before any work: is the model captioner there? A local model folder must exist, an
+    endpoint must answer (and accept the key). Returns the revision a caption set records (a
+    local folder's content hash, a hub commit, or `caption.revision`); ValueError in one line."""
+    try:
+        if cfg.backend == "hf":
+            from model.chat_hf import resolve_revision
+
+            return resolve_revision(cfg.model or "", cfg.revision)
+        if cfg.backend == "openai":
+            from model.chat_openai import probe_endpoint
+
+            probe_endpoint(cfg.endpoint or "", cfg.model or "", cfg.api_key_env, timeout_s=min(cfg.timeout_s, 30.0))
+    except BackendUnavailable as exc:
+        raise ValueError(f"caption.backend={cfg.backend}: {exc}") from None
+    return cfg.revision or ""
 
 
 def render_prompt(cfg: CaptionConfig, frames: int, seconds: float) -> str:

@@ -34,7 +34,8 @@ from model import __version__
 from model.chat import BackendUnavailable
 from model.errors import one_line
 from model.storage import config_hash
-from pipelines.config import ClipsConfig, IngestConfig
+from pipelines.captions import check_captioner
+from pipelines.config import MODEL_CAPTION_BACKENDS, ClipsConfig, IngestConfig
 from pipelines.crash_guard import CrashGuard
 from pipelines.discover import SourceFile, discover_sources
 from pipelines.output import (
@@ -213,6 +214,8 @@ def run_ingest(
             if _nothing_new(output, sources):
                 logger.info("nothing new to ingest; %s is unchanged", out)
                 return json.loads(output.read_bytes(STATS)) | {"nothing_new": True}
+        if config.caption.backend in MODEL_CAPTION_BACKENDS:
+            check_captioner(config.caption)  # a missing model or a dead endpoint fails here, in one line
         retry_storage(f"taking the lease on {out}", lambda: take_lease(output))
     except StorageError as exc:
         raise IngestStopped(f"{exc}; nothing was changed in {out}") from None

@@ -37,7 +37,7 @@ from model.chat_backends import make_backend
 from model.errors import one_line
 from pipelines.caption_clean import CleanCaption, clean_caption, failed
 from pipelines.caption_frames import frames_from_mp4
-from pipelines.captions import backend_spec, render_prompt
+from pipelines.captions import backend_spec, check_captioner, render_prompt
 from pipelines.caption_sets import (
     PART_SCHEMA,
     SET_MANIFEST,
@@ -72,15 +72,6 @@ logger = logging.getLogger(__name__)
 class RecaptionStopped(IngestStopped):
     """The recaption job stopped before it finished (captioner unavailable, storage failing past
     its retries, another run took the set); committed parts are kept and a rerun resumes."""
-
-
-def resolve_revision(cfg: CaptionConfig) -> str:
-    """The revision a set records: for a local hf folder its content hash, else what was configured."""
-    if cfg.backend == "hf":
-        from model.chat_hf import resolve_revision as hf_revision
-
-        return hf_revision(cfg.model or "", cfg.revision)
-    return cfg.revision or ""
 
 
 # --- stage 1: frames (CPU tasks) -------------------------------------------------------------
@@ -261,11 +252,7 @@ def run_recaption(
     from model.text_encoders import load_text_tokenizer
 
     load_text_tokenizer(text_encoder, max_length=cfg.max_tokens)  # a bad spec fails here, not in every actor
-    try:
-        revision = resolve_revision(cfg)
-    except BackendUnavailable as exc:
-        raise ValueError(str(exc)) from None
-    record = set_record(cfg, text_encoder, revision)
+    record = set_record(cfg, text_encoder, check_captioner(cfg))
     try:
         check_set(out, record)
         clips = source.read_table(MANIFEST, columns=["id", "shard"])

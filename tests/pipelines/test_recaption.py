@@ -272,3 +272,21 @@ def test_materialize_writes_shards_whose_captions_are_the_sets(captioned: Path, 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert main([str(shards), "--caption-set", "clean", *endpoint_args(server), "--materialize", str(out)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before, "a rerun writes nothing"
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (["caption.backend=openai", "caption.endpoint=http://127.0.0.1:9/v1", "caption.model=m"],
+         "recaption: caption.backend=openai: chat endpoint http://127.0.0.1:9/v1/models cannot be reached"),
+        (["caption.backend=hf", "caption.model=/nonexistent/model"], "recaption: caption.backend=hf: chat model folder /nonexistent/model does not exist"),
+        (["caption.backend=metadata"], "recaption: recaption needs a model captioner: caption.backend=hf or openai"),
+        (["caption.backend=openai", "caption.endpoint=http://h/v1", "caption.model=m", "model.text_encoder=t5:/no/such/t5"],
+         "recaption: cannot load the t5 text encoder's tokenizer from '/no/such/t5'"),
+    ],
+)  # fmt: skip
+def test_a_captioner_that_is_not_there_fails_before_any_work_in_one_line(shards: Path, settings: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as failure:
+        main([str(shards), "--caption-set", "never", *(a for s in settings for a in ("--set", s))])
+    assert str(failure.value).startswith(expected) and "\n" not in str(failure.value), failure.value
+    assert not (shards / "captions" / "never").exists()
