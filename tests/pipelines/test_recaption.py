@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -290,3 +291,31 @@ def test_a_captioner_that_is_not_there_fails_before_any_work_in_one_line(shards:
         main([str(shards), "--caption-set", "never", *(a for s in settings for a in ("--set", s))])
     assert str(failure.value).startswith(expected) and "\n" not in str(failure.value), failure.value
     assert not (shards / "captions" / "never").exists()
+
+
+def test_shards_on_object_storage_get_a_caption_set_there(shards: Path, tmp_path: Path, monkeypatch) -> None:
+    """s3:// shards (a real S3-compatible server on loopback, moto): the job reads them with
+    read_webdataset, commits its parts, report and _SUCCESS into the bucket, and training reads
+    the set from there. Its own local Ray, so the workers get the endpoint variables."""
+    from tests.pipelines.test_faults import S3Server
+    from training.data import read_clip_index
+
+    server = S3Server(tmp_path / "moto.log")
+    try:
+        for path in sorted(shards.glob("*")):
+            if path.is_file():
+                with server.fs.open_output_stream(f"bucket/shards/{path.name}") as stream:
+                    stream.write(path.read_bytes())
+        with ChatServer(reply=answer) as chat:
+            env = os.environ | server.env | {"RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+            command = [sys.executable, "-m", "infra", "recaption", "s3://bucket/shards", "--caption-set", "s3set", *endpoint_args(chat)]
+            done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        listed = {info.base_name for info in server.fs.get_file_info(pafs.FileSelector("bucket/shards/captions/s3set"))}
+        assert {"_SUCCESS", "manifest.json", "report.html"} <= listed and any(n.startswith("part-") for n in listed)
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        index = read_clip_index("s3://bucket/shards", "s3set")
+        assert sum(c is not None for c in index.captions) == 5 and ANSWERS[1.0] in index.captions
+    finally:
+        server.close()
