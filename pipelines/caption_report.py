@@ -18,14 +18,14 @@ import html
 import io
 import logging
 import tarfile
-from collections import Counter
 from typing import Any
 
 import av
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.caption_sets import CAPTIONS_DIR
+from pipelines.caption_sets import CAPTIONS_DIR, read_set
 from pipelines.output import OutputDir
 from pipelines.report import THUMB_CHECK
 from pipelines.transcode import jpeg_thumbnail
@@ -40,32 +40,46 @@ NUM_BINS = 24
 SVG_W, SVG_H, PAD = 420, 160, 28
 
 
+# What the report reads of every row; caption texts are read for the sampled clips only.
+REPORT_COLUMNS = ["clip_id", "shard", "status", "reason", "stripped", "tokens"]
+SAMPLE_COLUMNS = ["clip_id", "shard", "status", "reason", "caption", "old_caption"]
+
+
 def write_caption_report(out: OutputDir, table: pa.Table, record: dict[str, Any], summary: dict[str, Any]) -> str:
-    rows = table.to_pylist()
-    sample = _sample(rows)
+    """Render report.html into the set folder `out`. `table` holds REPORT_COLUMNS of every row
+    (pyarrow, so a million rows stay a few tens of MB); the sample's texts are read here."""
+    ids = _sample_ids(table)
+    sample = sorted(read_set(out, SAMPLE_COLUMNS, ids=set(ids)).to_pylist(), key=lambda r: ids.index(r["clip_id"]))
     thumbnails = _thumbnails_from_shards(_shards_of(out), sample)
-    page = render_caption_report(rows, sample, thumbnails, record, summary, out.uri)
+    page = render_caption_report(table, sample, thumbnails, record, summary, out.uri)
     out.write_bytes(REPORT, page.encode())
     return page
 
 
 def render_caption_report(
-    rows: list[dict[str, Any]],
+    table: pa.Table,
     sample: list[dict[str, Any]],
     thumbnails: dict[str, bytes],
     record: dict[str, Any],
     summary: dict[str, Any],
     uri: str,
 ) -> str:
-    parts = [_header(record, summary, uri), _lengths(rows), _failures(rows), _stripped(rows), _side_by_side(sample, thumbnails)]
+    ok = pc.equal(table.column("status"), "ok")
+    parts = [
+        _header(record, summary, uri),
+        _lengths(table.filter(ok).column("tokens").drop_null().to_numpy(zero_copy_only=False)),
+        _failures(table.filter(pc.invert(ok)).select(["clip_id", "reason"]).to_pylist()),
+        _stripped(table.filter(ok).column("stripped").drop_null()),
+        _side_by_side(sample, thumbnails),
+    ]
     return _PAGE.format(body="\n".join(parts), thumb_check=THUMB_CHECK)
 
 
-def _sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A stable sample: the clips whose ids hash lowest, plus up to SAMPLE_FAILED failures."""
-    ranked = sorted(rows, key=lambda r: hashlib.sha1(r["clip_id"].encode()).hexdigest())
-    failed = [r for r in ranked if r["status"] == "failed"][:SAMPLE_FAILED]
-    ok = [r for r in ranked if r["status"] == "ok"][: SAMPLE_CLIPS - len(failed)]
+def _sample_ids(table: pa.Table) -> list[str]:
+    """A stable sample: the clips whose ids hash lowest, up to SAMPLE_FAILED of them failures."""
+    ranked = sorted(zip(table.column("clip_id").to_pylist(), table.column("status").to_pylist()), key=lambda r: hashlib.sha1(r[0].encode()).hexdigest())
+    failed = [clip_id for clip_id, status in ranked if status == "failed"][:SAMPLE_FAILED]
+    ok = [clip_id for clip_id, status in ranked if status == "ok"][: SAMPLE_CLIPS - len(failed)]
     return ok + failed
 
 
@@ -134,12 +148,13 @@ def _header(record: dict[str, Any], summary: dict[str, Any], uri: str) -> str:
     return f"<table>{rows}</table><h2>Counts</h2><table id=\"counts\">{numbers}</table><h3>Prompt</h3><pre>{prompt}</pre>"
 
 
-def _lengths(rows: list[dict[str, Any]]) -> str:
-    tokens = np.array([r["tokens"] for r in rows if r["status"] == "ok" and r["tokens"] is not None], dtype=np.float64)
+def _lengths(tokens: np.ndarray) -> str:
+    """Histogram of the kept captions' lengths in tokens of the training text encoder."""
     if tokens.size == 0:
         return "<h2>Caption lengths</h2><p>No captions.</p>"
+    tokens = tokens.astype(np.float64)
     lo, hi = float(tokens.min()), float(max(tokens.max(), tokens.min() + 1))
-    counts, edges = np.histogram(tokens, np.linspace(lo, hi, NUM_BINS + 1))
+    counts, _ = np.histogram(tokens, np.linspace(lo, hi, NUM_BINS + 1))
     tallest = max(1, int(counts.max()))
     plot_w, plot_h = SVG_W - 2 * PAD, SVG_H - 2 * PAD
     bar_w = plot_w / NUM_BINS
@@ -162,24 +177,25 @@ def _lengths(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _failures(rows: list[dict[str, Any]]) -> str:
-    failed = [r for r in rows if r["status"] == "failed"]
+def _failures(failed: list[dict[str, Any]]) -> str:
+    """Failures by kind (the reason up to its first colon), with a few example clips each."""
     if not failed:
         return "<h2>Failures</h2><p>None.</p>"
-    kinds = Counter((r["reason"] or "unknown").split(":", 1)[0] for r in failed)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in failed:
+        by_kind.setdefault((row["reason"] or "unknown").split(":", 1)[0], []).append(row)
     lines = []
-    for kind, count in kinds.most_common():
-        examples = [r for r in failed if (r["reason"] or "unknown").split(":", 1)[0] == kind][:EXAMPLES_PER_REASON]
-        items = "".join(f"<li><code>{html.escape(r['clip_id'])}</code>: {html.escape(r['reason'] or '')}</li>" for r in examples)
-        lines.append(f'<tr class="failure" data-kind="{html.escape(kind)}"><td>{html.escape(kind)}</td><td>{count}</td><td><ul>{items}</ul></td></tr>')
+    for kind, rows in sorted(by_kind.items(), key=lambda item: (-len(item[1]), item[0])):
+        items = "".join(f"<li><code>{html.escape(r['clip_id'])}</code>: {html.escape(r['reason'] or '')}</li>" for r in rows[:EXAMPLES_PER_REASON])
+        lines.append(f'<tr class="failure" data-kind="{html.escape(kind)}"><td>{html.escape(kind)}</td><td>{len(rows)}</td><td><ul>{items}</ul></td></tr>')
     return f"<h2>Failures</h2><table><tr><th>kind</th><th>clips</th><th>examples</th></tr>{''.join(lines)}</table>"
 
 
-def _stripped(rows: list[dict[str, Any]]) -> str:
-    counts = Counter(r["stripped"] for r in rows if r["status"] == "ok" and r["stripped"])
-    if not counts:
+def _stripped(openings: pa.ChunkedArray) -> str:
+    if len(openings) == 0:
         return "<h2>Boilerplate openings stripped</h2><p>None.</p>"
-    lines = "".join(f'<tr class="stripped"><td>{html.escape(p)}</td><td>{c}</td></tr>' for p, c in counts.most_common())
+    counts = sorted(((c["values"], c["counts"]) for c in pc.value_counts(openings).to_pylist()), key=lambda vc: (-vc[1], vc[0]))
+    lines = "".join(f'<tr class="stripped"><td>{html.escape(p)}</td><td>{c}</td></tr>' for p, c in counts)
     return f"<h2>Boilerplate openings stripped</h2><table><tr><th>opening</th><th>captions</th></tr>{lines}</table>"
 
 

@@ -138,19 +138,24 @@ def part_name(clip_ids: list[str]) -> str:
     return f"part-{hashlib.sha256(' '.join(sorted(clip_ids)).encode()).hexdigest()[:16]}.parquet"
 
 
-def read_set(out: OutputDir, columns: list[str] | None = None) -> pa.Table:
+def read_set(out: OutputDir, columns: list[str] | None = None, ids: set[str] | None = None) -> pa.Table:
     """Every row of every committed part (PART_SCHEMA, or `columns` of it), one row per clip id
-    (the first part in name order wins should two hold the same clip)."""
+    (the first part in name order wins should two hold the same clip). With `ids`, only those
+    clips' rows, filtered part by part: a report's sample costs one part's memory, not the set's."""
+    read_columns = None if columns is None else list(dict.fromkeys(["clip_id", *columns]))
     tables = []
     for name in part_names(out):
         with out.fs.open_input_file(out.path(name)) as stream:
-            tables.append(pq.read_table(stream, columns=columns))
+            part = pq.read_table(stream, columns=read_columns)
+        if ids is not None:
+            part = part.filter(pc.is_in(part.column("clip_id"), value_set=pa.array(sorted(ids), pa.string())))
+        tables.append(part)
     if not tables:
-        schema = PART_SCHEMA if columns is None else pa.schema([PART_SCHEMA.field(c) for c in columns])
+        schema = PART_SCHEMA if read_columns is None else pa.schema([PART_SCHEMA.field(c) for c in read_columns])
         return schema.empty_table()
     table = pa.concat_tables(tables)
     if "clip_id" in table.column_names and pc.count_distinct(table.column("clip_id")).as_py() < len(table):
         seen: set[str] = set()
         keep = [not (cid in seen or seen.add(cid)) for cid in table.column("clip_id").to_pylist()]
         table = table.filter(pa.array(keep))
-    return table
+    return table.select(columns) if columns is not None else table

@@ -196,9 +196,11 @@ class CaptionConfig(Section):
     video_input: bool = False
     # hf: GPUs per captioning actor (None: 1 when the cluster has GPUs, else CPU).
     num_gpus: float | None = Field(default=None, ge=0)
-    # Captioning actors (None: one per GPU for hf on GPUs, else min(4, CPUs) for openai, 1 for hf on CPU).
+    # Captioning actors (None: one per GPU for hf on GPUs, else 1; an endpoint actor keeps
+    # `concurrency` requests in flight, so raise this only when one actor's CPU share is the limit).
     workers: int | None = Field(default=None, ge=1)
-    # Clips per committed part file: a killed job loses at most this many clips per actor.
+    # Clips per committed part file: a killed job loses at most this many clips per batch in flight
+    # (one per hf actor, two per endpoint actor).
     part_clips: int = Field(default=64, ge=1, le=100_000)
     # Cleaning (pipelines/caption_clean.py).
     strip_prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES

@@ -9,8 +9,9 @@ The job wires three stages into a Ray Data plan:
     → finish (driver)                          counts, manifest.json, report.html, _SUCCESS
 
 Frames are made on CPU workers, so a GPU captioner only sees ready JPEGs, and decoding overlaps the
-model's work. A batch is the unit of commit: a killed job loses at most one batch per captioning
-actor, and a rerun captions only the clips no part holds (`pipelines/caption_sets.py`).
+model's work. A batch is the unit of commit: a killed job loses at most the batches its captioning
+actors were working on (two each for an endpoint, see `_caption`), and a rerun captions only the
+clips no part holds (`pipelines/caption_sets.py`).
 
 What stops the job, and what does not (as for ingest, docs/reliability.md): a clip that cannot be
 decoded, a refused or looping output, a 400 for one request: that clip's row says `status=failed`
@@ -24,12 +25,13 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from model import __version__
 from model.chat import BackendUnavailable, ChatRequest
@@ -67,6 +69,12 @@ from pipelines.output import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Frames leave a CPU task in blocks of about this size (~25 clips of 4 JPEG frames at 256x256), not
+# Ray Data's default 128 MiB: one task makes the frames of a whole shard (a 256 MB shard holds ~1700
+# such clips), and an actor gets a block only once it is complete, so with big blocks the actors
+# wait for a shard's last frame before they send its first request.
+FRAME_BLOCK_BYTES = 1024**2
 
 
 class RecaptionStopped(IngestStopped):
@@ -120,7 +128,10 @@ def _text(value: Any) -> str:
 
 class CaptionParts:
     """Actor: caption a batch of frame rows with the configured backend, clean the captions and
-    commit them as one part file of the set. Returns one small row per clip (id, status, reason)."""
+    commit them as one part file of the set. Returns one small row per clip (id, status, reason).
+
+    An endpoint actor runs two batches at once on two threads (`_caption`): the backend is shared
+    and thread-safe, each batch commits its own part, and the tokenizer is used under a lock."""
 
     def __init__(self, cfg: CaptionConfig, out: OutputDir, text_encoder: str, revision: str, num_gpus: float = 0) -> None:
         from model.text_encoders import load_text_tokenizer
@@ -135,6 +146,9 @@ class CaptionParts:
         self.revision = self.backend.revision or revision  # what actually ran
         self.prompt_hash = prompt_hash(cfg)
         self.tokenizer, _ = load_text_tokenizer(text_encoder, max_length=cfg.max_tokens)
+        # A fast tokenizer used from two threads at once can raise "Already borrowed"
+        # (https://github.com/huggingface/tokenizers/issues/537); cleaning is ~1 ms, so a lock costs nothing.
+        self.tokenizer_lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -186,14 +200,15 @@ class CaptionParts:
         return results
 
     def clean(self, text: str, finish_reason: str | None) -> CleanCaption:
-        return clean_caption(
-            text,
-            strip_prefixes=self.cfg.strip_prefixes,
-            min_words=self.cfg.min_words,
-            tokenizer=self.tokenizer,
-            max_tokens=self.cfg.max_tokens,
-            finish_reason=finish_reason,
-        )
+        with self.tokenizer_lock:
+            return clean_caption(
+                text,
+                strip_prefixes=self.cfg.strip_prefixes,
+                min_words=self.cfg.min_words,
+                tokenizer=self.tokenizer,
+                max_tokens=self.cfg.max_tokens,
+                finish_reason=finish_reason,
+            )
 
     def part_row(self, row: dict[str, Any], clean: CleanCaption, reply: Any) -> dict[str, Any]:
         return {
@@ -325,6 +340,12 @@ def _caption(
     if not ray.is_initialized():
         (start_ray or ray.init)()
     workers, num_gpus, actor_cpus = _resources(cfg, num_workers)
+    # An endpoint actor runs two batches at once. One batch alone leaves slots idle: its last wave
+    # holds fewer than `caption.concurrency` requests, and nothing is in flight while it cleans and
+    # commits. With two, the next batch's requests take the slots the first leaves free (the
+    # backend's slots are shared and first come, first served, so the older batch still finishes
+    # first). A local model runs one batch at a time: two generate() calls would share one device.
+    calls = 2 if cfg.backend == "openai" else 1
     shard_names = sorted({shard for _, shard in todo})
     todo_ids = frozenset(cid for cid, _ in todo)
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
@@ -333,6 +354,7 @@ def _caption(
     # BackendUnavailable and StorageError reach this driver as themselves (see pipelines/ingest.py).
     context = ray.data.DataContext.get_current()
     previous, context.raise_original_map_exception = context.raise_original_map_exception, True
+    previous_block, context.target_max_block_size = context.target_max_block_size, FRAME_BLOCK_BYTES
     counts: Counter[str] = Counter()
     failure: BaseException | None = None
     try:
@@ -348,7 +370,7 @@ def _caption(
             fn_constructor_args=(cfg, out, text_encoder, record["revision"], num_gpus),
             batch_size=cfg.part_clips,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=calls > 1),
             num_cpus=actor_cpus,
             num_gpus=num_gpus or None,
         )
@@ -365,6 +387,7 @@ def _caption(
             failure = RecaptionStopped(f"captioning stopped ({one_line(exc, with_type=True)[:300]})")
     finally:
         context.raise_original_map_exception = previous
+        context.target_max_block_size = previous_block
     if failure is not None:
         raise failure  # outside the except block: no __context__ back to the failed execution
     logger.info("captioned %d clips: %d ok, %d failed", sum(counts.values()), counts["ok"], counts["failed"])
@@ -394,7 +417,10 @@ def _worker_cause(exc: BaseException) -> BaseException | None:
 def _finish(out: OutputDir, record: dict[str, Any], total: int, seconds: float, this_run: dict[str, int]) -> dict[str, Any]:
     from pipelines.caption_report import write_caption_report
 
-    table = read_set(out)
+    from pipelines.caption_report import REPORT_COLUMNS
+
+    # Only the columns counts and the report need, not the caption texts: a million rows stay small.
+    table = read_set(out, list(dict.fromkeys([*REPORT_COLUMNS, *SUMMARY_COLUMNS])))
     summary = {"set_id": set_id(record)} | summarize(table, total) | {"last_run": this_run | {"wall_s": round(seconds, 3)}, "reelforge": __version__}
     write_caption_report(out, table, record, summary)
     out.check_fence()
@@ -403,23 +429,31 @@ def _finish(out: OutputDir, record: dict[str, Any], total: int, seconds: float, 
     return summary
 
 
+SUMMARY_COLUMNS = ["status", "reason", "stripped", "truncated", "tokens", "caption_s", "frame_s"]
+
+
 def summarize(table: pa.Table, total: int) -> dict[str, Any]:
-    """Counts a set's manifest and the command's last line carry: all from the committed rows."""
-    rows = table.select(["status", "reason", "stripped", "truncated", "tokens", "caption_s", "frame_s"]).to_pylist()
-    ok = [r for r in rows if r["status"] == "ok"]
-    reasons = Counter(_reason_kind(r["reason"]) for r in rows if r["status"] == "failed")
-    tokens = np.array([r["tokens"] for r in ok if r["tokens"] is not None], dtype=np.float64)
+    """Counts a set's manifest and the command's last line carry: all from the committed rows
+    (SUMMARY_COLUMNS of them), computed column-wise."""
+    ok = pc.equal(table.column("status"), "ok")
+    kept, failed = table.filter(ok), table.filter(pc.invert(ok))
+    reasons = Counter(_reason_kind(reason) for reason in failed.column("reason").to_pylist())
+    tokens = kept.column("tokens").drop_null()
+
+    def mean(values: pa.ChunkedArray, digits: int) -> float | None:
+        return round(float(pc.mean(values).as_py()), digits) if len(values.drop_null()) else None
+
     return {
         "clips": total,
-        "captioned": len(rows),
-        "ok": len(ok),
-        "failed": len(rows) - len(ok),
+        "captioned": len(table),
+        "ok": len(kept),
+        "failed": len(failed),
         "failure_reasons": dict(sorted(reasons.items())),
-        "stripped": sum(1 for r in ok if r["stripped"]),
-        "truncated": sum(1 for r in ok if r["truncated"]),
-        "tokens_mean": round(float(tokens.mean()), 1) if len(tokens) else None,
-        "caption_s_mean": round(float(np.mean([r["caption_s"] for r in rows])), 4) if rows else None,
-        "frame_s_mean": round(float(np.mean([r["frame_s"] for r in rows])), 4) if rows else None,
+        "stripped": len(kept.column("stripped").drop_null()),
+        "truncated": int(pc.sum(kept.column("truncated")).as_py() or 0),
+        "tokens_mean": mean(tokens, 1),
+        "caption_s_mean": mean(table.column("caption_s"), 4),
+        "frame_s_mean": mean(table.column("frame_s"), 4),
     }
 
 
