@@ -315,7 +315,8 @@ def _run(
     logger.info("caption set %s (%s): %d clips, %d already captioned, %d to caption", out.uri, set_id(record), total, total - len(todo), len(todo))
     counts: Counter[str] = Counter()
     if todo:
-        counts = _caption(cfg, source, out, record, todo, text_encoder, num_workers, start_ray)
+        # A first run captions every clip: no id set to ship to the frame tasks (millions of ids at scale).
+        counts = _caption(cfg, source, out, record, todo, len(todo) == total, text_encoder, num_workers, start_ray)
     out.check_fence()
     this_run = {"captioned": sum(counts.values()), "ok": counts["ok"], "failed": counts["failed"]}
     return retry_storage(
@@ -329,11 +330,13 @@ def _caption(
     out: OutputDir,
     record: dict[str, Any],
     todo: list[tuple[str, str]],
+    everything: bool,
     text_encoder: str,
     num_workers: int | None,
     start_ray: Callable[[], None] | None,
 ) -> Counter[str]:
-    """Caption `todo` into parts of `out`; returns this run's counts by status."""
+    """Caption `todo` (`everything`: every clip of the shards) into parts of `out`; returns this
+    run's counts by status."""
     import ray
     from tqdm import tqdm
 
@@ -347,7 +350,7 @@ def _caption(
     # first). A local model runs one batch at a time: two generate() calls would share one device.
     calls = 2 if cfg.backend == "openai" else 1
     shard_names = sorted({shard for _, shard in todo})
-    todo_ids = frozenset(cid for cid, _ in todo)
+    todo_ids = None if everything else frozenset(cid for cid, _ in todo)
     each = f"{num_gpus:g} GPU" if num_gpus else f"{actor_cpus:g} CPU"
     logger.info("captioning with %s %s: %d actor(s) x %s, from %d shards", cfg.backend, cfg.model, workers, each, len(shard_names))
     # Set before the plan is built (a dataset keeps the context it was made in): our workers'

@@ -220,7 +220,8 @@ def test_settings_pickle_and_come_from_the_full_config():
     # What an output records: the keys a backend reads, so model-captioner knobs leave other outputs alone.
     assert settings.record()["caption"] == {"backend": "none", "endpoint": None, "model": None,
                                             "sidecar_extensions": [".srt", ".txt", ".json"], "sidecar_json_key": "caption"}  # fmt: skip
-    assert IngestSettings.from_config(load_config(None, ["caption.backend=none", "caption.frames=9"])).record() == settings.record()
+    knob = ["clips.fps=8", "scenes.detector=adaptive", "caption.backend=none", "caption.frames=9"]
+    assert IngestSettings.from_config(load_config(None, knob)).record() == settings.record()
     model = IngestSettings.from_config(load_config(None, ["caption.backend=openai", "caption.model=m", "caption.endpoint=http://h/v1"]))
     assert model.record()["caption"]["frames"] == 4 and "endpoint" not in model.record()["caption"]
 
