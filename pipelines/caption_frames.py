@@ -97,6 +97,6 @@ def _decode(data: bytes, choose) -> tuple[dict[int, np.ndarray], int, float | No
                 if count in wanted:
                     picked[count] = frame.to_ndarray(format="rgb24")
                 count += 1
-    except av.FFmpegError as exc:
-        raise ValueError(f"cannot decode the clip: {exc.strerror or exc}") from None
+    except (av.FFmpegError, EOFError) as exc:
+        raise ValueError(f"cannot decode the clip: {getattr(exc, 'strerror', None) or exc}") from None
     return picked, count, rate

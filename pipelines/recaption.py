@@ -113,6 +113,9 @@ def prepare_clip(row: dict[str, Any], cfg: CaptionConfig, todo: frozenset[str] |
             out["video"] = row["mp4"]
     except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
         out["error"] = f"frames: {one_line(exc)}"
+    except Exception as exc:  # anything else a damaged member provokes in a decoder: still that clip's failure
+        logger.exception("frames of %s failed", clip_id)
+        out["error"] = f"frames: {one_line(exc, with_type=True)}"
     out["frame_s"] = time.perf_counter() - started
     return [out]
 
