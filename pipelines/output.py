@@ -335,7 +335,7 @@ def sweep_temp_files(out: OutputDir, wait_s: float = 0.0) -> None:
 # --- the lease: one run at a time writes --out --------------------------------------------
 
 
-def take_lease(out: OutputDir, command: str = "ingest") -> LeaseToken:
+def take_lease(out: OutputDir, command: str = "ingest", what: str = "--out") -> LeaseToken:
     """Take `out`'s lease for a new run and carry its token in `out`; IngestStopped in one line
     when a live run holds it. The holder is alive when its driver process still runs (same host),
     or, on another host, while its lease is younger than LEASE_EXPIRY_S."""
@@ -344,8 +344,8 @@ def take_lease(out: OutputDir, command: str = "ingest") -> LeaseToken:
         age_s = time.time() - previous["renewed_at"]
         expiry = "" if previous["host"] == HOST else f"; if it is dead, its lease expires in {max(0.0, LEASE_EXPIRY_S - age_s):.0f} s"
         raise IngestStopped(
-            f"--out {out.uri} is in use by another {command} run ({previous['run_id']}, pid {previous['pid']} on "
-            f"{previous['host']}, lease renewed {age_s:.0f} s ago): wait for it to finish, or use another --out{expiry}"
+            f"{what} {out.uri} is in use by another {command} run ({previous['run_id']}, pid {previous['pid']} on "
+            f"{previous['host']}, lease renewed {age_s:.0f} s ago): wait for it to finish, or use another {what}{expiry}"
         )
     token = LeaseToken(uuid.uuid4().hex[:12], (previous or {}).get("epoch", 0) + 1)
     out.make_dirs()
@@ -355,7 +355,7 @@ def take_lease(out: OutputDir, command: str = "ingest") -> LeaseToken:
     # consistency: the later write wins, and the other run's workers are fenced by it.)
     holder = out.read_json(LEASE)
     if holder is None or holder["run_id"] != token.run_id:
-        raise IngestStopped(f"--out {out.uri} was taken by another {command} run at the same moment; use another --out")
+        raise IngestStopped(f"{what} {out.uri} was taken by another {command} run at the same moment; use another {what}")
     out.lease = token
     logger.info("took the lease on %s: run %s, epoch %d", out.uri, token.run_id, token.epoch)
     return token

@@ -277,7 +277,7 @@ def run_recaption(
         if not _todo(clips, out) and out.exists(SUCCESS):
             logger.info("nothing new to caption; %s is unchanged", out.uri)
             return (out.read_json(SET_MANIFEST) or {}).get("summary", {}) | {"nothing_new": True}
-        retry_storage(f"taking the lease on {out.uri}", lambda: take_lease(out, "recaption"))
+        retry_storage(f"taking the lease on {out.uri}", lambda: take_lease(out, "recaption", what="caption set"))
     except StorageError as exc:
         raise RecaptionStopped(f"{exc}; nothing was changed in {out.uri}") from None
     keeper = LeaseKeeper(out)
