@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from pipelines.caption_sets import CAPTIONS_DIR, read_set
 from pipelines.output import OutputDir
+from pipelines.materialize import tar_samples
 from pipelines.report import THUMB_CHECK
 from pipelines.transcode import jpeg_thumbnail
 
@@ -95,29 +96,29 @@ def _thumbnails_from_shards(shards: OutputDir, sample: list[dict[str, Any]]) -> 
     whose member cannot be read or decoded simply has no thumbnail (its row says why it failed)."""
     wanted: dict[str, set[str]] = {}
     for row in sample:
-        wanted.setdefault(row["shard"], set()).add(f"{row['clip_id']}.mp4")
+        wanted.setdefault(row["shard"], set()).add(row["clip_id"])
     thumbnails = {}
-    for shard, members in sorted(wanted.items()):
+    for shard, ids in sorted(wanted.items()):
         try:
-            with shards.fs.open_input_stream(shards.path(shard)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if member.name in members:
-                        data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                        thumb = _middle_frame(data)
-                        if thumb is not None:
-                            thumbnails[member.name[: -len(".mp4")]] = thumb
+            with shards.fs.open_input_stream(shards.path(shard)) as stream:
+                for clip in tar_samples(stream):
+                    thumb = _middle_frame(clip["mp4"]) if clip["__key__"] in ids and "mp4" in clip else None
+                    if thumb is not None:
+                        thumbnails[clip["__key__"]] = thumb
         except (OSError, tarfile.TarError) as exc:
             logger.warning("report: cannot read thumbnails from %s: %s", shard, exc)
     return thumbnails
 
 
 def _middle_frame(data: bytes) -> bytes | None:
+    """A thumbnail of a clip's middle frame; only that frame is converted to RGB."""
     try:
         with av.open(io.BytesIO(data)) as container:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except (av.FFmpegError, OSError, ValueError):
+            frames = list(container.decode(video=0))
+            rgb = frames[len(frames) // 2].to_ndarray(format="rgb24") if frames else None
+    except (av.FFmpegError, EOFError, OSError, ValueError):
         return None
-    return jpeg_thumbnail(frames[len(frames) // 2], 160) if frames else None
+    return jpeg_thumbnail(rgb, 160) if rgb is not None else None
 
 
 def _header(record: dict[str, Any], summary: dict[str, Any], uri: str) -> str:

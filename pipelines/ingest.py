@@ -372,7 +372,7 @@ def _run_stage(stage: Callable[[], T], what: str, out: OutputDir) -> T:
     try:
         return stage()
     except Exception as exc:
-        failure = _worker_cause(exc)
+        failure = worker_cause(exc)
         if failure is None:
             logger.exception("%s stopped", what)
             failure = IngestStopped(
@@ -382,12 +382,11 @@ def _run_stage(stage: Callable[[], T], what: str, out: OutputDir) -> T:
     raise failure  # outside the except block: no __context__ back to the failed execution (see run_ingest)
 
 
-def _worker_cause(exc: BaseException) -> BaseException | None:
-    """The StorageError or Superseded a Ray worker raised, out of the RayTaskError around it (which
-    is also an instance of it, but its message is the whole remote traceback)."""
+def worker_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = ()) -> BaseException | None:
+    """The StorageError, Superseded or `kinds` a Ray worker raised, out of the RayTaskError around it."""
     while isinstance(getattr(exc, "cause", None), BaseException):
         exc = exc.cause  # type: ignore[attr-defined]
-    return exc if isinstance(exc, (StorageError, Superseded)) else None
+    return exc if isinstance(exc, (StorageError, Superseded, *kinds)) else None
 
 
 def _probe(

@@ -72,7 +72,7 @@ def _write_shard(source: OutputDir, target: OutputDir, shard: str, usable: dict[
     try:
         with source.fs.open_input_stream(source.path(shard)) as stream, target.fs.open_output_stream(target.path(temp)) as sink:
             writer = tar_writer(sink)
-            for sample in _samples(stream):
+            for sample in tar_samples(stream):
                 caption = usable.get(sample["__key__"])
                 if caption is None:
                     continue
@@ -87,8 +87,9 @@ def _write_shard(source: OutputDir, target: OutputDir, shard: str, usable: dict[
         raise
 
 
-def _samples(stream: Any) -> Iterator[dict[str, Any]]:
-    """WebDataset samples of a tar stream, one at a time: {"__key__": id, "mp4": bytes, ...}."""
+def tar_samples(stream: Any) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples of a shard stream, one at a time: {"__key__": id, "mp4": bytes, ...}.
+    Streaming (mode "r|"), so memory is one sample whatever the shard size or the store."""
     sample: dict[str, Any] | None = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:

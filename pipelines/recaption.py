@@ -53,6 +53,7 @@ from pipelines.caption_sets import (
     write_set_manifest,
 )
 from pipelines.config import MODEL_CAPTION_BACKENDS, CaptionConfig
+from pipelines.ingest import worker_cause
 from pipelines.output import (
     MANIFEST,
     SUCCESS,
@@ -387,7 +388,7 @@ def _caption(
                 progress.update(len(statuses))
                 progress.set_postfix(failed=counts["failed"])
     except Exception as exc:
-        failure = _worker_cause(exc)
+        failure = worker_cause(exc, (BackendUnavailable,))
         if failure is None:
             logger.exception("captioning stopped")
             failure = RecaptionStopped(f"captioning stopped ({one_line(exc, with_type=True)[:300]})")
@@ -412,12 +413,6 @@ def _resources(cfg: CaptionConfig, num_workers: int | None) -> tuple[int, float,
     # An endpoint captioner waits on the network: a fraction of a CPU leaves the rest to frames.
     actor_cpus = 1.0 if cfg.backend == "hf" and not num_gpus else 0.25
     return workers, num_gpus, actor_cpus
-
-
-def _worker_cause(exc: BaseException) -> BaseException | None:
-    while isinstance(getattr(exc, "cause", None), BaseException):
-        exc = exc.cause  # type: ignore[attr-defined]
-    return exc if isinstance(exc, (StorageError, Superseded, BackendUnavailable)) else None
 
 
 def _finish(out: OutputDir, record: dict[str, Any], total: int, seconds: float, this_run: dict[str, int]) -> dict[str, Any]:
