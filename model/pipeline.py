@@ -28,6 +28,7 @@ inside one tqdm bar over all windows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,7 +322,9 @@ class VideoPipeline:
         raise AssertionError(plan.mode)  # check_request admits only MODES
 
     @torch.no_grad()
-    def generate(self, request: GenerationRequest) -> GeneratedVideo:
+    def generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None = None) -> GeneratedVideo:
+        """`on_step(done, total)` is called after every denoising step of every window; an exception it
+        raises stops generation there (serving cancels and times jobs out this way, within one step)."""
         plan = self.check_request(request)
         ae, dit = self.autoencoder, self.dit
         T = plan.num_latent_frames
@@ -348,7 +351,16 @@ class VideoPipeline:
         windows = plan_windows(known, plan.window_latent_frames, plan.overlap_latent_frames, forward=not plan.trim_start)
         from tqdm.auto import tqdm  # lazy: model/ imports with torch alone
 
-        with tqdm(total=len(windows) * plan.steps, desc="generating", unit="step") as bar:
+        total_steps, done = len(windows) * plan.steps, 0
+
+        def step_done(step: int, steps: int) -> None:
+            nonlocal done
+            done += 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, total_steps)
+
+        with tqdm(total=total_steps, desc="generating", unit="step") as bar:
             for start, end in windows:
                 window_mask = known[start:end].to(self.device)[None]  # (1, t)
                 held = bool(window_mask.any())
@@ -364,7 +376,7 @@ class VideoPipeline:
                     cond_mask=window_mask if held else None,
                     start_t=spec.start_t,
                     init_latents=init[:, :, start:end] if init is not None else None,
-                    progress=lambda step, total: bar.update(1),
+                    progress=step_done,
                 )
                 known[start:end] = True
 
