@@ -37,23 +37,17 @@ import torch
 
 from model.autoencoders import min_valid_frames
 from model.bundle import Bundle, load_bundle
-from model.conditioning import MODES, spec_for_mode
+from model.card import MODE_INPUTS, card_from_bundle_config
+from model.conditioning import spec_for_mode
 from model.rectified_flow import sample
 from model.video_io import from_model, read_image, read_video, to_model
 
 logger = logging.getLogger(__name__)
 
-MAX_SECONDS = 3600.0  # one hour: longer is almost certainly a typo (e.g. frames passed as seconds)
+# How long a request may be, and how large, is the bundle's card's to say (model/card.py).
 MAX_STEPS = 1000
-# Which inputs each mode reads; any other input given is a mistake worth reporting.
-MODE_INPUTS: dict[str, tuple[str, ...]] = {
-    "text": (),
-    "image": ("image",),
-    "extend": ("video",),
-    "extend-backward": ("video",),
-    "connect": ("video", "video2"),
-    "edit": ("video",),
-}
+# Classifier-free guidance saturates well below this; larger is a typo (or inf, which would give NaNs).
+MAX_GUIDANCE = 100.0
 
 
 @dataclass
@@ -74,6 +68,9 @@ class GenerationRequest:
     seed: int = 0
     strength: float = 0.6  # edit: 0 returns the input, 1 ignores it
     overlap_frames: int | None = None  # pixel frames taken from inputs and shared between windows
+    # Run a mode the card says was never trained (e.g. image on a text-only model) instead of
+    # refusing it; the result's metadata["warnings"] says so.
+    allow_untrained_mode: bool = False
 
 
 @dataclass
@@ -102,6 +99,9 @@ class GenerationPlan:
     image: Path | None
     video: Path | None
     video2: Path | None
+    # What this request asks that training never showed the model (model/card.py); it runs anyway.
+    # Always present in GeneratedVideo.metadata, possibly empty.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def trim_start(self) -> bool:
@@ -149,6 +149,7 @@ class VideoPipeline:
         self.window_frames = config.num_frames
         self.default_size = (config.width, config.height)
         self.generation = config.generation  # steps, guidance and the timestep shift training used
+        self.card = card_from_bundle_config(config)  # what it was trained for; what a request may ask
         param = next(self.dit.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.patch_size = tuple(self.dit.config.patch_size)
@@ -163,11 +164,12 @@ class VideoPipeline:
 
     def check_request(self, request: GenerationRequest) -> GenerationPlan:
         """Resolve defaults and validate everything that can be checked without decoding inputs.
-        Raises ValueError naming the offending value."""
-        ae = self.autoencoder
+        The bundle's card (model/card.py) checks first: the mode, size, length, pixels x frames budget
+        and the inputs' headers; then what the autoencoder and DiT need. Raises ValueError, one line
+        naming the field."""
+        ae, card = self.autoencoder, self.card
         mode = request.mode
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        warnings = card.check_request(request)
         paths = self._check_inputs(request, mode)
         if not isinstance(request.prompt, str):
             raise ValueError(f"prompt must be a string, got {type(request.prompt).__name__}")
@@ -185,15 +187,18 @@ class VideoPipeline:
 
         num_frames, num_latent = self._check_length(request)
         window = min(self.window_latent_frames, num_latent)
-        k = self._overlap_latent_frames(request, default=max(1, window // 4))
+        # A quarter of a window: enough motion context while 3/4 of each window is new; and no more
+        # frames than training ever held clean at one end.
+        most_held = window if card.max_k is None else card.max_k
+        k = self._overlap_latent_frames(request, default=max(1, min(window // 4, most_held)))
         self._check_mode_fits(mode, num_frames, num_latent, k)
 
         steps = request.steps if request.steps is not None else self.generation.steps
         guidance = request.guidance if request.guidance is not None else self.generation.guidance
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"steps {steps!r} must be an integer in [1, {MAX_STEPS}]")
-        if not guidance >= 0:
-            raise ValueError(f"guidance {guidance!r} must be >= 0")
+        if not 0 <= guidance <= MAX_GUIDANCE:  # also refuses NaN
+            raise ValueError(f"guidance {guidance!r} must be >= 0 and at most {MAX_GUIDANCE:g}")
         if not 0.0 <= request.strength <= 1.0:
             raise ValueError(f"strength {request.strength!r} must be in [0, 1]")
         if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
@@ -204,9 +209,11 @@ class VideoPipeline:
             window_latent_frames=window, overlap_latent_frames=k,
             steps=steps, guidance=float(guidance), seed=request.seed, strength=float(request.strength),
             **paths,
+            warnings=warnings + card.sampling_warnings(mode, float(guidance), k, num_latent > self.window_latent_frames),
         )  # fmt: skip
 
     def _check_inputs(self, request: GenerationRequest, mode: str) -> dict[str, Path | None]:
+        """The input files a mode needs, present (the card has checked their headers), and no others."""
         paths: dict[str, Path | None] = {}
         for name in ("image", "video", "video2"):
             value = getattr(request, name)
@@ -224,21 +231,12 @@ class VideoPipeline:
         return paths
 
     def _check_length(self, request: GenerationRequest) -> tuple[int, int]:
-        """(exact output frames, latent frames to generate)."""
+        """(exact output frames, latent frames to generate). The card has checked the range of either."""
         ae = self.autoencoder
-        if request.num_frames is not None and request.seconds is not None:
-            raise ValueError(f"give num_frames ({request.num_frames}) or seconds ({request.seconds}), not both")
         if request.seconds is not None:
-            if not 0 < request.seconds <= MAX_SECONDS:
-                raise ValueError(f"seconds {request.seconds!r} must be in (0, {MAX_SECONDS:g}]")
             num_frames = max(1, round(request.seconds * self.fps))
         else:
             num_frames = request.num_frames if request.num_frames is not None else self.window_frames
-            if not isinstance(num_frames, int) or not 1 <= num_frames <= self.window_frames:
-                raise ValueError(
-                    f"num_frames {num_frames!r} must be in [1, {self.window_frames}] (the trained length); "
-                    "use seconds for longer videos"
-                )
             ae.check_frames(num_frames)
             if ae.latent_frames(num_frames) % self.patch_size[0]:
                 raise ValueError(
@@ -255,8 +253,7 @@ class VideoPipeline:
             padded = min_valid_frames(ae, padded + 1)
 
     def _overlap_latent_frames(self, request: GenerationRequest, default: int) -> int:
-        """k latent frames covering request.overlap_frames; default: a quarter of a window, enough
-        motion context while 3/4 of each window is new."""
+        """k latent frames covering request.overlap_frames, or `default`."""
         ae, window = self.autoencoder, self.window_latent_frames
         if request.overlap_frames is None:
             return default

@@ -9,7 +9,10 @@ unpickles (by reference to `model.pyfunc`) anywhere mlflow and torch are install
 
 `predict` takes a table of requests, one row per video (columns in `INPUT_COLUMNS`; only
 `prompt` is required, a missing or null cell means the bundle's default) and returns one row
-per video: base64 MP4 plus what was generated (frames, fps, size, the seed used, mode).
+per video: base64 MP4 plus what was generated (frames, fps, size, the seed used, mode, warnings).
+Every row is checked against the bundle's card (model/card.py) before any is generated; a bad row
+raises `InvalidRequest`, which MLflow's scoring server (`mlflow models serve`) returns as HTTP 400
+`{"error_code": "INVALID_PARAMETER_VALUE", "message": "<one line naming the row and field>"}`.
 
     model = mlflow.pyfunc.load_model("models:/reelforge-t2v@champion")
     out = model.predict(pd.DataFrame([{"prompt": "a red fox running through snow", "seed": 7}]))
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -31,10 +35,13 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from model.bundle import CONFIG_FILE, read_bundle_config, write_bundle_config
+from model.errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +50,12 @@ BUNDLE_ARTIFACT = "bundle"
 AUTOENCODER_ARTIFACT = "autoencoder"
 TEXT_ENCODER_ARTIFACT = "text_encoder"
 
-# (column, kind, required): the request table, kind "string", "integer" or "number". Images and
-# videos travel base64-encoded (any format PIL / FFmpeg read) because a serving request is JSON.
-# Numeric columns are typed `any` in the signature and checked per cell in `build_request`: MLflow
-# rejects int64 data for a double column, and pandas turns an integer column with one missing cell
-# into floats that a long column rejects, so either fixed type fails a batch of valid requests.
+# (column, kind, required): the request table, kind "string", "integer", "number" or "boolean". Images
+# and videos travel base64-encoded (any format PIL / FFmpeg read) because a serving request is JSON.
+# Numeric and boolean columns are typed `any` in the signature and checked per cell in `build_request`:
+# MLflow rejects int64 data for a double column, and pandas turns an integer column with one missing
+# cell into floats that a long column rejects (a boolean one into objects), so a fixed type fails a
+# batch of valid requests.
 INPUT_COLUMNS: list[tuple[str, str, bool]] = [
     ("prompt", "string", True),
     ("mode", "string", False),  # text | image | extend | extend-backward | connect | edit
@@ -63,6 +71,7 @@ INPUT_COLUMNS: list[tuple[str, str, bool]] = [
     ("guidance", "number", False),
     ("seed", "integer", False),
     ("strength", "number", False),  # mode=edit: 0 keeps the input video, 1 ignores it
+    ("allow_untrained_mode", "boolean", False),  # run a mode the model's card says was never trained
 ]
 OUTPUT_COLUMNS: list[tuple[str, str]] = [
     ("video_mp4_base64", "string"),
@@ -72,6 +81,9 @@ OUTPUT_COLUMNS: list[tuple[str, str]] = [
     ("height", "long"),
     ("seed", "long"),
     ("mode", "string"),
+    # JSON list of what the request asked that training never showed the model ("[]" when nothing):
+    # a list, not joined text, so a client can show each one and a warning may contain any punctuation.
+    ("warnings", "string"),
 ]
 _MEDIA_COLUMNS = ("image", "video", "video2")
 
@@ -160,6 +172,22 @@ def relocate_bundle(bundle_dir: str | Path, artifacts: dict[str, str], dest: str
     return dest
 
 
+class InvalidRequest(MlflowException, ValueError):
+    """A request the model refuses: HTTP 400 with error code INVALID_PARAMETER_VALUE and one line that
+    names the row and the field. Also a ValueError, for callers of `predict` in-process."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+        self.reason = reason
+
+    def serialize_as_json(self) -> str:
+        # MLflow's scoring server (`invocations` in mlflow/pyfunc/scoring_server/__init__.py, 3.x)
+        # rewrites the message of any MlflowException from predict to "Failed to predict data
+        # '<the request table>'. \nError: <message>", which would bury the client's one line under a
+        # dump of its own request (prompts, base64 media). The body keeps the reason alone.
+        return json.dumps({**json.loads(super().serialize_as_json()), "message": self.reason})
+
+
 class VideoGenerationModel(mlflow.pyfunc.PythonModel):
     """Text/image/video-to-video generation as an MLflow pyfunc over a table of requests."""
 
@@ -174,36 +202,57 @@ class VideoGenerationModel(mlflow.pyfunc.PythonModel):
         self.bundle = self.pipeline.bundle
         config = self.bundle.config
         logger.info(
-            "loaded reelforge bundle from %s on %s: %d frames %dx%d at %g fps, %d steps, guidance %g by default",
+            "loaded reelforge bundle from %s on %s: %d frames %dx%d at %g fps, %d steps, guidance %g by default; "
+            "trained modes: %s",
             artifacts[BUNDLE_ARTIFACT], self.pipeline.device, config.num_frames, config.width, config.height,
-            config.fps, config.generation.steps, config.generation.guidance,
+            config.fps, config.generation.steps, config.generation.guidance, ", ".join(self.pipeline.card.modes),
         )  # fmt: skip
 
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        """One video per row. Every row is built and checked against the card before any is generated,
+        so a bad row in a batch costs no generation; it raises InvalidRequest naming the row and field."""
         from model.mp4 import write_mp4
 
         if "prompt" not in model_input.columns:
-            raise ValueError(f"request table needs a 'prompt' column, got columns {list(model_input.columns)}")
+            raise InvalidRequest(f"request table needs a 'prompt' column, got columns {list(model_input.columns)}")
         rows = []
-        for index, record in enumerate(model_input.to_dict(orient="records")):
-            with tempfile.TemporaryDirectory(prefix="reelforge-request-") as tmp:
-                request, seed, mode = build_request(record, Path(tmp), row=index)
-                video = self.pipeline.generate(request)
-            frames = video.frames  # (T, H, W, 3) uint8
-            mp4 = write_mp4(frames, video.fps, None)
-            rows.append(
-                {
-                    "video_mp4_base64": base64.b64encode(mp4).decode("ascii"),
-                    "num_frames": int(frames.shape[0]),
-                    "fps": float(video.fps),
-                    "width": int(frames.shape[2]),
-                    "height": int(frames.shape[1]),
-                    "seed": seed,
-                    "mode": mode,
-                }
-            )
+        with tempfile.TemporaryDirectory(prefix="reelforge-request-") as tmp:
+            requests = []
+            for index, record in enumerate(model_input.to_dict(orient="records")):
+                row_dir = Path(tmp) / f"row-{index}"
+                row_dir.mkdir()
+                try:
+                    request, seed, mode = build_request(record, row_dir, row=index)  # messages name "row N column C"
+                except ValueError as exc:
+                    raise InvalidRequest(one_line(exc)) from exc
+                try:
+                    self.pipeline.check_request(request)
+                except ValueError as exc:
+                    raise InvalidRequest(f"row {index}: {one_line(exc)}") from exc
+                requests.append((index, request, seed, mode))
+            for index, request, seed, mode in requests:
+                try:
+                    video = self.pipeline.generate(request)
+                except ValueError as exc:  # an input whose header passed but whose frames do not decode
+                    raise InvalidRequest(f"row {index}: {one_line(exc)}") from exc
+                for warning in video.metadata["warnings"]:
+                    logger.warning("row %d: %s", index, warning)
+                frames = video.frames  # (T, H, W, 3) uint8
+                mp4 = write_mp4(frames, video.fps, None)
+                rows.append(
+                    {
+                        "video_mp4_base64": base64.b64encode(mp4).decode("ascii"),
+                        "num_frames": int(frames.shape[0]),
+                        "fps": float(video.fps),
+                        "width": int(frames.shape[2]),
+                        "height": int(frames.shape[1]),
+                        "seed": seed,
+                        "mode": mode,
+                        "warnings": json.dumps(list(video.metadata["warnings"])),
+                    }
+                )
         return pd.DataFrame(rows, columns=[name for name, _ in OUTPUT_COLUMNS])
 
 
@@ -223,6 +272,10 @@ def build_request(record: dict[str, Any], tmp_dir: Path, row: int = 0) -> tuple[
             fields[name] = _decode_media(value, tmp_dir / name, where)
         elif kind == "string":
             fields[name] = str(value)
+        elif kind == "boolean":
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{where}: expected true or false, got {value!r}")
+            fields[name] = bool(value)
         elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         elif kind == "integer":

@@ -1,5 +1,7 @@
 """The inference bundle a finished training leaves in `<out>/bundle`: the EMA weights and what
-`model/` needs to generate with them (DESIGN.md, "Checkpoints"), also logged to the MLflow run."""
+`model/` needs to generate with them (DESIGN.md, "Checkpoints"), also logged to the MLflow run.
+Its model card (model/card.py) records what this run trained: the conditioning modes, the buckets,
+whether guidance's unconditional branch was trained, and the limits requests are checked against."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from model.card import CARD_KEY, card_entry
 from model.dit import DiTConfig
 from model.storage import config_hash
 from training.checkpoint import ParameterEMA
@@ -42,6 +45,7 @@ def export_bundle(
             "config_hash": config_hash(cfg),
             "ema_decay": cfg.train.ema_decay,
             "generation": generation_defaults(cfg.train),
+            CARD_KEY: card_entry(cfg.train.conditioning, cfg.train.text_dropout, cfg.model.bucket_shapes()),
             **({"prompt_style": prompt_style} if prompt_style else {}),
         },
     )

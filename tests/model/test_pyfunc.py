@@ -21,6 +21,7 @@ from model.pyfunc import (
     AUTOENCODER_ARTIFACT,
     BUNDLE_ARTIFACT,
     TEXT_ENCODER_ARTIFACT,
+    InvalidRequest,
     VideoGenerationModel,
     build_request,
     component_artifacts,
@@ -29,6 +30,7 @@ from model.pyfunc import (
     relocate_bundle,
     serving_requirements,
 )
+from tests.model.test_card import header_only_png
 
 FRAMES, WIDTH, HEIGHT = 4, 32, 32
 
@@ -63,11 +65,27 @@ def saved_model(tmp_path_factory) -> Path:
     return model_dir
 
 
+@pytest.fixture(scope="module")
+def loaded_model(saved_model):
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(str(saved_model))
+
+
+@pytest.fixture(scope="module")
+def scoring_client(loaded_model):
+    """MLflow's own scoring app (what `mlflow models serve` runs), in-process."""
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    return TestClient(scoring_server.init(loaded_model))
+
+
 def test_signature_needs_only_prompt():
     signature = model_signature()
     required = [col.name for col in signature.inputs.inputs if col.required]
     assert required == ["prompt"]
-    assert signature.outputs.input_names() == ["video_mp4_base64", "num_frames", "fps", "width", "height", "seed", "mode"]
+    assert signature.outputs.input_names() == ["video_mp4_base64", "num_frames", "fps", "width", "height", "seed", "mode", "warnings"]
 
 
 def test_local_component_folders_become_artifacts_and_are_relocated(tmp_path):
@@ -133,10 +151,8 @@ def test_input_example_is_a_valid_cheap_request(tmp_path):
 
 
 @pytest.mark.slow
-def test_loaded_pyfunc_predicts_decodable_videos(saved_model):
-    import mlflow.pyfunc
-
-    model = mlflow.pyfunc.load_model(str(saved_model))
+def test_loaded_pyfunc_predicts_decodable_videos(loaded_model):
+    model = loaded_model
     image = np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)
     image[:, : WIDTH // 2] = (200, 40, 40)
     png = io.BytesIO()
@@ -152,6 +168,7 @@ def test_loaded_pyfunc_predicts_decodable_videos(saved_model):
     assert list(out["num_frames"]) == [2, FRAMES, 12]  # 1.5 s at the bundle's 8 fps
     assert list(out["seed"])[0] == 7 and 0 <= out["seed"][1] < 2**31  # no seed given: a random one, reported
     assert list(out["mode"]) == ["text", "image", "text"]
+    assert [json.loads(w) for w in out["warnings"]] == [[], [], []]  # a bundle without a card: every mode allowed
     for row in out.itertuples():
         frames = decode_mp4(row.video_mp4_base64)
         assert frames.shape == (row.num_frames, row.height, row.width, 3)
@@ -168,29 +185,62 @@ def test_bad_requests_fail_naming_the_cell(tmp_path):
         build_request({"prompt": "x", "num_frames": 2.5}, tmp_path, row=3)
     with pytest.raises(ValueError, match="row 0: empty prompt"):
         build_request({"prompt": "  "}, tmp_path)
+    with pytest.raises(ValueError, match="row 0 column allow_untrained_mode: expected true or false, got 1"):
+        build_request({"prompt": "x", "allow_untrained_mode": 1}, tmp_path)
     request, seed, mode = build_request({"prompt": "x", "steps": float("nan"), "seed": 3.0}, tmp_path)
     assert (request.steps, seed, mode) == (None, 3, "text")  # NaN (a missing cell in pandas) = default
+    assert build_request({"prompt": "x", "allow_untrained_mode": np.bool_(True)}, tmp_path)[0].allow_untrained_mode is True
 
 
 @pytest.mark.slow
-def test_json_requests_through_mlflow_scoring_app(saved_model):
+def test_json_requests_through_mlflow_scoring_app(scoring_client):
     """The REST path `mlflow models serve` runs (MLflow's own scoring app, in-process): JSON records where
-    each row sets different optional columns, i.e. ints and missing cells in one column."""
-    import mlflow.pyfunc
-    from mlflow.pyfunc import scoring_server
-    from starlette.testclient import TestClient
-
-    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(saved_model))))
-    records = [{"prompt": "a fox", "steps": 1, "num_frames": 2}, {"prompt": "snow", "guidance": 3, "steps": 1, "seed": 5}]
-    response = client.post("/invocations", json={"dataframe_records": records})
+    each row sets different optional columns, i.e. ints, booleans and missing cells in one column."""
+    records = [{"prompt": "a fox", "steps": 1, "num_frames": 2, "allow_untrained_mode": True},
+               {"prompt": "snow", "guidance": 3, "steps": 1, "seed": 5}]  # fmt: skip
+    response = scoring_client.post("/invocations", json={"dataframe_records": records})
     assert response.status_code == 200, response.text[:500]
     predictions = response.json()["predictions"]
     assert [(p["num_frames"], p["mode"]) for p in predictions] == [(2, "text"), (FRAMES, "text")]
     assert predictions[1]["seed"] == 5
     for prediction in predictions:
         assert decode_mp4(prediction["video_mp4_base64"]).shape == (prediction["num_frames"], HEIGHT, WIDTH, 3)
-    bad = client.post("/invocations", json={"dataframe_records": [{"prompt": "x", "num_frames": 2.5}]})
-    assert bad.status_code == 400 and "row 0 column num_frames: expected a whole number, got 2.5" in bad.text
+        assert json.loads(prediction["warnings"]) == []
+
+
+@pytest.mark.slow
+def test_request_errors_reach_an_mlflow_client_as_invalid_parameter_value(loaded_model, scoring_client):
+    """Every request error is HTTP 400, error code INVALID_PARAMETER_VALUE, and our one line as the whole
+    message: no echo of the request table, no server stack trace. A bad row refuses the whole batch."""
+    from model.pipeline import GenerationRequest
+
+    pipeline = loaded_model.unwrap_python_model().pipeline
+
+    def reason(**fields) -> str:  # what the pipeline itself says about a request
+        with pytest.raises(ValueError) as exc:
+            pipeline.check_request(GenerationRequest(prompt="x", **fields))
+        return str(exc.value)
+
+    cases = [
+        ([{"prompt": "x", "width": 100000}], f"row 0: {reason(width=100000)}"),
+        ([{"prompt": "ok", "steps": 1}, {"prompt": "x", "seconds": 3600}], f"row 1: {reason(seconds=3600)}"),
+        ([{"prompt": "x", "num_frames": 2.5}], "row 0 column num_frames: expected a whole number, got 2.5"),
+        ([{"prompt": "x", "allow_untrained_mode": "yes"}], "row 0 column allow_untrained_mode: expected true or false, got 'yes'"),
+    ]
+    for records, message in cases:
+        response = scoring_client.post("/invocations", json={"dataframe_records": records})
+        body = response.json()
+        assert (response.status_code, body["error_code"], body["message"]) == (400, "INVALID_PARAMETER_VALUE", message)
+        assert "stack_trace" not in body and "\n" not in body["message"]
+    image = base64.b64encode(header_only_png(9000, 9000)).decode()
+    response = scoring_client.post("/invocations", json={"dataframe_records": [{"prompt": "x", "mode": "image", "image": image}]})
+    assert response.status_code == 400 and response.json()["message"].startswith("row 0: image: 9000x9000 = 81,000,000 pixels exceeds")
+
+    # In-process the same refusal is an MlflowException with that code, and a ValueError.
+    with pytest.raises(InvalidRequest) as exc:
+        loaded_model.predict(pd.DataFrame([{"prompt": "x", "height": 100000}]))
+    assert isinstance(exc.value, ValueError) and exc.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert exc.value.message == f"row 0: {reason(height=100000)}"
 
 
 @pytest.mark.slow
