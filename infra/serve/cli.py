@@ -1,0 +1,74 @@
+"""`reelforge serve --model models:/NAME@ALIAS [--store DIR|s3://…] [--port P] [--max-queue N]`.
+
+Serves one model (a registry reference or a bundle folder) with the app of infra/serve/app.py on
+uvicorn. The store keeps every job (docs/serving.md); the server takes its lease, so a second
+server on the same store is refused in one line. Settings fail before anything starts, naming the
+flag; the model loads in the background while `/health` answers 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from infra.logs import setup_logging
+from model.errors import one_line
+
+logger = logging.getLogger(__name__)
+
+PROG = "reelforge serve"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Serve a registered model: MLflow's REST protocol plus async /v1/videos jobs.")
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a bundle folder")
+    parser.add_argument("--store", default=os.environ.get("REELFORGE_SERVE_STORE", "reelforge-jobs"),
+                        help="folder or s3://bucket/prefix for jobs and videos (default: $REELFORGE_SERVE_STORE or ./reelforge-jobs)")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-queue", type=int, default=16, help="jobs accepted and not finished; more get 429 with Retry-After")
+    parser.add_argument("--sync-budget", type=float, default=30.0, help="seconds: /invocations over this estimate answers 202 with a job")
+    parser.add_argument("--job-timeout", type=float, default=3600.0, help="seconds a job may run before it fails")
+    parser.add_argument("--ttl-hours", type=float, default=168.0, help="finished jobs and videos are deleted after this")
+    parser.add_argument("--reload-every", type=float, default=60.0, help="seconds between alias checks; a moved alias is loaded (0: never)")
+    parser.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies get 413")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="DiT weights dtype (default: as saved)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up that calibrates time estimates")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress is on /v1/videos/{id}, not a bar per job in the log
+    args = build_parser().parse_args(argv)
+    try:
+        from infra.serve.engine import Engine, ServeSettings
+
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port {args.port} is not a TCP port")
+        if not args.max_body_mb > 0:
+            raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+        settings = ServeSettings(
+            model=args.model, store=args.store, max_queue=args.max_queue, sync_budget_s=args.sync_budget,
+            job_timeout_s=args.job_timeout, ttl_s=args.ttl_hours * 3600, reload_every_s=args.reload_every,
+            device=args.device, dtype=args.dtype, warmup=not args.no_warmup,
+        )  # fmt: skip
+        engine = Engine(settings)
+        engine.start()
+    except ValueError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from infra.serve.app import create_app
+
+    app = create_app(engine, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    try:
+        # log_config=None: our one line per request (app.py) instead of uvicorn's access log
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    finally:
+        engine.stop()
+    return 0

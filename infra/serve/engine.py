@@ -1,0 +1,635 @@
+"""The serving engine: one loaded model, a bounded queue of jobs, one generation at a time.
+
+Everything the HTTP app (infra/serve/app.py) does goes through an `Engine`:
+
+    engine = Engine(ServeSettings(model="models:/reelforge-t2v@champion", store="jobs"))
+    engine.start()                           # takes the store's lease, re-queues what a killed server left
+    record, plan = engine.check(body)        # ServeError(400, "width: ...") before any work
+    status = engine.submit(record, plan)     # ServeError(429, Retry-After) when full
+    engine.wait(status["id"], timeout=30)
+
+Why one worker thread: two `generate()` calls on one model would share its device and memory and
+finish later than one after the other. Cancellation and the job timeout are checked after every
+denoising step (`VideoPipeline.generate(on_step=...)`), so a cancelled job stops within one step.
+
+Costs are estimated in *units*: one denoising step of one window at the trained size. A warm-up step
+at load measures the seconds of one unit; every finished job refines it. The estimate decides
+whether `/invocations` answers synchronously (within `--sync-budget`) or with 202 and a job, and
+what `Retry-After` says.
+
+State lives in the store (infra/serve/store.py); memory mirrors it. A restarted server re-queues
+queued jobs and restarts an interrupted one once (the seed is in the request, so the video is the
+same); a job interrupted twice fails rather than take the server down with it again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.errors import one_line
+from model.pyfunc import INPUT_COLUMNS, build_request
+from pipelines.output import IngestStopped, LeaseKeeper, StorageError, take_lease
+from infra.serve.store import JobStore, new_job_id, request_sha256
+
+logger = logging.getLogger(__name__)
+
+REQUEST_FIELDS = tuple(name for name, _, _ in INPUT_COLUMNS)
+STRING_FIELDS = {name for name, kind, _ in INPUT_COLUMNS if kind == "string"}
+FINAL = ("completed", "failed", "cancelled")
+MAX_ATTEMPTS = 2  # a job interrupted by a server restart runs once more, then fails
+PERSIST_EVERY_S = 2.0  # progress reaches the store at most this often (every step would be an S3 PUT)
+EWMA = 0.3  # weight of the newest finished job in the seconds-per-unit estimate
+
+
+class ServeError(Exception):
+    """A request the server refuses: HTTP status, one line naming the field, OpenAI-style code."""
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
+
+
+class JobStopped(Exception):
+    """Raised from the step hook: the job is cancelled or ran out of time."""
+
+    def __init__(self, status: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model: str  # models:/NAME@ALIAS, models:/NAME/N, runs:/…, or a bundle folder
+    store: str = "reelforge-jobs"
+    max_queue: int = 16  # jobs accepted and not finished (queued + running); the next one gets 429
+    sync_budget_s: float = 30.0  # /invocations runs synchronously when its estimate fits in this
+    job_timeout_s: float = 3600.0
+    ttl_s: float = 7 * 86400.0  # finished jobs and their videos are deleted this long after they end
+    reload_every_s: float = 60.0  # how often an alias is re-resolved (0: never); a moved alias is loaded between jobs
+    device: str | None = None
+    dtype: str | None = None
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        flags = {"max_queue": "--max-queue", "sync_budget_s": "--sync-budget", "job_timeout_s": "--job-timeout", "ttl_s": "--ttl-hours"}
+        for name, flag in flags.items():
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)!r}")
+        if self.reload_every_s < 0:
+            raise ValueError(f"--reload-every must be >= 0, got {self.reload_every_s!r}")
+
+
+@dataclass
+class LoadedModel:
+    pipeline: Any  # model.pipeline.VideoPipeline
+    uri: str  # what --model said
+    version: str | None  # the registry version it resolved to (None for a bundle folder)
+    bundle_sha256: str
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        config = self.pipeline.bundle.config
+        return {
+            "model_uri": self.uri, "model_version": self.version, "bundle_sha256": self.bundle_sha256,
+            "trained": {"num_frames": config.num_frames, "width": config.width, "height": config.height, "fps": config.fps},
+        }  # fmt: skip
+
+
+def resolve_model(ref: str) -> tuple[Path, str | None, str]:
+    """(local bundle folder, registry version or None, bundle sha256) for a --model reference.
+    An alias is resolved to its version first, so the version downloaded is the version reported."""
+    from model.bundle import bundle_sha256
+
+    if ref.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from training.registry import TAG_BUNDLE_SHA256, download_registered_bundle
+
+        name, at, alias = ref.removeprefix("models:/").partition("@")
+        client = MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(*name.split("/", 1))
+        except (MlflowException, TypeError) as exc:
+            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
+        bundle = download_registered_bundle(f"models:/{version.name}/{version.version}")
+        return bundle, str(version.version), version.tags.get(TAG_BUNDLE_SHA256) or bundle_sha256(bundle)
+    from infra.generate import resolve_model_path
+
+    bundle = resolve_model_path(ref)
+    return bundle, None, bundle_sha256(bundle)
+
+
+def check_reference(ref: str) -> None:
+    """Fail now, in one line, on a --model that cannot resolve (no folder, no such alias or version);
+    downloading and loading it happen in the background."""
+    if not ref.startswith(("models:/", "runs:/")):
+        from infra.generate import resolve_model_path
+
+        resolve_model_path(ref)
+        return
+    if ref.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, at, alias = ref.removeprefix("models:/").partition("@")
+        try:
+            MlflowClient().get_model_version_by_alias(name, alias) if at else MlflowClient().get_model_version(*name.split("/", 1))
+        except (MlflowException, TypeError) as exc:
+            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
+
+
+def _alias_version(ref: str) -> str | None:
+    """The version `models:/NAME@ALIAS` points at now (None for any other reference)."""
+    name, at, alias = ref.removeprefix("models:/").partition("@")
+    if not (ref.startswith("models:/") and at):
+        return None
+    from mlflow import MlflowClient
+
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Engine:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.store)
+        self.model: LoadedModel | None = None
+        self.load_error: str | None = None
+        self.jobs: dict[str, dict[str, Any]] = {}  # id -> status record (what status.json holds)
+        self.queue: collections.deque[str] = collections.deque()
+        self.units: dict[str, float] = {}  # id -> estimated cost units
+        self.running: str | None = None
+        self.seconds_per_unit: float | None = None
+        self._cancel: set[str] = set()
+        self._finished: dict[str, threading.Event] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._lease: LeaseKeeper | None = None
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the store's lease (one server per store), re-queue what a previous server left, and
+        load the model in the background (`/health` answers 503 until it is ready)."""
+        check_reference(self.settings.model)
+        try:
+            take_lease(self.store.out, command="serve", what="--store")
+        except (IngestStopped, StorageError) as exc:
+            raise ValueError(str(exc)) from None
+        self.store.prepare()
+        self._lease = LeaseKeeper(self.store.out)
+        self._recover()
+        self._spawn(self._load_and_work, "generator")
+        self._spawn(self._housekeeping, "housekeeping")
+
+    def stop(self) -> None:
+        """Stop taking jobs; a running one stops at its next step and is queued again in the store."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._lease is not None:
+            self._lease.release()
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.model is not None else ("failed" if self.load_error else "loading")
+
+    def _load(self) -> LoadedModel:
+        import torch
+
+        from model.pipeline import GenerationRequest, load_pipeline
+
+        bundle, version, sha256 = resolve_model(self.settings.model)
+        dtype = getattr(torch, self.settings.dtype) if self.settings.dtype else None
+        pipeline = load_pipeline(bundle, device=self.settings.device, dtype=dtype)
+        if self.settings.warmup and self.seconds_per_unit is None:
+            # The first call pays one-off costs (here, not a client); the second, two steps of one
+            # window at the trained size, is the first measure of a cost unit.
+            pipeline.generate(GenerationRequest(prompt="warm-up", steps=1))
+            began = time.perf_counter()
+            pipeline.generate(GenerationRequest(prompt="warm-up", steps=2))
+            self.seconds_per_unit = (time.perf_counter() - began) / 2
+        loaded = LoadedModel(pipeline, self.settings.model, version, sha256)
+        logger.info(
+            "serving %s (version %s, bundle %s) on %s; one step at the trained size takes %s",
+            self.settings.model, version or "-", sha256[:12], pipeline.device,
+            f"{self.seconds_per_unit:.2f} s" if self.seconds_per_unit else "(not measured yet)",
+        )  # fmt: skip
+        return loaded
+
+    def _load_and_work(self) -> None:
+        try:
+            model = self._load()
+        except Exception as exc:  # the server stays up and says why on /health
+            self.load_error = one_line(exc, with_type=not isinstance(exc, ValueError))
+            logger.error("could not load %s: %s", self.settings.model, self.load_error)
+            if not isinstance(exc, ValueError):
+                logger.debug("load failure", exc_info=True)
+            return
+        with self._cond:
+            self.model = model
+            for job_id in self.queue:  # jobs re-queued at start are estimated now that a model is here
+                self.units.setdefault(job_id, self._estimate_stored(job_id))
+        self._work()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def ready_model(self) -> LoadedModel:
+        if self.model is not None:
+            return self.model
+        if self.load_error:
+            raise ServeError(503, f"the model failed to load: {self.load_error}", code="model_unavailable")
+        raise ServeError(503, "the model is still loading", code="model_loading", headers={"Retry-After": "5"})
+
+    def check(self, body: Any, row: int | None = None) -> tuple[dict[str, Any], Any]:
+        """A request body (one JSON object / table row) -> (the record to store, the validated plan).
+        Every problem is a ServeError(400) naming the field; nothing is queued or generated here."""
+        where = f"row {row}: " if row is not None else ""
+        if not isinstance(body, dict):
+            raise ServeError(400, f"{where}a request must be a JSON object, got {type(body).__name__}")
+        record = {key: value for key, value in body.items() if value is not None}
+        unknown = sorted(set(record) - set(REQUEST_FIELDS) - {"size"})
+        if unknown:
+            raise ServeError(400, f"{where}unknown field {unknown[0]!r}; fields: {', '.join(REQUEST_FIELDS)}, size", param=unknown[0])
+        if "size" in record:
+            size = record.pop("size")
+            match = re.fullmatch(r"(\d+)[xX](\d+)", size) if isinstance(size, str) else None
+            if match is None or "width" in record or "height" in record:
+                raise ServeError(400, f"{where}size must be 'WIDTHxHEIGHT' (and not given with width/height), got {size!r}", param="size")
+            record["width"], record["height"] = int(match.group(1)), int(match.group(2))
+        if "prompt" not in record:
+            raise ServeError(400, f"{where}missing field 'prompt'", param="prompt")
+        for name in STRING_FIELDS & set(record):
+            if not isinstance(record[name], str):  # a table cell would be str()-ed; a JSON client made a mistake
+                raise ServeError(400, f"{where}{name}: expected a string, got {type(record[name]).__name__}", param=name)
+        pipeline = self.ready_model().pipeline
+        with tempfile.TemporaryDirectory(prefix="reelforge-check-") as tmp:
+            try:
+                request, seed, mode = build_request(record, Path(tmp), row=row or 0)
+                plan = pipeline.check_request(request)
+            except ValueError as exc:
+                message, param = _field_message(one_line(exc))
+                raise ServeError(400, f"{where}{message}", param=param) from None
+        record["seed"], record["mode"] = seed, mode
+        return record, plan
+
+    def submit(self, record: dict[str, Any], plan: Any, *, key: str | None = None, body_sha256: str | None = None,
+               source: str = "videos") -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """Queue a checked request; (its public status, whether it is new). A repeated
+        Idempotency-Key returns the job it made; with a different request it is a 409."""
+        with self._cond:
+            if key is not None:
+                known = self.store.idempotent_job(key)
+                if known is not None and known["id"] in self.jobs:
+                    if known["request_sha256"] != body_sha256:
+                        raise ServeError(409, "this Idempotency-Key was used with a different request", code="idempotency_conflict")
+                    return self.public(self.jobs[known["id"]]), False
+            (status,) = self.submit_all([(record, plan)], source=source)
+            if key is not None:
+                self.store.remember_key(key, status["id"], body_sha256 or request_sha256(record))
+        return self.public(status), True
+
+    def submit_all(self, checked: list[tuple[dict[str, Any], Any]], source: str) -> list[dict[str, Any]]:
+        """Queue every checked request or none (429 when they do not all fit); their status records."""
+        units = [self._estimate(plan) for _, plan in checked]
+        with self._cond:
+            active = len(self.queue) + (self.running is not None)
+            if active + len(checked) > self.settings.max_queue:
+                wait = self.retry_after_s()
+                raise ServeError(
+                    429, f"the queue is full ({active} jobs accepted, --max-queue {self.settings.max_queue}); retry in about {wait} s",
+                    code="queue_full", headers={"Retry-After": str(wait)},
+                )  # fmt: skip
+            statuses = []
+            for (record, plan), cost in zip(checked, units):
+                job_id = new_job_id()
+                status = {
+                    "id": job_id, "status": "queued", "created_at": _now(), "queued_at": time.time(), "source": source, "attempts": 0,
+                    "prompt": record.get("prompt", ""), "mode": plan.mode, "size": f"{plan.width}x{plan.height}",
+                    "num_frames": plan.num_frames, "steps": plan.steps, "seed": plan.seed,
+                    "estimated_s": self._seconds(cost),
+                }  # fmt: skip
+                self.store.create(job_id, record, status)
+                self.jobs[job_id], self.units[job_id] = status, cost
+                self._finished[job_id] = threading.Event()
+                self.queue.append(job_id)
+                statuses.append(status)
+                logger.info("job %s queued (%s, %s, %d frames, %d steps, ~%s s)", job_id, plan.mode, status["size"],
+                            plan.num_frames, plan.steps, status["estimated_s"])  # fmt: skip
+            self._cond.notify_all()
+        return statuses
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        status = self.jobs.get(job_id)
+        if status is None:
+            raise ServeError(404, f"no job {job_id!r}", param="id", code="not_found")
+        return status
+
+    def public(self, status: dict[str, Any]) -> dict[str, Any]:
+        """A job as clients see it (the OpenAI Videos object plus our fields)."""
+        job_id = status["id"]
+        out = {"object": "video", **{k: v for k, v in status.items() if k not in ("source", "queued_at")}}
+        out["queue_position"] = self.queue.index(job_id) + 1 if status["status"] == "queued" and job_id in self.queue else None
+        step, steps = status.get("step", 0), status.get("total_steps") or 0
+        out["progress"] = 100 if status["status"] == "completed" else (int(100 * step / steps) if steps else 0)
+        if status["status"] in FINAL:
+            out["expires_at"] = int(status.get("completed_at", status["created_at"]) + self.settings.ttl_s)
+        return out
+
+    def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
+        ordered = sorted(self.jobs.values(), key=lambda s: (s["created_at"], s["id"]), reverse=True)
+        if after is not None:
+            ids = [s["id"] for s in ordered]
+            if after not in ids:
+                raise ServeError(400, f"after: no job {after!r}", param="after")
+            ordered = ordered[ids.index(after) + 1 :]
+        page = ordered[:limit]
+        return {"object": "list", "data": [self.public(s) for s in page], "has_more": len(ordered) > limit}
+
+    def wait(self, job_id: str, timeout: float) -> dict[str, Any]:
+        event = self._finished.get(job_id)
+        if event is not None:
+            event.wait(timeout)
+        return self.get(job_id)
+
+    def cancel_or_delete(self, job_id: str, wait_s: float = 30.0) -> dict[str, Any]:
+        """Cancel a queued or running job (running: it stops at its next step; waits up to
+        `wait_s` for that), or delete a finished one with its video."""
+        with self._cond:
+            status = self.get(job_id)
+            if status["status"] == "queued":
+                self.queue.remove(job_id)
+                self._finish(status, "cancelled", None)
+                return self.public(status)
+            if status["status"] in FINAL:
+                self.store.delete(job_id)
+                self.store.forget_keys({job_id})
+                del self.jobs[job_id]
+                self._finished.pop(job_id, None)
+                logger.info("job %s deleted", job_id)
+                return {"id": job_id, "object": "video.deleted", "deleted": True}
+            self._cancel.add(job_id)
+        return self.public(self.wait(job_id, wait_s))
+
+    # -- estimates --------------------------------------------------------------------------------
+
+    def _estimate(self, plan: Any) -> float:
+        """Cost units of a plan: denoising steps x windows x latent size relative to the trained one."""
+        pipeline = self.ready_model().pipeline
+        config = pipeline.bundle.config
+        window, total, overlap = plan.window_latent_frames, plan.num_latent_frames, plan.overlap_latent_frames
+        windows = 1 if total <= window else 1 + math.ceil((total - window) / max(1, window - overlap))
+        area = plan.width * plan.height / (config.width * config.height)
+        length = min(window, total) / pipeline.window_latent_frames
+        return plan.steps * windows * area * length
+
+    def _estimate_stored(self, job_id: str) -> float:
+        try:
+            record = self.store.request(job_id) or {}
+            return self._estimate(self.check(record)[1])
+        except (ServeError, StorageError):
+            return 1.0
+
+    def _seconds(self, units: float) -> float | None:
+        return round(units * self.seconds_per_unit, 1) if self.seconds_per_unit else None
+
+    def backlog_s(self) -> float:
+        """Estimated seconds until every accepted job is done."""
+        spu = self.seconds_per_unit or 1.0
+        total = sum(self.units.get(job_id, 1.0) for job_id in self.queue) * spu
+        if self.running is not None:
+            status = self.jobs[self.running]
+            done = status.get("step", 0) / (status.get("total_steps") or 1)
+            total += self.units.get(self.running, 1.0) * spu * (1 - done)
+        return total
+
+    def retry_after_s(self) -> int:
+        """Seconds until a slot is likely free: the rest of the running job (the next to finish)."""
+        spu = self.seconds_per_unit or 1.0
+        if self.running is not None:
+            status = self.jobs[self.running]
+            done = status.get("step", 0) / (status.get("total_steps") or 1)
+            return max(1, math.ceil(self.units.get(self.running, 1.0) * spu * (1 - done)))
+        return max(1, math.ceil(self.units.get(self.queue[0], 1.0) * spu)) if self.queue else 1
+
+    def fits_sync_budget(self, plans: list[Any]) -> bool:
+        if self.seconds_per_unit is None:
+            return True  # nothing measured yet (--no-warmup): run it and learn
+        own = sum(self._estimate(plan) for plan in plans) * self.seconds_per_unit
+        return self.backlog_s() + own <= self.settings.sync_budget_s
+
+    # -- the worker -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                while not self.queue and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                if self._stop.is_set():
+                    return
+                job_id = self.queue.popleft()
+                self.running = job_id
+                status = self.jobs[job_id]
+                status.update(status="in_progress", started_at=_now(), attempts=status.get("attempts", 0) + 1, step=0)
+            try:
+                self._persist(status)
+                self._run(job_id, status)
+            except Exception:  # a bug of ours: the job fails, the server keeps serving
+                logger.exception("job %s: unexpected error", job_id)
+                with self._cond:
+                    if status["status"] not in FINAL:
+                        self._finish(status, "failed", ("internal_error", "internal error; see the server log"))
+            finally:
+                with self._cond:
+                    self.running = None
+                    self._cancel.discard(job_id)
+
+    def _run(self, job_id: str, status: dict[str, Any]) -> None:
+        from model.mp4 import write_mp4
+
+        model = self.model
+        assert model is not None
+        began = time.monotonic()
+        deadline, last_persist = began + self.settings.job_timeout_s, began
+
+        def on_step(done: int, total: int) -> None:
+            nonlocal last_persist
+            status.update(step=done, total_steps=total)
+            if job_id in self._cancel:
+                raise JobStopped("cancelled", "cancelled", f"cancelled at step {done}/{total}")
+            if self._stop.is_set():
+                raise JobStopped("queued", "shutdown", f"the server stopped at step {done}/{total}")
+            now = time.monotonic()
+            if now > deadline:
+                raise JobStopped("failed", "timeout", f"timed out after {self.settings.job_timeout_s:g} s at step {done}/{total}")
+            if now - last_persist >= PERSIST_EVERY_S:
+                last_persist = now
+                self._persist(status)
+
+        try:
+            record = self.store.request(job_id)
+            if record is None:
+                raise StorageError(f"{job_id}: request.json is missing from the store")
+            with tempfile.TemporaryDirectory(prefix="reelforge-job-") as tmp:
+                request, seed, mode = build_request(record, Path(tmp))
+                video = model.pipeline.generate(request, on_step=on_step)
+            generated_s = time.monotonic() - began
+            mp4 = write_mp4(video.frames, video.fps, None)
+            frames = video.frames
+            result = {
+                "id": job_id, "seed": seed, "mode": mode, "prompt": record.get("prompt", ""),
+                "model_uri": model.uri, "model_version": model.version, "bundle_sha256": model.bundle_sha256,
+                "num_frames": int(frames.shape[0]), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
+                "fps": float(video.fps), "warnings": list(video.metadata.get("warnings", [])),
+                "timings": {"generate_s": round(generated_s, 3), "total_s": round(time.monotonic() - began, 3)},
+            }  # fmt: skip
+            self.store.write_result(job_id, mp4, result)
+        except JobStopped as stop:
+            with self._cond:
+                if stop.status == "queued":  # a clean shutdown: the next server runs it, as a fresh attempt
+                    status.update(status="queued", step=0, attempts=status["attempts"] - 1)
+                    self._persist(status)
+                else:
+                    self._finish(status, stop.status, (stop.code, stop.message))
+            return
+        except ValueError as exc:  # checked at submit, so only a model swapped since can refuse it
+            with self._cond:
+                self._finish(status, "failed", ("invalid_request", one_line(exc)))
+            return
+        except StorageError as exc:  # ours, not the request's
+            logger.error("job %s: storage failed: %s", job_id, one_line(exc))
+            with self._cond:
+                self._finish(status, "failed", ("storage_error", f"the server's store failed: {one_line(exc)}"))
+            return
+        units = self.units.get(job_id)
+        if units:
+            measured = generated_s / units
+            spu = self.seconds_per_unit
+            self.seconds_per_unit = measured if spu is None else (1 - EWMA) * spu + EWMA * measured
+        with self._cond:
+            status.update(model_version=model.version, warnings=result["warnings"], timings=result["timings"])
+            self._finish(status, "completed", None)
+
+    def _finish(self, status: dict[str, Any], outcome: str, error: tuple[str, str] | None) -> None:
+        """Record a final state (caller holds the lock) and wake whoever waits on it."""
+        status.update(status=outcome, completed_at=_now(), error={"code": error[0], "message": error[1]} if error else None)
+        self._persist(status)
+        event = self._finished.get(status["id"])
+        if event is not None:
+            event.set()
+        took = status["completed_at"] - status.get("started_at", status["created_at"])
+        logger.info("job %s %s after %d s%s", status["id"], outcome, took, f": {error[1]}" if error else "")
+
+    def _persist(self, status: dict[str, Any]) -> None:
+        try:
+            self.store.write_status(status)
+        except StorageError as exc:  # memory stays right; the store catches up at the next write
+            logger.warning("job %s: could not write its status: %s", status["id"], one_line(exc))
+
+    # -- restart, expiry and alias moves ------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Read every job of the store: re-queue queued ones, restart an interrupted one once."""
+        requeued = []
+        for job_id in self.store.job_ids():
+            status = self.store.status(job_id)
+            if status is None:  # request written, status not: the client never got a 202
+                self.store.delete(job_id)
+                continue
+            if status["status"] == "in_progress":
+                if status.get("attempts", 1) >= MAX_ATTEMPTS:
+                    status.update(status="failed", completed_at=_now(), error={
+                        "code": "interrupted", "message": f"the server stopped during this job {status['attempts']} times"})  # fmt: skip
+                else:
+                    status.update(status="queued", step=0, restarted=True)
+                self._persist(status)
+            self.jobs[job_id] = status
+            if status["status"] == "queued":
+                requeued.append(status)
+                self._finished[job_id] = threading.Event()
+        self.queue.extend(s["id"] for s in sorted(requeued, key=lambda s: (s.get("queued_at", s["created_at"]), s["id"])))
+        if self.jobs:
+            logger.info("store %s: %d jobs, %d re-queued", self.store.uri, len(self.jobs), len(requeued))
+
+    def _housekeeping(self) -> None:
+        """Sweep expired jobs; reload the model when its alias moved (between jobs)."""
+        period = min(self.settings.ttl_s / 4, self.settings.reload_every_s or 300.0, 300.0)
+        next_sweep = 0.0
+        while not self._stop.wait(period if next_sweep else 0.0):
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep()
+                next_sweep = now + min(self.settings.ttl_s / 4, 300.0)
+            if self.settings.reload_every_s and self.model is not None:
+                self._maybe_reload()
+
+    def _sweep(self) -> None:
+        cutoff = time.time() - self.settings.ttl_s
+        with self._cond:
+            expired = {job_id for job_id, s in self.jobs.items() if s["status"] in FINAL and s.get("completed_at", 0) < cutoff}
+        for job_id in sorted(expired):
+            try:
+                self.store.delete(job_id)
+            except StorageError as exc:
+                logger.warning("could not delete expired job %s: %s", job_id, one_line(exc))
+                continue
+            with self._cond:
+                self.jobs.pop(job_id, None)
+                self._finished.pop(job_id, None)
+        if expired:
+            self.store.forget_keys(expired)
+            logger.info("deleted %d expired jobs", len(expired))
+
+    def _maybe_reload(self) -> None:
+        try:
+            version = _alias_version(self.settings.model)
+        except Exception as exc:  # the registry is down: keep serving what is loaded
+            logger.warning("could not resolve %s: %s", self.settings.model, one_line(exc))
+            return
+        if version is None or self.model is None or version == self.model.version:
+            return
+        logger.info("%s moved to version %s (serving %s): loading it", self.settings.model, version, self.model.version)
+        try:
+            model = self._load()
+        except Exception as exc:
+            logger.error("could not load version %s; still serving %s: %s", version, self.model.version, one_line(exc))
+            return
+        with self._cond:  # the worker picks the model up at its next job
+            self.model = model
+
+
+_FIELD_RE = re.compile(r"^row \d+ column (\w+): ")
+
+
+def _field_message(message: str) -> tuple[str, str | None]:
+    """build_request says 'row 0 column width: ...'; a JSON client sent one object: 'width: ...'.
+    The field a message is about is also returned for the error's `param`."""
+    match = _FIELD_RE.match(message)
+    if match:
+        return f"{match.group(1)}: {message[match.end():]}", match.group(1)
+    named = next((word for word in re.findall(r"[a-z_0-9]+", message) if word in REQUEST_FIELDS or word == "size"), None)
+    return message, named
