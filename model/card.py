@@ -33,14 +33,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model.bundle import BundleConfig, read_bundle_config
 from model.conditioning import MODES, ConditioningProbs
 from model.errors import one_line
-
-if TYPE_CHECKING:
-    from model.pipeline import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +160,7 @@ class ModelCard:
 
     # -- checks, each one ValueError of one line naming the field ------------------------------
 
-    def check_request(self, request: GenerationRequest) -> list[str]:
+    def check_request(self, request: Any) -> list[str]:  # a model.pipeline.GenerationRequest (which imports this module)
         """Everything about `request` the card alone can refuse, in this order: the mode (known, and
         trained unless `allow_untrained_mode`), the size, the length, the pixels x frames budget, and
         the headers of the input files the mode reads (their presence is the pipeline's to check).

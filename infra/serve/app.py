@@ -50,28 +50,38 @@ def create_app(engine: Engine, max_body_bytes: int = 64 << 20) -> FastAPI:
     app.state.engine = engine
 
     async def body_of(request: Request) -> bytes:
-        """The request body, refused with 413 as soon as it passes `max_body_bytes`."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise ServeError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_body_bytes} bytes", code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise ServeError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="body_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, max_body_bytes)
 
-    def json_body(raw: bytes, content_type: str) -> Any:
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            raise ServeError(415, f"content type must be application/json, got {content_type or 'none'!r}", code="unsupported_media_type")
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ServeError(400, f"body is not valid JSON ({one_line(exc)})") from None
+    _add_error_handling(app)
+    _add_mlflow_routes(app, engine, body_of)
+    _add_video_routes(app, engine, body_of)
+    return app
 
-    # -- errors and the log line ------------------------------------------------------------------
 
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `max_body_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise ServeError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_body_bytes} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise ServeError(413, f"request body exceeds the limit of {max_body_bytes} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_body(raw: bytes, content_type: str) -> Any:
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ServeError(415, f"content type must be application/json, got {content_type or 'none'!r}", code="unsupported_media_type")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServeError(400, f"body is not valid JSON ({one_line(exc)})") from None
+
+
+def _add_error_handling(app: FastAPI) -> None:
     @app.middleware("http")
     async def log_requests(request: Request, call_next: Any) -> Response:
         began = time.perf_counter()
@@ -110,7 +120,8 @@ def create_app(engine: Engine, max_body_bytes: int = 64 << 20) -> FastAPI:
         logger.exception("internal error %s on %s %s", incident, request.method, request.url.path)
         return error_response(request, 500, f"internal error {incident}; see the server log", code="internal_error")
 
-    # -- MLflow's surface -------------------------------------------------------------------------
+
+def _add_mlflow_routes(app: FastAPI, engine: Engine, body_of: Any) -> None:
 
     def health() -> JSONResponse:
         if engine.state == "ready":
@@ -135,7 +146,8 @@ def create_app(engine: Engine, max_body_bytes: int = 64 << 20) -> FastAPI:
         content_type = request.headers.get("content-type", "")
         return await run_in_threadpool(_invocations, engine, raw, content_type, request)
 
-    # -- async jobs ----------------------------------------------------------------------------------
+
+def _add_video_routes(app: FastAPI, engine: Engine, body_of: Any) -> None:
 
     @app.post("/v1/videos", status_code=202)
     async def create_video(request: Request) -> JSONResponse:
@@ -182,8 +194,6 @@ def create_app(engine: Engine, max_body_bytes: int = 64 << 20) -> FastAPI:
     def delete_video(job_id: str) -> dict[str, Any]:
         job(job_id)
         return engine.cancel_or_delete(job_id)
-
-    return app
 
 
 _MLFLOW_CODES = {404: "RESOURCE_DOES_NOT_EXIST", 409: "RESOURCE_ALREADY_EXISTS", 413: "BAD_REQUEST",

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress is on /v1/videos/{id}, not a bar per job in the log
     args = build_parser().parse_args(argv)
     try:
-        from infra.serve.engine import Engine, ServeSettings
+        from infra.serve.engine import Engine
+        from infra.serve.settings import ServeSettings
 
         if not 0 < args.port < 65536:
             raise ValueError(f"--port {args.port} is not a TCP port")

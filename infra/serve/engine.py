@@ -27,38 +27,26 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from model.errors import one_line
-from model.pyfunc import INPUT_COLUMNS, build_request
+from model.pyfunc import build_request
 from pipelines.output import IngestStopped, LeaseKeeper, StorageError, take_lease
+from infra.serve.model_ref import LoadedModel, alias_version, check_reference, cost_units, resolve_model
+from infra.serve.settings import ServeSettings
+from infra.serve.request_body import ServeError, field_message, parse_body
 from infra.serve.store import JobStore, new_job_id, request_sha256
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = tuple(name for name, _, _ in INPUT_COLUMNS)
-STRING_FIELDS = {name for name, kind, _ in INPUT_COLUMNS if kind == "string"}
 FINAL = ("completed", "failed", "cancelled")
 MAX_ATTEMPTS = 2  # a job interrupted by a server restart runs once more, then fails
 PERSIST_EVERY_S = 2.0  # progress reaches the store at most this often (every step would be an S3 PUT)
 EWMA = 0.3  # weight of the newest finished job in the seconds-per-unit estimate
-
-
-class ServeError(Exception):
-    """A request the server refuses: HTTP status, one line naming the field, OpenAI-style code."""
-
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
-        headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers or {}
 
 
 class JobStopped(Exception):
@@ -67,98 +55,6 @@ class JobStopped(Exception):
     def __init__(self, status: str, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    model: str  # models:/NAME@ALIAS, models:/NAME/N, runs:/…, or a bundle folder
-    store: str = "reelforge-jobs"
-    max_queue: int = 16  # jobs accepted and not finished (queued + running); the next one gets 429
-    sync_budget_s: float = 30.0  # /invocations runs synchronously when its estimate fits in this
-    job_timeout_s: float = 3600.0
-    ttl_s: float = 7 * 86400.0  # finished jobs and their videos are deleted this long after they end
-    reload_every_s: float = 60.0  # how often an alias is re-resolved (0: never); a moved alias is loaded between jobs
-    device: str | None = None
-    dtype: str | None = None
-    warmup: bool = True
-
-    def __post_init__(self) -> None:
-        flags = {"max_queue": "--max-queue", "sync_budget_s": "--sync-budget", "job_timeout_s": "--job-timeout", "ttl_s": "--ttl-hours"}
-        for name, flag in flags.items():
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)!r}")
-        if self.reload_every_s < 0:
-            raise ValueError(f"--reload-every must be >= 0, got {self.reload_every_s!r}")
-
-
-@dataclass
-class LoadedModel:
-    pipeline: Any  # model.pipeline.VideoPipeline
-    uri: str  # what --model said
-    version: str | None  # the registry version it resolved to (None for a bundle folder)
-    bundle_sha256: str
-    loaded_at: float = field(default_factory=time.time)
-
-    def info(self) -> dict[str, Any]:
-        config = self.pipeline.bundle.config
-        return {
-            "model_uri": self.uri, "model_version": self.version, "bundle_sha256": self.bundle_sha256,
-            "trained": {"num_frames": config.num_frames, "width": config.width, "height": config.height, "fps": config.fps},
-        }  # fmt: skip
-
-
-def resolve_model(ref: str) -> tuple[Path, str | None, str]:
-    """(local bundle folder, registry version or None, bundle sha256) for a --model reference.
-    An alias is resolved to its version first, so the version downloaded is the version reported."""
-    from model.bundle import bundle_sha256
-
-    if ref.startswith("models:/"):
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        from training.registry import TAG_BUNDLE_SHA256, download_registered_bundle
-
-        name, at, alias = ref.removeprefix("models:/").partition("@")
-        client = MlflowClient()
-        try:
-            version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(*name.split("/", 1))
-        except (MlflowException, TypeError) as exc:
-            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
-        bundle = download_registered_bundle(f"models:/{version.name}/{version.version}")
-        return bundle, str(version.version), version.tags.get(TAG_BUNDLE_SHA256) or bundle_sha256(bundle)
-    from infra.generate import resolve_model_path
-
-    bundle = resolve_model_path(ref)
-    return bundle, None, bundle_sha256(bundle)
-
-
-def check_reference(ref: str) -> None:
-    """Fail now, in one line, on a --model that cannot resolve (no folder, no such alias or version);
-    downloading and loading it happen in the background."""
-    if not ref.startswith(("models:/", "runs:/")):
-        from infra.generate import resolve_model_path
-
-        resolve_model_path(ref)
-        return
-    if ref.startswith("models:/"):
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        name, at, alias = ref.removeprefix("models:/").partition("@")
-        try:
-            MlflowClient().get_model_version_by_alias(name, alias) if at else MlflowClient().get_model_version(*name.split("/", 1))
-        except (MlflowException, TypeError) as exc:
-            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
-
-
-def _alias_version(ref: str) -> str | None:
-    """The version `models:/NAME@ALIAS` points at now (None for any other reference)."""
-    name, at, alias = ref.removeprefix("models:/").partition("@")
-    if not (ref.startswith("models:/") and at):
-        return None
-    from mlflow import MlflowClient
-
-    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
 def _now() -> int:
@@ -269,30 +165,14 @@ class Engine:
         """A request body (one JSON object / table row) -> (the record to store, the validated plan).
         Every problem is a ServeError(400) naming the field; nothing is queued or generated here."""
         where = f"row {row}: " if row is not None else ""
-        if not isinstance(body, dict):
-            raise ServeError(400, f"{where}a request must be a JSON object, got {type(body).__name__}")
-        record = {key: value for key, value in body.items() if value is not None}
-        unknown = sorted(set(record) - set(REQUEST_FIELDS) - {"size"})
-        if unknown:
-            raise ServeError(400, f"{where}unknown field {unknown[0]!r}; fields: {', '.join(REQUEST_FIELDS)}, size", param=unknown[0])
-        if "size" in record:
-            size = record.pop("size")
-            match = re.fullmatch(r"(\d+)[xX](\d+)", size) if isinstance(size, str) else None
-            if match is None or "width" in record or "height" in record:
-                raise ServeError(400, f"{where}size must be 'WIDTHxHEIGHT' (and not given with width/height), got {size!r}", param="size")
-            record["width"], record["height"] = int(match.group(1)), int(match.group(2))
-        if "prompt" not in record:
-            raise ServeError(400, f"{where}missing field 'prompt'", param="prompt")
-        for name in STRING_FIELDS & set(record):
-            if not isinstance(record[name], str):  # a table cell would be str()-ed; a JSON client made a mistake
-                raise ServeError(400, f"{where}{name}: expected a string, got {type(record[name]).__name__}", param=name)
+        record = parse_body(body, where)
         pipeline = self.ready_model().pipeline
         with tempfile.TemporaryDirectory(prefix="reelforge-check-") as tmp:
             try:
                 request, seed, mode = build_request(record, Path(tmp), row=row or 0)
                 plan = pipeline.check_request(request)
             except ValueError as exc:
-                message, param = _field_message(one_line(exc))
+                message, param = field_message(one_line(exc))
                 raise ServeError(400, f"{where}{message}", param=param) from None
         record["seed"], record["mode"] = seed, mode
         return record, plan
@@ -398,14 +278,7 @@ class Engine:
     # -- estimates --------------------------------------------------------------------------------
 
     def _estimate(self, plan: Any) -> float:
-        """Cost units of a plan: denoising steps x windows x latent size relative to the trained one."""
-        pipeline = self.ready_model().pipeline
-        config = pipeline.bundle.config
-        window, total, overlap = plan.window_latent_frames, plan.num_latent_frames, plan.overlap_latent_frames
-        windows = 1 if total <= window else 1 + math.ceil((total - window) / max(1, window - overlap))
-        area = plan.width * plan.height / (config.width * config.height)
-        length = min(window, total) / pipeline.window_latent_frames
-        return plan.steps * windows * area * length
+        return cost_units(self.ready_model().pipeline, plan)
 
     def _estimate_stored(self, job_id: str) -> float:
         try:
@@ -606,7 +479,7 @@ class Engine:
 
     def _maybe_reload(self) -> None:
         try:
-            version = _alias_version(self.settings.model)
+            version = alias_version(self.settings.model)
         except Exception as exc:  # the registry is down: keep serving what is loaded
             logger.warning("could not resolve %s: %s", self.settings.model, one_line(exc))
             return
@@ -620,16 +493,3 @@ class Engine:
             return
         with self._cond:  # the worker picks the model up at its next job
             self.model = model
-
-
-_FIELD_RE = re.compile(r"^row \d+ column (\w+): ")
-
-
-def _field_message(message: str) -> tuple[str, str | None]:
-    """build_request says 'row 0 column width: ...'; a JSON client sent one object: 'width: ...'.
-    The field a message is about is also returned for the error's `param`."""
-    match = _FIELD_RE.match(message)
-    if match:
-        return f"{match.group(1)}: {message[match.end():]}", match.group(1)
-    named = next((word for word in re.findall(r"[a-z_0-9]+", message) if word in REQUEST_FIELDS or word == "size"), None)
-    return message, named

@@ -1,0 +1,97 @@
+"""Which model a server runs (a --model reference resolved to a local bundle and registry version), and what a request costs it.
+
+    check_reference("models:/fox@champion")        # ValueError in one line now, before any download
+    bundle, version, sha256 = resolve_model(ref)    # the alias resolved first: the version loaded is the one reported
+    alias_version(ref)                              # what the alias points at now (for reloads)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.errors import one_line
+
+
+@dataclass
+class LoadedModel:
+    pipeline: Any  # model.pipeline.VideoPipeline
+    uri: str  # what --model said
+    version: str | None  # the registry version it resolved to (None for a bundle folder)
+    bundle_sha256: str
+    loaded_at: float = field(default_factory=time.time)
+
+    def info(self) -> dict[str, Any]:
+        config = self.pipeline.bundle.config
+        return {
+            "model_uri": self.uri, "model_version": self.version, "bundle_sha256": self.bundle_sha256,
+            "trained": {"num_frames": config.num_frames, "width": config.width, "height": config.height, "fps": config.fps},
+        }  # fmt: skip
+
+
+def resolve_model(ref: str) -> tuple[Path, str | None, str]:
+    """(local bundle folder, registry version or None, bundle sha256) for a --model reference.
+    An alias is resolved to its version first, so the version downloaded is the version reported."""
+    from model.bundle import bundle_sha256
+
+    if ref.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from training.registry import TAG_BUNDLE_SHA256, download_registered_bundle
+
+        name, at, alias = ref.removeprefix("models:/").partition("@")
+        client = MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(*name.split("/", 1))
+        except (MlflowException, TypeError) as exc:
+            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
+        bundle = download_registered_bundle(f"models:/{version.name}/{version.version}")
+        return bundle, str(version.version), version.tags.get(TAG_BUNDLE_SHA256) or bundle_sha256(bundle)
+    from infra.generate import resolve_model_path
+
+    bundle = resolve_model_path(ref)
+    return bundle, None, bundle_sha256(bundle)
+
+
+def check_reference(ref: str) -> None:
+    """Fail now, in one line, on a --model that cannot resolve (no folder, no such alias or version);
+    downloading and loading it happen in the background."""
+    if not ref.startswith(("models:/", "runs:/")):
+        from infra.generate import resolve_model_path
+
+        resolve_model_path(ref)
+        return
+    if ref.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, at, alias = ref.removeprefix("models:/").partition("@")
+        try:
+            MlflowClient().get_model_version_by_alias(name, alias) if at else MlflowClient().get_model_version(*name.split("/", 1))
+        except (MlflowException, TypeError) as exc:
+            raise ValueError(f"--model {ref!r}: {one_line(exc)}") from None
+
+
+def alias_version(ref: str) -> str | None:
+    """The version `models:/NAME@ALIAS` points at now (None for any other reference)."""
+    name, at, alias = ref.removeprefix("models:/").partition("@")
+    if not (ref.startswith("models:/") and at):
+        return None
+    from mlflow import MlflowClient
+
+    return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def cost_units(pipeline: Any, plan: Any) -> float:
+    """What a validated plan costs, in units of one denoising step of one window at the trained size:
+    steps x windows x latent size relative to the trained one. Serving prices a unit by measuring."""
+    config = pipeline.bundle.config
+    window, total, overlap = plan.window_latent_frames, plan.num_latent_frames, plan.overlap_latent_frames
+    windows = 1 if total <= window else 1 + math.ceil((total - window) / max(1, window - overlap))
+    area = plan.width * plan.height / (config.width * config.height)
+    length = min(window, total) / pipeline.window_latent_frames
+    return plan.steps * windows * area * length

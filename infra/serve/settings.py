@@ -1,0 +1,27 @@
+"""`reelforge serve`'s settings, checked when they are made (a bad one fails before the server starts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model: str  # models:/NAME@ALIAS, models:/NAME/N, runs:/…, or a bundle folder
+    store: str = "reelforge-jobs"
+    max_queue: int = 16  # jobs accepted and not finished (queued + running); the next one gets 429
+    sync_budget_s: float = 30.0  # /invocations runs synchronously when its estimate fits in this
+    job_timeout_s: float = 3600.0
+    ttl_s: float = 7 * 86400.0  # finished jobs and their videos are deleted this long after they end
+    reload_every_s: float = 60.0  # how often an alias is re-resolved (0: never); a moved alias is loaded between jobs
+    device: str | None = None
+    dtype: str | None = None
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        flags = {"max_queue": "--max-queue", "sync_budget_s": "--sync-budget", "job_timeout_s": "--job-timeout", "ttl_s": "--ttl-hours"}
+        for name, flag in flags.items():
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag} must be > 0, got {getattr(self, name)!r}")
+        if self.reload_every_s < 0:
+            raise ValueError(f"--reload-every must be >= 0, got {self.reload_every_s!r}")
