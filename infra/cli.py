@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("infra.train", "train a diffusion transformer on shards (Ray Train x DeepSpeed, or torchrun)"),
     "register": ("infra.register", "register a finished MLflow run's model"),
     "promote": ("infra.promote", "move a registry alias (e.g. candidate -> champion)"),
+    "eval": ("infra.eval", "evaluate a registered model version offline (fidelity, flicker, flow, drift)"),
     "generate": ("infra.generate", "generate a video from a bundle or a registered model"),
     "serve": ("infra.serve", "serve a registered model over HTTP"),
     "submit": ("infra.submit", "submit ingest/recaption/train to a Ray cluster"),
