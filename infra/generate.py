@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strength", type=float, default=0.6, help="edit: 0 keeps the input video, 1 ignores it")
     parser.add_argument("--overlap", type=int, help="frames taken from input videos and shared between windows")
+    parser.add_argument(
+        "--allow-untrained-mode", action="store_true",
+        help="run a mode the model's card says was never trained (refused otherwise); the output may ignore its inputs",
+    )  # fmt: skip
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="DiT weights dtype (default: as saved)")
     parser.add_argument("--out", required=True, help="output .mp4 path (and OUT.json: prompts, seed, mode)")
@@ -106,6 +110,11 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg == "--batch" or arg.startswith("--batch=") for arg in argv):
+        from infra.generate_batch import main as batch_main  # a table of requests: a Ray Data job
+
+        return batch_main(argv, resolve_model_path)
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from model.card import load_card
     from model.pipeline import GenerationRequest, load_pipeline
     from model.mp4 import write_mp4
 
@@ -129,10 +139,14 @@ def _generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, mode=_mode(args), image=args.image, video=args.video, video2=args.video2,
         num_frames=args.frames, seconds=args.seconds, width=width, height=height, steps=args.steps,
         guidance=args.guidance, seed=args.seed, strength=args.strength, overlap_frames=args.overlap,
+        allow_untrained_mode=args.allow_untrained_mode,
     )  # fmt: skip
     if args.expand_prompt and not args.expand_model:
         raise ValueError("--expand-prompt needs --expand-model (a local model, or the endpoint's model name with --expand-endpoint)")
     bundle = resolve_model_path(args.model)
+    # What the model's card alone can refuse (mode, size, length, budget, inputs' headers) fails
+    # before the model loads, which for a large one takes minutes.
+    load_card(bundle).check_request(request)
     pipeline = load_pipeline(bundle, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     expansion = _expand(args, bundle) if args.expand_prompt else None
     if expansion is not None:
@@ -142,10 +156,13 @@ def _generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(video.frames, video.fps, out)
     record = {k: v for k, v in video.metadata.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    record["warnings"] = list(video.metadata["warnings"])
     record |= expansion.record() if expansion else {"original_prompt": args.prompt, "prompt": args.prompt, "expanded": False}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True))
     frames, h, w, _ = video.frames.shape
     print(f"{out}: {frames} frames {w}x{h} at {video.fps:g} fps ({video.metadata['mode']}, seed {video.metadata['seed']})")
+    for warning in video.metadata["warnings"]:  # what the model's card says it never trained
+        print(f"warning: {warning}")
     if expansion is not None:
         print(f"prompt: {expansion.prompt}" if expansion.expanded else f"warning: {expansion.warning}")
     return 0
