@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Generate a video from a trained reelforge bundle (text, image, extend, connect or edit).",
+        epilog="A table of requests instead: `reelforge generate --batch REQUESTS.parquet --out DIR --model M` "
+        "(`--batch X --help` lists its options; docs/batch-generation.md).",
     )
     parser.add_argument("--model", required=True, help="bundle folder (or a registry reference where supported)")
     parser.add_argument("--prompt", default="", help="what to generate; may be empty when conditioning on an image/video")
