@@ -112,9 +112,11 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    """One server for the request tests: --max-queue 1, so a second accepted job is a 429."""
+    """One server for the request tests: --max-queue 1, so a second accepted job is a 429; a sync
+    budget of 1 s, which the tiny requests fit and LONG (about 6 s) does not."""
     root = tmp_path_factory.mktemp("served")
-    served = Server(["--model", str(bundle), "--store", str(root / "store"), "--max-queue", "1", "--max-body-mb", "1"], root / "log")
+    served = Server(["--model", str(bundle), "--store", str(root / "store"), "--max-queue", "1", "--max-body-mb", "1",
+                     "--sync-budget", "1"], root / "log")  # fmt: skip
     yield served
     served.stop()
 
@@ -223,8 +225,12 @@ def test_malformed_requests_get_one_line_4xx_and_the_server_keeps_serving(server
     assert server.wait_for(server.post("/v1/videos", json=ok).json()["id"])["status"] == "completed"
 
 
-def test_a_full_queue_answers_429_and_a_cancel_stops_a_running_job_within_a_step(server):
-    running = server.post("/v1/videos", json=LONG).json()
+def test_over_budget_invocations_become_a_job_a_full_queue_429s_and_a_cancel_stops_within_a_step(server):
+    # estimated past --sync-budget: 202 and the job to poll instead of a request that times out
+    accepted = server.post("/invocations", json={"dataframe_records": [LONG]})
+    assert accepted.status_code == 202, accepted.text
+    (running,) = accepted.json()["data"]
+    assert accepted.headers["Location"] == f"/v1/videos/{running['id']}" and running["estimated_s"] > 1
     server.wait_for(running["id"], until=("in_progress",), step=5)
     full = server.post("/v1/videos", json={"prompt": "second", "steps": 1})
     assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
