@@ -27,9 +27,12 @@ import time
 import uuid
 from typing import Any
 
+import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import __version__
@@ -157,6 +160,8 @@ def _add_video_routes(app: FastAPI, engine: Engine, body_of: Any) -> None:
             raise ServeError(400, "Idempotency-Key must be 1-255 characters", param="Idempotency-Key")
 
         def work() -> tuple[dict[str, Any], bool]:
+            if key is None:
+                engine.ensure_room()  # a full server answers 429 before validating anything
             record, plan = engine.check(body)
             digest = request_sha256(body) if isinstance(body, dict) else None
             return engine.submit(record, plan, key=key, body_sha256=digest)
@@ -203,9 +208,6 @@ _MLFLOW_CODES = {404: "RESOURCE_DOES_NOT_EXIST", 409: "RESOURCE_ALREADY_EXISTS",
 def parse_mlflow_table(raw: bytes, content_type: str, input_schema: Any) -> list[dict[str, Any]]:
     """An /invocations body -> request rows, parsed by MLflow's scoring-server code so every format
     `mlflow models serve` accepts is accepted here with the same meaning. One-line errors."""
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc import scoring_server
 
     mime = content_type.split(";")[0].strip().lower()
     if mime not in MLFLOW_CONTENT_TYPES:
@@ -246,6 +248,7 @@ def _invocations(engine: Engine, raw: bytes, content_type: str, request: Request
     from model.pyfunc import model_signature
 
     rows = parse_mlflow_table(raw, content_type, model_signature().inputs)
+    engine.ensure_room(len(rows))
     checked = [engine.check(row, row=index) for index, row in enumerate(rows)]
     plans = [plan for _, plan in checked]
     sync = engine.fits_sync_budget(plans)

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies get 413")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="DiT weights dtype (default: as saved)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: every core; on a CPU server leave one for HTTP)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up that calibrates time estimates")
     return parser
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServeSettings(
             model=args.model, store=args.store, max_queue=args.max_queue, sync_budget_s=args.sync_budget,
             job_timeout_s=args.job_timeout, ttl_s=args.ttl_hours * 3600, reload_every_s=args.reload_every,
-            device=args.device, dtype=args.dtype, warmup=not args.no_warmup,
+            device=args.device, dtype=args.dtype, warmup=not args.no_warmup, threads=args.threads,
         )  # fmt: skip
         engine = Engine(settings)
         engine.start()

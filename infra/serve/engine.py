@@ -12,8 +12,8 @@ Why one worker thread: two `generate()` calls on one model would share its devic
 finish later than one after the other. Cancellation and the job timeout are checked after every
 denoising step (`VideoPipeline.generate(on_step=...)`), so a cancelled job stops within one step.
 
-Costs are estimated in *units*: one denoising step of one window at the trained size. A warm-up step
-at load measures the seconds of one unit; every finished job refines it. The estimate decides
+Costs are estimated in *units*: one denoising step of one window at the trained size. A warm-up at
+load measures the seconds of one unit; every finished job refines it. The estimate decides
 whether `/invocations` answers synchronously (within `--sync-budget`) or with 202 and a job, and
 what `Retry-After` says.
 
@@ -36,7 +36,7 @@ from typing import Any
 from model.errors import one_line
 from model.pyfunc import build_request
 from pipelines.output import IngestStopped, LeaseKeeper, StorageError, take_lease
-from infra.serve.model_ref import LoadedModel, alias_version, check_reference, cost_units, resolve_model
+from infra.serve.model_ref import LoadedModel, alias_version, check_reference, cost_units, load_model
 from infra.serve.settings import ServeSettings
 from infra.serve.request_body import ServeError, field_message, parse_body
 from infra.serve.store import JobStore, new_job_id, request_sha256
@@ -115,25 +115,12 @@ class Engine:
         return "ready" if self.model is not None else ("failed" if self.load_error else "loading")
 
     def _load(self) -> LoadedModel:
-        import torch
-
-        from model.pipeline import GenerationRequest, load_pipeline
-
-        bundle, version, sha256 = resolve_model(self.settings.model)
-        dtype = getattr(torch, self.settings.dtype) if self.settings.dtype else None
-        pipeline = load_pipeline(bundle, device=self.settings.device, dtype=dtype)
-        if self.settings.warmup and self.seconds_per_unit is None:
-            # The first call pays one-off costs (here, not a client); the second, two steps of one
-            # window at the trained size, is the first measure of a cost unit.
-            pipeline.generate(GenerationRequest(prompt="warm-up", steps=1))
-            began = time.perf_counter()
-            pipeline.generate(GenerationRequest(prompt="warm-up", steps=2))
-            self.seconds_per_unit = (time.perf_counter() - began) / 2
-        loaded = LoadedModel(pipeline, self.settings.model, version, sha256)
+        loaded, measured = load_model(self.settings, measure=self.settings.warmup and self.seconds_per_unit is None)
+        self.seconds_per_unit = measured or self.seconds_per_unit
         logger.info(
             "serving %s (version %s, bundle %s) on %s; one step at the trained size takes %s",
-            self.settings.model, version or "-", sha256[:12], pipeline.device,
-            f"{self.seconds_per_unit:.2f} s" if self.seconds_per_unit else "(not measured yet)",
+            loaded.uri, loaded.version or "-", loaded.bundle_sha256[:12], loaded.pipeline.device,
+            f"{self.seconds_per_unit:.3f} s" if self.seconds_per_unit else "(not measured yet)",
         )  # fmt: skip
         return loaded
 
@@ -193,17 +180,22 @@ class Engine:
                 self.store.remember_key(key, status["id"], body_sha256 or request_sha256(record))
         return self.public(status), True
 
+    def ensure_room(self, jobs: int = 1) -> None:
+        """429 now when `jobs` more would not fit: a full server refuses before validating a request
+        (submit_all decides, under the lock)."""
+        active = len(self.queue) + (self.running is not None)
+        if active + jobs > self.settings.max_queue:
+            wait = self.retry_after_s()
+            raise ServeError(
+                429, f"the queue is full ({active} jobs accepted, --max-queue {self.settings.max_queue}); retry in about {wait} s",
+                code="queue_full", headers={"Retry-After": str(wait)},
+            )  # fmt: skip
+
     def submit_all(self, checked: list[tuple[dict[str, Any], Any]], source: str) -> list[dict[str, Any]]:
         """Queue every checked request or none (429 when they do not all fit); their status records."""
         units = [self._estimate(plan) for _, plan in checked]
         with self._cond:
-            active = len(self.queue) + (self.running is not None)
-            if active + len(checked) > self.settings.max_queue:
-                wait = self.retry_after_s()
-                raise ServeError(
-                    429, f"the queue is full ({active} jobs accepted, --max-queue {self.settings.max_queue}); retry in about {wait} s",
-                    code="queue_full", headers={"Retry-After": str(wait)},
-                )  # fmt: skip
+            self.ensure_room(len(checked))
             statuses = []
             for (record, plan), cost in zip(checked, units):
                 job_id = new_job_id()
@@ -241,7 +233,7 @@ class Engine:
         return out
 
     def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-        ordered = sorted(self.jobs.values(), key=lambda s: (s["created_at"], s["id"]), reverse=True)
+        ordered = sorted(self.jobs.values(), key=lambda s: (s.get("queued_at", s["created_at"]), s["id"]), reverse=True)
         if after is not None:
             ids = [s["id"] for s in ordered]
             if after not in ids:
@@ -327,7 +319,8 @@ class Engine:
                 job_id = self.queue.popleft()
                 self.running = job_id
                 status = self.jobs[job_id]
-                status.update(status="in_progress", started_at=_now(), attempts=status.get("attempts", 0) + 1, step=0)
+                status.update(status="in_progress", started_at=_now(), attempts=status.get("attempts", 0) + 1, step=0,
+                              queued_s=round(time.time() - status.get("queued_at", time.time()), 3))  # fmt: skip
             try:
                 self._persist(status)
                 self._run(job_id, status)
@@ -411,6 +404,7 @@ class Engine:
         """Record a final state (caller holds the lock) and wake whoever waits on it."""
         status.update(status=outcome, completed_at=_now(), error={"code": error[0], "message": error[1]} if error else None)
         self._persist(status)
+        self.units.pop(status["id"], None)
         event = self._finished.get(status["id"])
         if event is not None:
             event.set()

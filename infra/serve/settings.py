@@ -17,11 +17,14 @@ class ServeSettings:
     device: str | None = None
     dtype: str | None = None
     warmup: bool = True
+    threads: int | None = None  # torch CPU threads (None: torch's default, every core)
 
     def __post_init__(self) -> None:
         flags = {"max_queue": "--max-queue", "sync_budget_s": "--sync-budget", "job_timeout_s": "--job-timeout", "ttl_s": "--ttl-hours"}
         for name, flag in flags.items():
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag} must be > 0, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads!r}")
         if self.reload_every_s < 0:
             raise ValueError(f"--reload-every must be >= 0, got {self.reload_every_s!r}")
