@@ -351,8 +351,7 @@ def run_batch_generation(cfg: BatchGenerationConfig, *, start_ray: Callable[[], 
     try:
         return _run(cfg, rows, out, sha256, fingerprint, start_ray)
     except (StorageError, Superseded, IngestStopped) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        failure = BatchStopped(f"{first}; videos finished so far are kept in {out.uri}, rerun the same command to resume")
+        failure = BatchStopped(f"{one_line(exc)}; videos finished so far are kept in {out.uri}, rerun the same command to resume")
     finally:
         keeper.release()
     gc.collect()  # see run_ingest: let go of the failed execution's actors before raising
