@@ -248,12 +248,11 @@ def _invocations(engine: Engine, raw: bytes, content_type: str, request: Request
     from model.pyfunc import model_signature
 
     rows = parse_mlflow_table(raw, content_type, model_signature().inputs)
+    if len(rows) > engine.settings.max_queue:  # could never fit: not a matter of waiting
+        raise ServeError(400, f"{len(rows)} rows exceed --max-queue {engine.settings.max_queue}; use /v1/videos or fewer rows")
     engine.ensure_room(len(rows))
     checked = [engine.check(row, row=index) for index, row in enumerate(rows)]
-    plans = [plan for _, plan in checked]
-    sync = engine.fits_sync_budget(plans)
-    if len(checked) > engine.settings.max_queue:
-        raise ServeError(400, f"{len(checked)} rows exceed --max-queue {engine.settings.max_queue}; use /v1/videos or fewer rows")
+    sync = engine.fits_sync_budget([plan for _, plan in checked])
     statuses = engine.submit_all(checked, source="invocations")
     ids = [status["id"] for status in statuses]
     request.state.note = ",".join(ids)
