@@ -199,6 +199,8 @@ def test_malformed_requests_get_one_line_4xx_and_the_server_keeps_serving(server
         ("invocations garbage", "post", "/invocations", {"data": b"\x00\x01", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON", None),
         ("invocations no format key", "post", "/invocations", {"json": {"rows": []}}, 400, "exactly one of", None),
         ("invocations wrong content type", "post", "/invocations", {"data": b"x", "headers": {"Content-Type": "image/png"}}, 415, "content type", None),
+        ("invocations rows over the queue", "post", "/invocations", {"json": {"dataframe_records": [ok, ok]}}, 400,
+         "2 rows exceed --max-queue 1", None),
         ("invocations bad cell", "post", "/invocations", {"json": {"dataframe_records": [{"prompt": "x", "num_frames": 2.5}]}}, 400,
          "row 0: num_frames: expected a whole number", None),
     ]  # fmt: skip
