@@ -183,7 +183,8 @@ class Engine:
     def ensure_room(self, jobs: int = 1) -> None:
         """429 now when `jobs` more would not fit: a full server refuses before validating a request
         (submit_all decides, under the lock)."""
-        active = len(self.queue) + (self.running is not None)
+        with self._cond:
+            active = len(self.queue) + (self.running is not None)
         if active + jobs > self.settings.max_queue:
             wait = self.retry_after_s()
             raise ServeError(
@@ -224,16 +225,18 @@ class Engine:
     def public(self, status: dict[str, Any]) -> dict[str, Any]:
         """A job as clients see it (the OpenAI Videos object plus our fields)."""
         job_id = status["id"]
-        out = {"object": "video", **{k: v for k, v in status.items() if k not in ("source", "queued_at")}}
-        out["queue_position"] = self.queue.index(job_id) + 1 if status["status"] == "queued" and job_id in self.queue else None
-        step, steps = status.get("step", 0), status.get("total_steps") or 0
-        out["progress"] = 100 if status["status"] == "completed" else (int(100 * step / steps) if steps else 0)
-        if status["status"] in FINAL:
-            out["expires_at"] = int(status.get("completed_at", status["created_at"]) + self.settings.ttl_s)
+        with self._cond:  # the worker adds keys to a running job's record; the queue moves
+            out = {"object": "video", **{k: v for k, v in status.items() if k not in ("source", "queued_at")}}
+            out["queue_position"] = self.queue.index(job_id) + 1 if out["status"] == "queued" and job_id in self.queue else None
+        step, steps = out.get("step", 0), out.get("total_steps") or 0
+        out["progress"] = 100 if out["status"] == "completed" else (int(100 * step / steps) if steps else 0)
+        if out["status"] in FINAL:
+            out["expires_at"] = int(out.get("completed_at", out["created_at"]) + self.settings.ttl_s)
         return out
 
     def list(self, limit: int = 20, after: str | None = None) -> dict[str, Any]:
-        ordered = sorted(self.jobs.values(), key=lambda s: (s.get("queued_at", s["created_at"]), s["id"]), reverse=True)
+        with self._cond:  # submits add to the dict from other threads
+            ordered = sorted(self.jobs.values(), key=lambda s: (s.get("queued_at", s["created_at"]), s["id"]), reverse=True)
         if after is not None:
             ids = [s["id"] for s in ordered]
             if after not in ids:
@@ -282,24 +285,24 @@ class Engine:
     def _seconds(self, units: float) -> float | None:
         return round(units * self.seconds_per_unit, 1) if self.seconds_per_unit else None
 
+    def _remaining_units(self) -> float:
+        """Units the running job has left (caller holds the lock); 0 when none runs."""
+        if self.running is None:
+            return 0.0
+        status = self.jobs[self.running]
+        return self.units.get(self.running, 1.0) * (1 - status.get("step", 0) / (status.get("total_steps") or 1))
+
     def backlog_s(self) -> float:
         """Estimated seconds until every accepted job is done."""
-        spu = self.seconds_per_unit or 1.0
-        total = sum(self.units.get(job_id, 1.0) for job_id in self.queue) * spu
-        if self.running is not None:
-            status = self.jobs[self.running]
-            done = status.get("step", 0) / (status.get("total_steps") or 1)
-            total += self.units.get(self.running, 1.0) * spu * (1 - done)
-        return total
+        with self._cond:
+            units = sum(self.units.get(job_id, 1.0) for job_id in self.queue) + self._remaining_units()
+        return units * (self.seconds_per_unit or 1.0)
 
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free: the rest of the running job (the next to finish)."""
-        spu = self.seconds_per_unit or 1.0
-        if self.running is not None:
-            status = self.jobs[self.running]
-            done = status.get("step", 0) / (status.get("total_steps") or 1)
-            return max(1, math.ceil(self.units.get(self.running, 1.0) * spu * (1 - done)))
-        return max(1, math.ceil(self.units.get(self.queue[0], 1.0) * spu)) if self.queue else 1
+        with self._cond:
+            units = self._remaining_units() if self.running is not None else (self.units.get(self.queue[0], 1.0) if self.queue else 0.0)
+        return max(1, math.ceil(units * (self.seconds_per_unit or 1.0)))
 
     def fits_sync_budget(self, plans: list[Any]) -> bool:
         if self.seconds_per_unit is None:
@@ -344,7 +347,8 @@ class Engine:
 
         def on_step(done: int, total: int) -> None:
             nonlocal last_persist
-            status.update(step=done, total_steps=total)
+            with self._cond:  # readers copy the record under the lock
+                status.update(step=done, total_steps=total)
             if job_id in self._cancel:
                 raise JobStopped("cancelled", "cancelled", f"cancelled at step {done}/{total}")
             if self._stop.is_set():
