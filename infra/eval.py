@@ -64,7 +64,7 @@ def notes(result: EvalResult) -> list[str]:
     lines = [f"evaluated on: {len(result.plan.prompts)} prompt(s); {result.plan.note}"]
     if result.seen_in_training:
         lines.append(
-            f"note: version {result.version} trained on these shards; training has no held-out split yet, so it saw these clips"
+            f"note: version {result.version} trained on these shards without holding these clips out (data.held_out), so it saw them"
         )
     return lines
 

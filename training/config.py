@@ -1,4 +1,4 @@
-"""Training's config group, `TrainingConfig`: sections `model`, `train`, `scaling`, `deepspeed`,
+"""Training's config group, `TrainingConfig`: sections `model`, `data`, `train`, `scaling`, `deepspeed`,
 `checkpoint`, `registry`, `mlflow`.
 
 `model/` stays free of pydantic and of these sections: the `model` section here only names
@@ -194,6 +194,10 @@ class DataSection(Section):
     # recaption`) instead of the shards' own; clips without a usable caption in it are skipped
     # and counted. None: the shards' own captions.
     caption_set: str | None = None
+    # Fraction of clips kept out of training for `reelforge eval` and the promotion gate. Chosen per
+    # clip by a hash of its id (training/data.py `is_held_out`), so growing the data never moves a
+    # trained clip into it; no minimum count: a small dataset may hold out none (the run says so).
+    held_out: float = Field(default=0.01, ge=0, le=0.5)
 
 
 class TrainingConfig(Section):

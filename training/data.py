@@ -2,8 +2,9 @@
 
 The epoch and who reads what:
 
-* The sample universe is `manifest.parquet` (one row per clip); a clip's row number is its
-  *sample index*. Epoch `e` visits the shards in a seeded permutation of (seed, e).
+* The sample universe is `manifest.parquet` (one row per clip) less the clips `data.held_out`
+  keeps for evaluation (`is_held_out`, `without_held_out`); a clip's row number among the rest is
+  its *sample index*. Epoch `e` visits the shards in a seeded permutation of (seed, e).
 * A *slot* is one reader: (training rank, DataLoader worker), `num_slots = world_size *
   max(1, data_workers)`. With at least as many shards as slots, shard k of the epoch order
   belongs to slot k % num_slots; with fewer shards (tiny datasets) every slot scans every shard
@@ -29,6 +30,7 @@ where the text encoder lives.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import random
@@ -76,6 +78,9 @@ class ClipIndex:
     # data.caption_set: sample i's caption, None if the set has none usable (skipped); None: the shards'
     captions: list[str | None] | None = None
     caption_set_id: str | None = None
+    # data.held_out: clips kept for evaluation, absent from the lists above (`without_held_out`)
+    held_out: float = 0.0
+    held_out_ids: frozenset[str] = frozenset()
     index_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -131,6 +136,52 @@ def read_clip_index(data_dir: str, caption_set: str | None = None) -> ClipIndex:
 def _shard_name(value: str) -> str:
     """The manifest may hold a bare name or a path/URI; shards are matched by file name."""
     return str(value).rstrip("/").rsplit("/", 1)[-1]
+
+
+# --- the held-out split -------------------------------------------------------------------
+
+
+def eval_rank(clip_id: str) -> str:
+    """A clip's place in the held-out order (training/evaluation.py evaluates the smallest first)."""
+    return hashlib.sha256(f"reelforge-eval:{clip_id}".encode()).hexdigest()
+
+
+def is_held_out(clip_id: str, held_out: float) -> bool:
+    """The held-out rule, one clip at a time: the first 64 bits of its `eval_rank` as a fraction of
+    2**64 fall below `held_out`. It reads nothing but the id, so adding footage never moves a trained
+    clip into the held-out set, and a larger fraction only adds clips to it."""
+    return int(eval_rank(clip_id)[:16], 16) / 16**16 < held_out
+
+
+def without_held_out(index: ClipIndex, held_out: float) -> ClipIndex:
+    """The clips training reads: `index` less those `is_held_out` keeps for evaluation (their ids in
+    `held_out_ids`, so readers pass them unread). No minimum: a small dataset may hold out none."""
+    held = [is_held_out(clip_id, held_out) for clip_id in index.ids]
+    keep = [i for i, out in enumerate(held) if not out]
+    if not keep:
+        raise ValueError(f"data.held_out={held_out:g} leaves none of the {len(index)} clips of {index.data_dir} to train on; lower it")
+    return ClipIndex(
+        data_dir=index.data_dir,
+        shards=index.shards,
+        ids=[index.ids[i] for i in keep],
+        shard_of=[index.shard_of[i] for i in keep],
+        num_frames=[index.num_frames[i] for i in keep],
+        fps=[index.fps[i] for i in keep],
+        width=[index.width[i] for i in keep],
+        height=[index.height[i] for i in keep],
+        captions=None if index.captions is None else [index.captions[i] for i in keep],
+        caption_set_id=index.caption_set_id,
+        held_out=held_out,
+        held_out_ids=frozenset(clip_id for clip_id, out in zip(index.ids, held) if out),
+    )
+
+
+def held_out_note(index: ClipIndex) -> str:
+    """What the split kept out of the training clips of `index` (from `without_held_out`), in words."""
+    total = len(index) + len(index.held_out_ids)
+    if index.held_out > 0 and not index.held_out_ids:
+        return f"none of {total} clips held out for evaluation (data.held_out={index.held_out:g} selects none of them)"
+    return f"{len(index.held_out_ids)} of {total} clips held out for evaluation (data.held_out={index.held_out:g})"
 
 
 # --- buckets ------------------------------------------------------------------------------
@@ -260,8 +311,8 @@ class DataPosition:
     def from_state_dict(cls, state: dict[str, Any], num_samples: int) -> "DataPosition":
         if state["num_samples"] != num_samples:
             raise ValueError(
-                f"data position is over {state['num_samples']} clips but the dataset has {num_samples}: "
-                "resume on the same shards (or start a new run)"
+                f"data position is over {state['num_samples']} clips but the dataset has {num_samples} to train on: "
+                "resume on the same shards and data.held_out (or start a new run)"
             )
         position = cls(num_samples)
         for epoch in range(int(state["epoch"])):
@@ -356,8 +407,8 @@ class ClipBatches(IterableDataset):
 
                 def wanted(key: str, keep: set[int] | None = keep, epoch: int = epoch) -> bool:
                     i = self.index.index_of.get(key)
-                    if i is None:
-                        return keep is None  # not in the manifest: its shard's owner reads, skips and counts it
+                    if i is None:  # held out: never read; not in the manifest: its shard's owner reads, skips, counts it
+                        return keep is None and key not in self.index.held_out_ids
                     return (keep is None or i in keep) and not self.position.is_consumed(epoch, i)
 
                 for raw in iter_shard_samples(filesystem, f"{root}/{self.index.shards[shard]}", wanted):

@@ -19,14 +19,16 @@ image and extend). Metrics (lower is better unless said; docs/evaluation.md has 
 * `drift`: on each long text video, the largest change of brightness, contrast or sharpness from
   its first trained-length stretch of frames to its last.
 
-Held-out clips: the `clips` clips of the shards whose sha256 of `reelforge-eval:<clip id>` is
-smallest. Training does not exclude them yet (no held-out split): EvalResult.seen_in_training says so.
+Held-out clips: the `clips` clips of the shards with the smallest `training.data.eval_rank`, among
+those `data.held_out` kept out of training (`training.data.is_held_out`, the fraction read from the
+version's tag reelforge.data.held_out; the gate uses the smaller fraction of its two versions, the
+clips held out from both). None held out: text prompts only. A version trained without a split
+(no tag, or 0) gets the smallest ranks as before, and EvalResult.seen_in_training says it saw them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -187,35 +189,46 @@ class EvalPlan:
     clips: list[EvalClip]
     data_dir: str | None = None
     data_manifest_sha256: str | None = None
+    held_out: float = 0.0  # the data.held_out whose held-out clips these are; 0: smallest ranks, no split
     note: str = ""  # said in the output: where clips came from, or why there are none
 
 
-def eval_rank(clip_id: str) -> str:
-    """The held-out order: clips with the smallest sha256 of this string are evaluated first."""
-    return hashlib.sha256(f"reelforge-eval:{clip_id}".encode()).hexdigest()
+def held_out_of(tags: Mapping[str, str]) -> float:
+    """The data.held_out a version trained with, from its tags; 0 (no split) for versions without the tag."""
+    from training.tracking import TAG_HELD_OUT
+
+    return float(tags.get(TAG_HELD_OUT) or 0.0)
 
 
-def build_plan(data_dir: str | None, settings: EvalSettings) -> EvalPlan:
-    """Held-out clips of `data_dir` (their captions are the first prompts), then built-in prompts."""
+def build_plan(data_dir: str | None, settings: EvalSettings, held_out: float = 0.0) -> EvalPlan:
+    """Held-out clips of `data_dir` (their captions are the first prompts), then built-in prompts.
+    `held_out` > 0: only clips that fraction kept out of training (`held_out_of`); 0: the smallest ranks."""
     clips: list[EvalClip] = []
     manifest, note = None, "no shards (--data): text prompts only (flicker, flow, drift)"
     if data_dir is not None and settings.clips > 0:
-        clips, manifest = _read_clips(data_dir, settings.clips)
-        note = f"{len(clips)} held-out clip(s) of {data_dir}"
+        clips, manifest, num_held_out = _read_clips(data_dir, settings.clips, held_out)
+        split = f"kept out of training by data.held_out={held_out:g}" if held_out > 0 else "lowest ranks: no split to draw from"
+        note = f"{len(clips)} held-out clip(s) of {data_dir} ({split})"
+        if held_out > 0 and num_held_out == 0:
+            note = f"no clip of {data_dir} is held out at data.held_out={held_out:g}: text prompts only (flicker, flow, drift)"
+            logger.warning("%s", note)
     captions = [clip.caption for clip in clips if clip.caption.strip()]
     prompts = list(dict.fromkeys(captions + list(BUILTIN_PROMPTS)))[: settings.prompts]
     if not prompts and not clips:
         raise ValueError(f"nothing to evaluate: --prompts 0 and no held-out clips ({note})")
-    return EvalPlan(prompts=prompts, clips=clips, data_dir=data_dir, data_manifest_sha256=manifest, note=note)
+    return EvalPlan(prompts, clips, data_dir=data_dir, data_manifest_sha256=manifest, held_out=held_out, note=note)
 
 
-def _read_clips(data_dir: str, count: int) -> tuple[list[EvalClip], str]:
+def _read_clips(data_dir: str, count: int, held_out: float) -> tuple[list[EvalClip], str, int]:
+    """(the first `count` decodable clips in `eval_rank` order, among the held-out ones when
+    `held_out` > 0; the manifest's sha256; how many clips are held out)."""
     from model.storage import resolve_uri
-    from training.data import iter_shard_samples, read_clip_index
+    from training.data import eval_rank, is_held_out, iter_shard_samples, read_clip_index
     from training.tracking import manifest_sha256
 
     index = read_clip_index(data_dir)  # one-line ValueError for a folder that is no finished ingest
-    chosen = sorted(index.ids, key=eval_rank)[:count]
+    ranked = [clip_id for clip_id in sorted(index.ids, key=eval_rank) if held_out == 0 or is_held_out(clip_id, held_out)]
+    chosen = ranked[:count]
     wanted = set(chosen)
     filesystem, root = resolve_uri(data_dir)
     found: dict[str, EvalClip] = {}
@@ -224,7 +237,7 @@ def _read_clips(data_dir: str, count: int) -> tuple[list[EvalClip], str]:
             if "mp4" in raw and _decodes(raw["mp4"]):
                 caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
                 found[raw["__key__"]] = EvalClip(id=raw["__key__"], caption=caption, mp4=raw["mp4"])
-    return [found[clip_id] for clip_id in chosen if clip_id in found], manifest_sha256(data_dir)
+    return [found[clip_id] for clip_id in chosen if clip_id in found], manifest_sha256(data_dir), len(ranked)
 
 
 def _decodes(mp4: bytes) -> bool:
@@ -306,7 +319,7 @@ class EvalResult:
     metrics: dict[str, float]
     plan: EvalPlan
     run_id: str | None = None  # the MLflow run the metrics were logged to
-    seen_in_training: bool = False  # the clips come from the shards this version trained on
+    seen_in_training: bool = False  # this version trained on some of the plan's clips (`trained_on_plan`)
 
 
 def resolve_version(client: Any, model_uri: str) -> Any:
@@ -354,22 +367,30 @@ def evaluate_version(
     from mlflow import MlflowClient
 
     from training.registry import download_registered_bundle
-    from training.tracking import TAG_MANIFEST_SHA256
 
     client = MlflowClient(tracking_uri)
     version = resolve_version(client, model_uri)
     if plan is None:
-        plan = build_plan(data_dir or training_data_dir(client, version), settings)
+        plan = build_plan(data_dir or training_data_dir(client, version), settings, held_out_of(version.tags))
     mlflow.set_tracking_uri(tracking_uri)  # download_registered_bundle reads the current store
     bundle = download_registered_bundle(f"models:/{version.name}/{version.version}")
     metrics = evaluate_bundle(bundle, plan, settings)
     result = EvalResult(name=version.name, version=str(version.version), metrics=metrics, plan=plan)
-    # no held-out split in training yet: clips of the shards a version trained on were seen by it
-    manifest = plan.data_manifest_sha256
-    result.seen_in_training = manifest is not None and manifest == version.tags.get(TAG_MANIFEST_SHA256)
+    result.seen_in_training = trained_on_plan(plan, version.tags)
     if log:
         result.run_id = log_evaluation(client, version, result, settings)
     return result
+
+
+def trained_on_plan(plan: EvalPlan, tags: Mapping[str, str]) -> bool:
+    """Whether the version with `tags` trained on a clip of `plan`: it trained on the plan's shards
+    (the same manifest sha256) and some clip lies outside the split it kept out (`held_out_of`)."""
+    from training.data import is_held_out
+    from training.tracking import TAG_MANIFEST_SHA256
+
+    if plan.data_manifest_sha256 is None or plan.data_manifest_sha256 != tags.get(TAG_MANIFEST_SHA256):
+        return False
+    return any(not is_held_out(clip.id, held_out_of(tags)) for clip in plan.clips)
 
 
 def log_evaluation(client: Any, version: Any, result: EvalResult, settings: EvalSettings) -> str:
@@ -398,6 +419,7 @@ def log_evaluation(client: Any, version: Any, result: EvalResult, settings: Eval
         "eval.clip_ids": ",".join(clip.id for clip in plan.clips)[:6000] or "none",
         "eval.data": plan.data_dir or "none",
         "eval.data_manifest_sha256": plan.data_manifest_sha256 or "none",
+        "eval.held_out": plan.held_out,
     }
     # the version's logged model; a SQLite registry leaves model_id unset but names it in `source`
     source = version.source or ""
@@ -406,7 +428,7 @@ def log_evaluation(client: Any, version: Any, result: EvalResult, settings: Eval
     metrics = [Metric(key, value, now_ms, 0, model_id=model_id, run_id=run_id) for key, value in result.metrics.items()]
     client.log_batch(run_id, metrics=metrics, params=[Param(key, str(value)) for key, value in params.items()])
     client.log_dict(run_id, {"model": f"models:/{version.name}/{version.version}", "metrics": result.metrics,
-                             "settings": dataclasses.asdict(settings), "note": plan.note,
+                             "settings": dataclasses.asdict(settings), "note": plan.note, "held_out": plan.held_out,
                              "prompts": plan.prompts, "clips": [clip.id for clip in plan.clips]}, "evaluation.json")  # fmt: skip
     client.set_terminated(run_id)
     for key, value in result.metrics.items():
@@ -457,9 +479,10 @@ def promote_with_gate(
     force: bool = False,
 ) -> PromotionOutcome:
     """Move `alias` to the version `from_alias` points to, if the candidate is not worse than the
-    version `alias` points to now (`regressions`), both evaluated on one plan. No version at `alias`
-    yet: the candidate alone is evaluated (its metrics recorded) and promoted. `force` promotes a
-    worse candidate and records that on it (tags reelforge.promoted_with_force and _force_reason)."""
+    version `alias` points to now (`regressions`), both evaluated on one plan: its clips are held out
+    from both (the smaller data.held_out of the two; by rank alone when either has no split). No
+    version at `alias` yet: the candidate alone is evaluated (its metrics recorded) and promoted.
+    `force` promotes a worse candidate and records that on it (tags reelforge.promoted_with_force and _force_reason)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -477,7 +500,8 @@ def promote_with_gate(
         current = None  # first time this alias is set
     outcome = PromotionOutcome(promoted=False, line="")
     if current is None or str(current.version) != str(target.version):
-        plan = build_plan(data_dir or training_data_dir(client, target), settings)
+        held_out = min(held_out_of(version.tags) for version in (target, current) if version is not None)
+        plan = build_plan(data_dir or training_data_dir(client, target), settings, held_out)
         evaluate = dict(tracking_uri=tracking_uri, settings=settings, plan=plan)  # the same plan for both
         outcome.candidate = evaluate_version(f"models:/{name}/{target.version}", **evaluate)
         if current is not None:

@@ -56,12 +56,22 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import ScalingSection, TrainingConfig, TrainSection
-from training.data import ClipBatches, ClipIndex, DataPosition, TextEmbeddingCache, frames_to_model, make_loader, read_clip_index
+from training.data import (
+    ClipBatches,
+    ClipIndex,
+    DataPosition,
+    TextEmbeddingCache,
+    frames_to_model,
+    held_out_note,
+    make_loader,
+    read_clip_index,
+    without_held_out,
+)
 from training.deepspeed_config import deepspeed_config, make_lr_scheduler, use_bf16
 from training.eval_samples import log_eval_samples
 from training.export import export_bundle
 from training.metrics import MetricsWindow, format_eta, peak_flops_per_device, sum_over_ranks
-from training.preflight import check_world_size, read_resume_state
+from training.preflight import PreflightError, check_world_size, read_resume_state
 from training.run_dir import check_outputs_last, check_run_record, nothing_to_resume, run_identity, write_run_record
 from training.sessions import RaySession, Session, TorchrunSession, latest_torchrun_checkpoint
 from training.tracking import TAG_OUT, Tracker, resolve_tracking_uri, run_params, run_tags
@@ -149,6 +159,7 @@ def run_torchrun(
         resume = str(latest)
     if resume is not None:
         check_world_size(config, read_resume_state(resume))
+    check_held_out(config, data)
     identity = run_identity(config, data)
     check_run_record(out, identity, resume=resume_requested)
     if session.rank == 0:
@@ -158,6 +169,15 @@ def run_torchrun(
     if dist.is_initialized():
         dist.destroy_process_group()
     return state
+
+
+def check_held_out(config: TrainingConfig, data: str) -> None:
+    """A launch check (PreflightError): `data.held_out` leaves some clip to train on. Preflight counts
+    clips before the split; this small dataset case would otherwise fail only on the workers."""
+    try:
+        without_held_out(read_clip_index(data, config.data.caption_set), config.data.held_out)
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -172,10 +192,11 @@ def run_training(args: WorkerArgs, session: Session) -> TrainerState:
         resume_dir = _resume_dir(session, args, resources)
         parts = set_up(cfg, device, session.world_size, resume_dir)
         state = resume(parts, cfg, session, resume_dir)
-    index = read_clip_index(args.data, cfg.data.caption_set)
+    # the clips this run trains on: sample indices, the data position and every count are over these
+    index = without_held_out(read_clip_index(args.data, cfg.data.caption_set), cfg.data.held_out)
     tracker = start_tracking(cfg, out, state, args, session.rank)
     progress = open_data(parts, cfg, index, state, out, session)
-    _log_start(parts, cfg, len(index), session, state.step)
+    _log_start(parts, cfg, index, session, state.step)
 
     while state.step < cfg.train.max_steps:
         optimizer_step(parts, cfg.train, state, progress, session.rank)
@@ -262,7 +283,7 @@ def start_tracking(cfg: TrainingConfig, out: Path, state: TrainerState, args: Wo
     a fresh start only); every other rank gets a tracker whose methods do nothing."""
     tracker = Tracker(cfg.mlflow, out, rank=rank)
     # Tags hash the data manifest and ask git: work only rank 0's (active) tracker needs.
-    tags = run_tags(state.config_hash, args.data) | {TAG_OUT: str(out.resolve())} if rank == 0 else {}
+    tags = run_tags(state.config_hash, args.data, cfg.data.held_out) | {TAG_OUT: str(out.resolve())} if rank == 0 else {}
     run_name = args.run_name or out.name
     run_id = tracker.start_or_resume(state.mlflow_run_id or args.mlflow_run_id, run_name=run_name, tags=tags)
     if rank == 0:
@@ -295,11 +316,11 @@ def open_data(
     )
 
 
-def _log_start(parts: Components, cfg: TrainingConfig, num_clips: int, session: Session, step: int) -> None:
+def _log_start(parts: Components, cfg: TrainingConfig, index: ClipIndex, session: Session, step: int) -> None:
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in parts.engine.module.parameters())
     logger.info(
-        "training %s (%s params) on %d clips, %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
-        cfg.model.preset, f"{params:,}", num_clips, session.world_size, cfg.train.batch_size,
+        "training %s (%s params) on %d clips (%s), %d workers x batch %d x accum %d, ZeRO %d, %s, from step %d",
+        cfg.model.preset, f"{params:,}", len(index), held_out_note(index), session.world_size, cfg.train.batch_size,
         cfg.train.grad_accum_steps, cfg.deepspeed.zero_stage, session.name, step,
     )  # fmt: skip
 

@@ -163,7 +163,8 @@ def register(
         return _reuse(client, existing, name, alias)
     mlflow.set_tracking_uri(tracking_uri)
     run_tags = client.get_run(run_id).data.tags
-    # carry the provenance tags onto the version so the registry page alone says what it is
+    # carry the provenance tags onto the version so the registry page alone says what it is; evaluation
+    # reads two of them: the data (reelforge.data_manifest_sha256) and its held-out split (reelforge.data.held_out)
     tags = {k: v for k, v in run_tags.items() if k.startswith("reelforge.") or k == "mlflow.source.git.commit"}
     tags |= {TAG_RUN_ID: run_id} | ({TAG_BUNDLE_SHA256: sha256} if sha256 else {})
     model_version = mlflow.register_model(model_uri, name, tags=tags)

@@ -6,7 +6,7 @@ SQLite + local artifacts under the run's output folder (`sqlite:///<out>/mlflow.
 artifacts in `<out>/mlartifacts`), so a laptop run needs no server.
 
     tracker = Tracker(cfg.mlflow, out_dir, rank=rank)
-    run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(config_hash, data_dir))
+    run_id = tracker.start_or_resume(state.mlflow_run_id, run_name="tiny", tags=run_tags(config_hash, data_dir, cfg.data.held_out))
     tracker.log_params(run_params(cfg, data_dir))      # the training config + the shards' ingest config
     tracker.log_metrics({"loss": 0.31, "clips_per_s": 12.0}, step=100)   # a step is logged at most once
     with tracker.checkpoint_timer():                                       # counted as goodput loss
@@ -14,10 +14,12 @@ artifacts in `<out>/mlartifacts`), so a laptop run needs no server.
     tracker.log_sample_video(mp4_bytes, "a red fox in snow", step=100)     # samples/step-000100/a-red-fox-in-snow.mp4
     tracker.end("FINISHED")
 
-What a run trained is pinned by its tags (git commit, config hash, the data's manifest sha256 and
-the ingest config hash the shards record) and params: the training config as `train.lr` and the
-like, and the ingest config the shards were made with, read from the shards' own record
-(`_work/config.json`), as `ingest.clips.fps` and the like.
+What a run trained is pinned by its tags (git commit, config hash, the data's manifest sha256,
+the ingest config hash the shards record, and `data.held_out`, the fraction of clips kept out of
+training, which registration copies onto the model version for evaluation) and params: the training
+config as `train.lr` and the like (`data.held_out` among them, with `data.held_out_clips`, how many
+clips of the shards that kept out), and the ingest config the shards were made with, read from the
+shards' own record (`_work/config.json`), as `ingest.clips.fps` and the like.
 
 Resume continues the SAME run (its id travels in `trainer_state.json`). Steps replayed
 between the last checkpoint and the crash were logged already; `log_metrics` drops any step
@@ -63,6 +65,9 @@ TAG_MANIFEST_SHA256 = "reelforge.data_manifest_sha256"
 TAG_GIT_DIRTY = "reelforge.git_dirty"
 TAG_INGEST_CONFIG_HASH = "reelforge.data_ingest_config_hash"
 TAG_OUT = "reelforge.out"
+# data.held_out the run trained with; registration carries it (like every reelforge.* run tag) onto
+# the model version, where training/evaluation.py reads which clips the version never saw.
+TAG_HELD_OUT = "reelforge.data.held_out"
 
 # What an ingest output says about the config it was made with (docs/data-format.md).
 INGEST_CONFIG_RECORD = "_work/config.json"
@@ -127,8 +132,14 @@ def flat_params(config: Any, prefix: str = "") -> dict[str, Any]:
 def run_params(config: Any, data_dir: str | Path | None = None) -> dict[str, Any]:
     """A run's params: its training config, the ingest config its shards were made with as
     `ingest.<section>.<key>` (from the shards' own record, `ingest_record`), when they carry one,
-    and with `data.caption_set`, what made that set (`data.caption_set_id`, model, revision, prompt hash)."""
+    with `data.caption_set`, what made that set (`data.caption_set_id`, model, revision, prompt hash),
+    and `data.held_out_clips`: how many clips of the shards `data.held_out` keeps out of training."""
     params = flat_params(config)
+    held_out = getattr(getattr(config, "data", None), "held_out", None)
+    if held_out is not None and data_dir is not None:
+        from training.data import read_clip_index, without_held_out
+
+        params["data.held_out_clips"] = len(without_held_out(read_clip_index(str(data_dir)), held_out).held_out_ids)
     record = ingest_record(data_dir) if data_dir is not None else None
     if record is not None and record.get("sections"):
         params.update(flat_params(record["sections"], prefix="ingest."))
@@ -163,10 +174,12 @@ def git_commit(repo_dir: str | Path | None = None) -> tuple[str, bool] | None:
     return (commit, bool(dirty)) if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
-def run_tags(config_hash: str, data_dir: str | Path | None = None) -> dict[str, str]:
-    """Tags that pin what a run trained: code commit, resolved config, exact data (manifest hash)
-    and the ingest config hash the shards were made with."""
+def run_tags(config_hash: str, data_dir: str | Path | None = None, held_out: float | None = None) -> dict[str, str]:
+    """Tags that pin what a run trained: code commit, resolved config, exact data (manifest hash),
+    the ingest config hash the shards were made with and the held-out fraction (None: not tagged)."""
     tags = {TAG_CONFIG_HASH: config_hash}
+    if held_out is not None:
+        tags[TAG_HELD_OUT] = str(held_out)  # repr: the exact threshold, read back by float()
     commit = git_commit()
     if commit is not None:
         tags[TAG_GIT_COMMIT] = commit[0]

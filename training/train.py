@@ -24,7 +24,7 @@ from model.storage import config_hash
 from training.checkpoint import STATE_FILE
 from training.config import TrainingConfig
 from training.export import BUNDLE_DIR
-from training.loop import WorkerArgs, train_loop
+from training.loop import WorkerArgs, check_held_out, train_loop
 from training.preflight import check_memory, preflight
 from training.run_dir import check_outputs_last, check_run_record, nothing_to_resume, run_identity, write_run_record
 
@@ -62,7 +62,7 @@ def train(
     tracker = Tracker(config.mlflow, out, rank=0)
     resume_state = facts["resume_state"]
     run_name = run_name or out.name
-    tags = run_tags(config_hash(config), data) | {TAG_OUT: str(out)}
+    tags = run_tags(config_hash(config), data, config.data.held_out) | {TAG_OUT: str(out)}
     run_id = tracker.start_or_resume(resume_state.mlflow_run_id if resume_state else None, run_name=run_name, tags=tags)
     tracker.log_params(run_params(config, data))
     worker_args = WorkerArgs(
@@ -113,6 +113,7 @@ def launch_checks(
     elif resume_out:
         raise nothing_to_resume(out)
     facts = preflight(config, data, resume)
+    check_held_out(config, data)
     facts["identity"] = run_identity(config, data)
     check_run_record(out, facts["identity"], resume=resume_requested)
     return facts, resume

@@ -9,18 +9,23 @@ import pytest
 import torch
 
 from tests.training.conftest import uniform_clips, write_shards
-from training.config import ModelSection
+from training.config import DataSection, ModelSection, TrainingConfig
 from training.data import (
     ClipBatches,
     DataPosition,
     TextEmbeddingCache,
     assign_bucket,
     bucket_batch_sizes,
+    eval_rank,
+    held_out_note,
+    is_held_out,
     make_loader,
     read_clip_index,
     slot_plan,
     usable_clips,
+    without_held_out,
 )
+from training.tracking import TAG_HELD_OUT, run_params, run_tags
 
 MIXED_MODEL = ModelSection(fps=8, num_frames=8, size="32x32", buckets=["4x32x32", "8x48x32"])
 
@@ -156,6 +161,58 @@ def test_data_position_round_trips_and_rejects_another_dataset():
     assert not restored.is_consumed(2, 3)
     with pytest.raises(ValueError, match="over 10 clips but the dataset has 11"):
         DataPosition.from_state_dict(state, 11)
+
+
+def test_held_out_membership_reads_only_the_clip_id(tmp_path, tiny_shards):
+    ids = [f"{n:016x}-00000000-00001500" for n in range(5000)]
+    for clip_id in ids[:20]:  # the rule as documented: 64 bits of the eval rank as a fraction
+        assert is_held_out(clip_id, 0.3) == (int(eval_rank(clip_id)[:16], 16) / 16**16 < 0.3)
+    tenth = {c for c in ids if is_held_out(c, 0.1)}
+    assert abs(len(tenth) / len(ids) - 0.1) < 0.015
+    assert tenth <= {c for c in ids if is_held_out(c, 0.2)} and not any(is_held_out(c, 0.0) for c in ids)
+    # the same 6 clips alone, in other shards, and among 16: the same ones are held out
+    few = without_held_out(read_clip_index(str(write_shards(tmp_path / "few", uniform_clips(6), clips_per_shard=2))), 0.25)
+    many = without_held_out(read_clip_index(str(tiny_shards)), 0.25)
+    assert few.held_out_ids and few.held_out_ids == many.held_out_ids & (set(few.ids) | few.held_out_ids)
+    # no minimum: 16 clips at 1% hold out none, and the run says so; holding out every clip is refused
+    assert held_out_note(without_held_out(read_clip_index(str(tiny_shards)), 0.01)).startswith("none of 16 clips held out")
+    with pytest.raises(ValueError, match=r"data.held_out=0.5 leaves none of the 1 clips of .* to train on"):
+        without_held_out(read_clip_index(str(write_shards(tmp_path / "one", uniform_clips(1)))), 0.5)
+
+
+def test_the_loader_never_reads_a_held_out_clip_and_counts_only_the_trained(tiny_shards):
+    full = read_clip_index(str(tiny_shards))
+    index = without_held_out(full, 0.2)
+    assert index.held_out_ids == {c for c in full.ids if is_held_out(c, 0.2)} and len(index.held_out_ids) == 4
+    assert len(index) == 12 and set(index.ids).isdisjoint(index.held_out_ids)
+    assert held_out_note(index) == "4 of 16 clips held out for evaluation (data.held_out=0.2)"
+    model = ModelSection(fps=8, num_frames=8, size="32x32")
+    position = DataPosition(len(index))  # over the 12 clips trained on
+    loaders = [make_loader(ClipBatches(index, model, 2, 0, rank, 2, position), 0) for rank in range(2)]
+    trained, skipped = Counter(), Counter()
+    for batch in _take(loaders, 8):  # ~2.7 epochs of 12 clips
+        position.mark(batch["epochs"], batch["indices"])
+        trained.update((e, index.ids[i]) for e, i in zip(batch["epochs"], batch["indices"]))
+        skipped.update(batch["skipped"])
+    assert not skipped  # held-out clips are passed unread, not read and skipped as unknown
+    assert not {c for _, c in trained} & index.held_out_ids
+    assert {c for e, c in trained if e == 0} == set(index.ids) and max(trained.values()) == 1
+    assert position.epoch >= 1  # an epoch ends without the held-out clips
+    with pytest.raises(ValueError, match="over 12 clips but the dataset has 16 to train on: .*data.held_out"):
+        DataPosition.from_state_dict(position.state_dict(), len(full))
+
+
+def test_the_run_records_the_held_out_fraction_and_count(tiny_shards):
+    config = TrainingConfig.model_validate({"data": {"held_out": 0.2}})
+    params = run_params(config, str(tiny_shards))
+    assert params["data.held_out"] == 0.2 and params["data.held_out_clips"] == 4
+    tags = run_tags("0123456789abcdef", str(tiny_shards), config.data.held_out)  # registration copies it onto the version
+    assert tags[TAG_HELD_OUT] == "0.2" and TAG_HELD_OUT not in run_tags("0123456789abcdef", str(tiny_shards))
+    default = run_params(TrainingConfig(), str(tiny_shards))
+    assert default["data.held_out"] == 0.01 and default["data.held_out_clips"] == 0
+    for bad in (-0.1, 0.6):
+        with pytest.raises(ValueError, match="held_out"):
+            DataSection(held_out=bad)
 
 
 def test_text_embeddings_are_computed_once_per_caption():

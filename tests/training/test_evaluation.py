@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import uniform_clips, write_shards
+from training.data import eval_rank, is_held_out, read_clip_index
 from training.evaluation import (
     ABSOLUTE_SLACK,
     EvalSettings,
@@ -17,11 +18,14 @@ from training.evaluation import (
     drift,
     flicker,
     flow_accel,
+    held_out_of,
     psnr,
     regressions,
     ssim,
     trained_modes,
+    trained_on_plan,
 )
+from training.tracking import TAG_HELD_OUT, TAG_MANIFEST_SHA256, run_tags
 
 T, H, W = 8, 32, 32
 
@@ -101,6 +105,36 @@ def test_plan_takes_the_same_hash_chosen_clips_whatever_the_order(tmp_path):
     assert chosen <= {c.id for c in bigger.clips}
     text_only = build_plan(None, EvalSettings(prompts=2))
     assert text_only.clips == [] and len(text_only.prompts) == 2 and "text prompts only" in text_only.note
+
+
+def test_a_version_trained_with_a_split_is_evaluated_on_clips_it_never_saw(tmp_path):
+    shards = str(write_shards(tmp_path / "s", uniform_clips(6), clips_per_shard=2))
+    ids = read_clip_index(shards).ids
+    # a version's tags as training writes them (registration copies the run's reelforge.* tags)
+    split = run_tags("feedfacefeedface", shards, 0.25)
+    held = sorted((c for c in ids if is_held_out(c, 0.25)), key=eval_rank)
+    assert len(held) == 3 and held_out_of(split) == 0.25
+    plan = build_plan(shards, EvalSettings(prompts=1, clips=2), held_out_of(split))
+    assert [c.id for c in plan.clips] == held[:2] and plan.held_out == 0.25  # the lowest-ranked held-out clips
+    assert "data.held_out=0.25" in plan.note and not trained_on_plan(plan, split)
+    assert trained_on_plan(plan, split | {TAG_HELD_OUT: "0.1"})  # a version holding out fewer trained on one of them
+
+    # trained before the split existed (no tag) or with 0: the smallest ranks, seen in training, as before
+    old = {key: value for key, value in split.items() if key != TAG_HELD_OUT}
+    as_before = build_plan(shards, EvalSettings(prompts=1, clips=2), held_out_of(old))
+    assert [c.id for c in as_before.clips] == sorted(ids, key=eval_rank)[:2] and as_before.held_out == 0
+    assert trained_on_plan(as_before, old) and trained_on_plan(as_before, split | {TAG_HELD_OUT: "0.0"})
+    assert not trained_on_plan(as_before, old | {TAG_MANIFEST_SHA256: "0" * 64})  # other shards: not known
+
+    # the gate's plan for fractions 0.25 and 0.1: the clips held out from both
+    both = build_plan(shards, EvalSettings(prompts=1, clips=2), min(0.25, 0.1))
+    assert [c.id for c in both.clips] == [c for c in held if is_held_out(c, 0.1)] and len(both.clips) == 1
+    assert not trained_on_plan(both, split) and not trained_on_plan(both, split | {TAG_HELD_OUT: "0.1"})
+    # no clip under the fraction: said in the note, text prompts only
+    none = build_plan(shards, EvalSettings(prompts=2, clips=2), 0.05)
+    assert none.clips == [] and len(none.prompts) == 2
+    assert "no clip of" in none.note and "text prompts only" in none.note
+    assert not trained_on_plan(none, split | {TAG_HELD_OUT: "0.05"})
 
 
 def test_modes_follow_the_card_when_there_is_one():
