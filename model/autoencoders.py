@@ -266,23 +266,31 @@ def _pixel_from_options(spec: str, options: str) -> PixelAutoencoder:
     return PixelAutoencoder(spatial_factor=factors["s"], temporal_factor=factors["t"], spec=spec, scale=scale)
 
 
-def _load_vae(cls: type, location: str, dtype: torch.dtype) -> torch.nn.Module:
-    """from_pretrained on a VAE folder, a full diffusers pipeline folder (subfolder "vae") or a hub id."""
+def _load_vae(cls: type, location: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+    """from_pretrained on a VAE folder, a full diffusers pipeline folder (subfolder "vae") or a hub id.
+    Without `weights`: the architecture from config.json alone, on the meta device (no memory)."""
+
+    def build(where: str, subfolder: str | None) -> torch.nn.Module:
+        if weights:
+            return cls.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype)
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(where, subfolder=subfolder))
+
     path = Path(location).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"autoencoder location {location!r} is a file; expected a folder with config.json")
         subfolder = "vae" if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file() else None
         try:
-            return cls.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype)
+            return build(str(path), subfolder)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load {cls.__name__} from {location!r}: {exc}".splitlines()[0]) from exc
     # A hub id: the VAE of a full pipeline repo lives in its "vae" subfolder.
     try:
-        return cls.from_pretrained(location, subfolder="vae", torch_dtype=dtype)
+        return build(location, "vae")
     except (OSError, ValueError):
         try:
-            return cls.from_pretrained(location, torch_dtype=dtype)
+            return build(location, None)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load {cls.__name__} from {location!r}: {exc}".splitlines()[0]) from exc
 
@@ -298,6 +306,8 @@ def load_autoencoder(
 
     <loc> is a local folder (a VAE folder, or a diffusers pipeline folder with a "vae" subfolder)
     or a hub id. diffusers is imported only here, so `model/` imports with torch alone.
+    On `device="meta"` a VAE is built from its config without reading weights: its factors and
+    latent geometry are right, it cannot encode (what checking requests needs, e.g. a server's ingress).
     """
     kind, location = parse_autoencoder_spec(spec)
     if kind == "pixel":
@@ -305,9 +315,10 @@ def load_autoencoder(
 
     from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan
 
+    weights = torch.device(device).type != "meta"
     match kind:
         case "wan":
-            vae = _load_vae(AutoencoderKLWan, location, dtype)
+            vae = _load_vae(AutoencoderKLWan, location, dtype, weights)
             cfg = vae.config
             # Factors follow the architecture, not the scale_factor_* config fields, which keep
             # their defaults (4, 8) in configs that change the number of down blocks.
@@ -317,7 +328,7 @@ def load_autoencoder(
                 raise ValueError(f"Wan VAE at {location!r} has no latents_mean/std for its {cfg.z_dim} channels")
             mean, std = torch.tensor(cfg.latents_mean), torch.tensor(cfg.latents_std)
         case "cogvideox":
-            vae = _load_vae(AutoencoderKLCogVideoX, location, dtype)
+            vae = _load_vae(AutoencoderKLCogVideoX, location, dtype, weights)
             cfg = vae.config
             num_down = len(cfg.block_out_channels) - 1
             # The encoder compresses time in its first log2(ratio) down blocks only.
@@ -325,7 +336,7 @@ def load_autoencoder(
             spatial_factor = 2**num_down
             mean, std = _scale_shift_stats(cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor)
         case "kl":
-            vae = _load_vae(AutoencoderKL, location, dtype)
+            vae = _load_vae(AutoencoderKL, location, dtype, weights)
             cfg = vae.config
             temporal_factor = 1
             spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -333,7 +344,8 @@ def load_autoencoder(
     if tiling:
         vae.enable_tiling()
         vae.enable_slicing()
-    vae = vae.to(device)
+    if weights:
+        vae = vae.to(device)
     logger.info(
         "loaded %s autoencoder %r: %d latent channels, factors t=%d s=%d",
         kind, spec, mean.numel(), temporal_factor, spatial_factor,

@@ -185,7 +185,7 @@ class Bundle:
     dit: DiT
     config: BundleConfig
     autoencoder: Autoencoder
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | None  # None in a geometry-only bundle (load_bundle_geometry)
     path: Path
 
 
@@ -359,3 +359,22 @@ def load_bundle(
         )
     logger.info("loaded bundle %s on %s", bundle_dir, device)
     return Bundle(dit=dit, config=config, autoencoder=autoencoder, text_encoder=text_encoder, path=bundle_dir)
+
+
+def load_bundle_geometry(bundle_dir: str | Path) -> Bundle:
+    """A bundle's config, DiT and autoencoder on the meta device, without reading any weights, and
+    no text encoder: everything `VideoPipeline.check_request` and cost estimates need, in no memory.
+    What a server's ingress loads to refuse a bad request before a generator sees it."""
+    bundle_dir = Path(bundle_dir)
+    config = read_bundle_config(bundle_dir)
+    if not (bundle_dir / WEIGHTS_FILE).is_file():
+        raise ValueError(f"bundle {str(bundle_dir)!r} has no {WEIGHTS_FILE}")
+    with torch.device("meta"):
+        dit = DiT(config.dit)
+    autoencoder = load_autoencoder(config.autoencoder, device="meta")
+    if autoencoder.latent_channels != config.dit.in_channels:
+        raise ValueError(
+            f"bundle {str(bundle_dir)!r}: autoencoder {config.autoencoder!r} has {autoencoder.latent_channels} "
+            f"latent channels, the DiT expects {config.dit.in_channels}"
+        )
+    return Bundle(dit=dit.eval().requires_grad_(False), config=config, autoencoder=autoencoder, text_encoder=None, path=bundle_dir)

@@ -61,6 +61,33 @@ def _now() -> int:
     return int(time.time())
 
 
+def generate_job(model: LoadedModel, store: JobStore, job_id: str, on_step: Any) -> dict[str, Any]:
+    """Generate the request stored for `job_id` with `model` and write its video and result to the
+    store; the result. `on_step(done, total)` runs after every denoising step and may raise
+    JobStopped. What the embedded worker and a generator replica on Ray (infra/serve/on_ray.py) run."""
+    from model.mp4 import write_mp4
+
+    began = time.monotonic()
+    record = store.request(job_id)
+    if record is None:
+        raise StorageError(f"{job_id}: request.json is missing from the store")
+    with tempfile.TemporaryDirectory(prefix="reelforge-job-") as tmp:
+        request, seed, mode = build_request(record, Path(tmp))
+        video = model.pipeline.generate(request, on_step=on_step)
+    generated_s = time.monotonic() - began
+    mp4 = write_mp4(video.frames, video.fps, None)
+    frames = video.frames
+    result = {
+        "id": job_id, "seed": seed, "mode": mode, "prompt": record.get("prompt", ""),
+        "model_uri": model.uri, "model_version": model.version, "bundle_sha256": model.bundle_sha256,
+        "num_frames": int(frames.shape[0]), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
+        "fps": float(video.fps), "warnings": list(video.metadata.get("warnings", [])),
+        "timings": {"generate_s": round(generated_s, 3), "total_s": round(time.monotonic() - began, 3)},
+    }  # fmt: skip
+    store.write_result(job_id, mp4, result)
+    return result
+
+
 class Engine:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
@@ -70,7 +97,7 @@ class Engine:
         self.jobs: dict[str, dict[str, Any]] = {}  # id -> status record (what status.json holds)
         self.queue: collections.deque[str] = collections.deque()
         self.units: dict[str, float] = {}  # id -> estimated cost units
-        self.running: str | None = None
+        self.running: set[str] = set()  # one at a time here; a generator replica each on Ray (infra/serve/on_ray.py)
         self.seconds_per_unit: float | None = None
         self._cancel: set[str] = set()
         self._finished: dict[str, threading.Event] = {}
@@ -178,13 +205,13 @@ class Engine:
             (status,) = self.submit_all([(record, plan)], source=source)
             if key is not None:
                 self.store.remember_key(key, status["id"], body_sha256 or request_sha256(record))
-        return self.public(status), True
+            return self.public(status), True  # under the lock: the 202 says queued, not what the worker did since
 
     def ensure_room(self, jobs: int = 1) -> None:
         """429 now when `jobs` more would not fit: a full server refuses before validating a request
         (submit_all decides, under the lock)."""
         with self._cond:
-            active = len(self.queue) + (self.running is not None)
+            active = len(self.queue) + len(self.running)
         if active + jobs > self.settings.max_queue:
             wait = self.retry_after_s()
             raise ServeError(
@@ -259,6 +286,7 @@ class Engine:
             if status["status"] == "queued":
                 self.queue.remove(job_id)
                 self._finish(status, "cancelled", None)
+                self._abort(job_id)
                 return self.public(status)
             if status["status"] in FINAL:
                 self.store.delete(job_id)
@@ -268,7 +296,12 @@ class Engine:
                 logger.info("job %s deleted", job_id)
                 return {"id": job_id, "object": "video.deleted", "deleted": True}
             self._cancel.add(job_id)
+            self._abort(job_id)
         return self.public(self.wait(job_id, wait_s))
+
+    def _abort(self, job_id: str) -> None:
+        """Stop a cancelled job where it runs (caller holds the lock). Here the worker sees
+        `self._cancel` at its next step; on Ray the request to the generator is cancelled."""
 
     # -- estimates --------------------------------------------------------------------------------
 
@@ -285,23 +318,28 @@ class Engine:
     def _seconds(self, units: float) -> float | None:
         return round(units * self.seconds_per_unit, 1) if self.seconds_per_unit else None
 
-    def _remaining_units(self) -> float:
-        """Units the running job has left (caller holds the lock); 0 when none runs."""
-        if self.running is None:
-            return 0.0
-        status = self.jobs[self.running]
-        return self.units.get(self.running, 1.0) * (1 - status.get("step", 0) / (status.get("total_steps") or 1))
+    def _remaining_units(self, job_id: str) -> float:
+        """Units a running job has left (caller holds the lock)."""
+        status = self.jobs[job_id]
+        return self.units.get(job_id, 1.0) * (1 - status.get("step", 0) / (status.get("total_steps") or 1))
+
+    def parallelism(self) -> int:
+        """Jobs that run at once: one here (on Ray, the generator replicas busy now)."""
+        return 1
 
     def backlog_s(self) -> float:
         """Estimated seconds until every accepted job is done."""
         with self._cond:
-            units = sum(self.units.get(job_id, 1.0) for job_id in self.queue) + self._remaining_units()
-        return units * (self.seconds_per_unit or 1.0)
+            units = sum(self.units.get(job_id, 1.0) for job_id in self.queue) + sum(map(self._remaining_units, self.running))
+        return units * (self.seconds_per_unit or 1.0) / self.parallelism()
 
     def retry_after_s(self) -> int:
-        """Seconds until a slot is likely free: the rest of the running job (the next to finish)."""
+        """Seconds until a slot is likely free: the rest of the running job that ends first."""
         with self._cond:
-            units = self._remaining_units() if self.running is not None else (self.units.get(self.queue[0], 1.0) if self.queue else 0.0)
+            if self.running:
+                units = min(map(self._remaining_units, self.running))
+            else:
+                units = self.units.get(self.queue[0], 1.0) if self.queue else 0.0
         return max(1, math.ceil(units * (self.seconds_per_unit or 1.0)))
 
     def fits_sync_budget(self, plans: list[Any]) -> bool:
@@ -320,7 +358,7 @@ class Engine:
                 if self._stop.is_set():
                     return
                 job_id = self.queue.popleft()
-                self.running = job_id
+                self.running.add(job_id)
                 status = self.jobs[job_id]
                 status.update(status="in_progress", started_at=_now(), attempts=status.get("attempts", 0) + 1, step=0,
                               queued_s=round(time.time() - status.get("queued_at", time.time()), 3))  # fmt: skip
@@ -334,12 +372,10 @@ class Engine:
                         self._finish(status, "failed", ("internal_error", "internal error; see the server log"))
             finally:
                 with self._cond:
-                    self.running = None
+                    self.running.discard(job_id)
                     self._cancel.discard(job_id)
 
     def _run(self, job_id: str, status: dict[str, Any]) -> None:
-        from model.mp4 import write_mp4
-
         model = self.model
         assert model is not None
         began = time.monotonic()
@@ -361,23 +397,7 @@ class Engine:
                 self._persist(status)
 
         try:
-            record = self.store.request(job_id)
-            if record is None:
-                raise StorageError(f"{job_id}: request.json is missing from the store")
-            with tempfile.TemporaryDirectory(prefix="reelforge-job-") as tmp:
-                request, seed, mode = build_request(record, Path(tmp))
-                video = model.pipeline.generate(request, on_step=on_step)
-            generated_s = time.monotonic() - began
-            mp4 = write_mp4(video.frames, video.fps, None)
-            frames = video.frames
-            result = {
-                "id": job_id, "seed": seed, "mode": mode, "prompt": record.get("prompt", ""),
-                "model_uri": model.uri, "model_version": model.version, "bundle_sha256": model.bundle_sha256,
-                "num_frames": int(frames.shape[0]), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
-                "fps": float(video.fps), "warnings": list(video.metadata.get("warnings", [])),
-                "timings": {"generate_s": round(generated_s, 3), "total_s": round(time.monotonic() - began, 3)},
-            }  # fmt: skip
-            self.store.write_result(job_id, mp4, result)
+            result = generate_job(model, self.store, job_id, on_step)
         except JobStopped as stop:
             with self._cond:
                 if stop.status == "queued":  # a clean shutdown: the next server runs it, as a fresh attempt
@@ -395,14 +415,18 @@ class Engine:
             with self._cond:
                 self._finish(status, "failed", ("storage_error", f"the server's store failed: {one_line(exc)}"))
             return
-        units = self.units.get(job_id)
+        with self._cond:
+            self._completed(status, result)
+
+    def _completed(self, status: dict[str, Any], result: dict[str, Any]) -> None:
+        """A job's video and result are in the store: learn its speed, report it done (caller holds the lock)."""
+        units = self.units.get(status["id"])
         if units:
-            measured = generated_s / units
+            measured = result["timings"]["generate_s"] / units
             spu = self.seconds_per_unit
             self.seconds_per_unit = measured if spu is None else (1 - EWMA) * spu + EWMA * measured
-        with self._cond:
-            status.update(model_version=model.version, warnings=result["warnings"], timings=result["timings"])
-            self._finish(status, "completed", None)
+        status.update(model_version=result["model_version"], warnings=result["warnings"], timings=result["timings"])
+        self._finish(status, "completed", None)
 
     def _finish(self, status: dict[str, Any], outcome: str, error: tuple[str, str] | None) -> None:
         """Record a final state (caller holds the lock) and wake whoever waits on it."""

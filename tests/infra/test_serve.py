@@ -39,28 +39,38 @@ def _free_port() -> int:
 class Server:
     """`python -m infra serve ...` in its own session, on a free port, once /health says ready."""
 
+    ready_within_s = 120
+
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.args, self.log_path, self.env = args, log, env or {}
         self.start()
+
+    @property
+    def threads(self) -> list[str]:
+        """One torch thread unless a test says otherwise: the tiny model runs fastest so, and a busy
+        machine cannot stall it (OpenMP threads spinning on an oversubscribed CPU took 300 of its
+        steps from about 1 s to over a minute)."""
+        return [] if "--threads" in self.args or "--ray" in self.args else ["--threads", "1"]
 
     def start(self) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "infra", "serve", *self.args, "--port", str(self.port)],
+            [sys.executable, "-m", "infra", "serve", *self.args, *self.threads, "--port", str(self.port)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env},
         )  # fmt: skip
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.ready_within_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_path.read_text()[-3000:]
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+        self.stop()  # never leave a server behind
+        raise AssertionError(f"server not ready in {self.ready_within_s} s: {self.log_path.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         try:
@@ -272,56 +282,79 @@ def test_a_killed_server_loses_no_queued_job(bundle, tmp_path, capsys):
         served.stop()
 
 
-def test_registry_model_matches_mlflow_scoring_and_reloads_after_a_promote(tmp_path):
+class FoxRegistry:
+    """A SQLite registry (MLFLOW_TRACKING_URI set while it is open) with model `fox`: version 1, a
+    tiny bundle, at @champion; `promote_changed()` registers version 2 (weights doubled) and moves
+    @champion to it through the promotion path."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from training.config import RegistrySection
+        from training.registry import log_and_register, promote
+        from tests.training.test_registry import finished_training_run
+
+        self.tmp_path, self.uri = tmp_path, f"sqlite:///{tmp_path}/mlflow.db"
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        self.first = tiny_bundle(tmp_path / "v1")
+        self.run_id = finished_training_run(self.uri, tmp_path, self.first)
+        log_and_register(self.first, self.run_id, RegistrySection(model_name="fox"), self.uri)
+        promote("fox", "champion", tracking_uri=self.uri, version=1)
+        self.env = {"MLFLOW_TRACKING_URI": self.uri, "REELFORGE_CACHE": str(tmp_path / "cache")}
+
+    def promote_changed(self) -> None:
+        from safetensors.torch import load_file, save_file
+
+        from training.config import RegistrySection
+        from training.registry import log_and_register, promote
+
+        changed = self.tmp_path / "v2"
+        shutil.copytree(self.first, changed)
+        weights = load_file(str(changed / "weights.safetensors"))
+        save_file({k: v * 2 for k, v in weights.items()}, str(changed / "weights.safetensors"))
+        log_and_register(changed, self.run_id, RegistrySection(model_name="fox"), self.uri)
+        promote("fox", "champion", tracking_uri=self.uri, from_alias="candidate")
+
+    def close(self) -> None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def fox(tmp_path):
+    registry = FoxRegistry(tmp_path)
+    yield registry
+    registry.close()
+
+
+def test_registry_model_matches_mlflow_scoring_and_reloads_after_a_promote(fox, tmp_path):
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.pyfunc import scoring_server
-    from safetensors.torch import load_file, save_file
     from starlette.testclient import TestClient
 
-    from training.config import RegistrySection
-    from training.registry import log_and_register, promote
-    from tests.training.test_registry import finished_training_run
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    uri, env = fox.uri, fox.env
+    served = Server(["--model", "models:/fox@champion", "--store", str(tmp_path / "store"), "--reload-every", "0.5"],
+                    tmp_path / "log", env=env)  # fmt: skip
     try:
-        first = tiny_bundle(tmp_path / "v1")
-        run_id = finished_training_run(uri, tmp_path, first)
-        log_and_register(first, run_id, RegistrySection(model_name="fox"), uri)
-        promote("fox", "champion", tracking_uri=uri, version=1)
-        env = {"MLFLOW_TRACKING_URI": uri, "REELFORGE_CACHE": str(tmp_path / "cache")}
-        served = Server(["--model", "models:/fox@champion", "--store", str(tmp_path / "store"), "--reload-every", "0.5"],
-                        tmp_path / "log", env=env)  # fmt: skip
-        try:
-            version = served.get("/version").json()
-            assert version["model_version"] == "1"
-            assert version["bundle_sha256"] == MlflowClient(uri).get_model_version("fox", "1").tags["reelforge.bundle_sha256"]
-            request = {"dataframe_records": [{"prompt": "a fox in snow", "num_frames": 2, "steps": 2, "seed": 9}]}
-            ours = served.post("/invocations", json=request)
-            assert ours.status_code == 200, ours.text
-            mlflow_app = TestClient(scoring_server.init(mlflow.pyfunc.load_model("models:/fox/1")))
-            theirs = mlflow_app.post("/invocations", json=request)
-            assert theirs.status_code == 200, theirs.text[:300]
-            # the same request and seed: the same MP4 bytes through reelforge serve and MLflow's scoring app
-            assert ours.json()["predictions"] == theirs.json()["predictions"]
+        version = served.get("/version").json()
+        assert version["model_version"] == "1"
+        assert version["bundle_sha256"] == MlflowClient(uri).get_model_version("fox", "1").tags["reelforge.bundle_sha256"]
+        request = {"dataframe_records": [{"prompt": "a fox in snow", "num_frames": 2, "steps": 2, "seed": 9}]}
+        ours = served.post("/invocations", json=request)
+        assert ours.status_code == 200, ours.text
+        mlflow_app = TestClient(scoring_server.init(mlflow.pyfunc.load_model("models:/fox/1")))
+        theirs = mlflow_app.post("/invocations", json=request)
+        assert theirs.status_code == 200, theirs.text[:300]
+        # the same request and seed: the same MP4 bytes through reelforge serve and MLflow's scoring app
+        assert ours.json()["predictions"] == theirs.json()["predictions"]
 
-            changed = tmp_path / "v2"
-            shutil.copytree(first, changed)
-            weights = load_file(str(changed / "weights.safetensors"))
-            save_file({k: v * 2 for k, v in weights.items()}, str(changed / "weights.safetensors"))
-            log_and_register(changed, run_id, RegistrySection(model_name="fox"), uri)
-            promote("fox", "champion", tracking_uri=uri, from_alias="candidate")
-            deadline = time.monotonic() + 60
-            while served.get("/version").json()["model_version"] != "2":
-                assert time.monotonic() < deadline, "the server never loaded version 2"
-                time.sleep(0.2)
-            job = served.post("/v1/videos", json={"prompt": "a fox", "steps": 2, "seed": 9}).json()
-            assert served.wait_for(job["id"])["model_version"] == "2"
-        finally:
-            served.stop()
+        fox.promote_changed()
+        deadline = time.monotonic() + 60
+        while served.get("/version").json()["model_version"] != "2":
+            assert time.monotonic() < deadline, "the server never loaded version 2"
+            time.sleep(0.2)
+        job = served.post("/v1/videos", json={"prompt": "a fox", "steps": 2, "seed": 9}).json()
+        assert served.wait_for(job["id"])["model_version"] == "2"
     finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+        served.stop()
 
 
 def serve_main(capsys, *args: str) -> int:
@@ -339,4 +372,12 @@ def test_bad_settings_fail_before_serving(bundle, tmp_path, capsys, monkeypatch)
     assert serve_main(capsys, "--model", str(tmp_path / "nowhere"), "--store", str(tmp_path / "b")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no such bundle folder")
     assert serve_main(capsys, "--model", "models:/nothing@champion", "--store", str(tmp_path / "c")) == 2
+    assert "models:/nothing@champion" in capsys.readouterr().err.strip().splitlines()[-1]
+    # --ray's flags too, before Ray starts
+    for flags, line in ((["--replicas", "0:2"], "--replicas 0:2 must be MIN[:MAX] with 1 <= MIN <= MAX"),
+                        (["--replicas", "two"], "--replicas 'two' must be MIN[:MAX], e.g. 1 or 1:4"),
+                        (["--gpus-per-replica", "-1"], "--gpus-per-replica must be >= 0, got -1.0")):  # fmt: skip
+        assert serve_main(capsys, "--ray", "--model", str(bundle), "--store", str(tmp_path / "d"), *flags) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"reelforge serve: error: {line}"
+    assert serve_main(capsys, "--ray", "--model", "models:/nothing@champion", "--store", str(tmp_path / "d")) == 2
     assert "models:/nothing@champion" in capsys.readouterr().err.strip().splitlines()[-1]

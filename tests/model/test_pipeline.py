@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.bundle import load_bundle, save_bundle
+from model.bundle import load_bundle, load_bundle_geometry, save_bundle
 from model.dit import DiT, dit_config
 from model.pipeline import GenerationRequest, VideoPipeline, plan_windows
 from model.mp4 import write_mp4
@@ -169,10 +169,31 @@ def test_plan_windows_forward_backward_and_anchored_ends():
         (dict(prompt="  "), "empty prompt"),
     ],
 )
-def test_bad_requests_name_the_value(pipeline, fields, message):
+def test_bad_requests_name_the_value(pipeline, geometry, fields, message):
     request = GenerationRequest(**{"prompt": "a cat", **fields})
-    with pytest.raises(ValueError, match=message):
-        pipeline.check_request(request)
+    for checker in (pipeline, geometry):  # the weight-less checker of a server's ingress refuses alike
+        with pytest.raises(ValueError, match=message):
+            checker.check_request(request)
+
+
+@pytest.fixture(scope="module")
+def geometry(pipeline) -> VideoPipeline:
+    """The same bundle without weights: DiT and autoencoder on the meta device, no text encoder."""
+    return VideoPipeline(load_bundle_geometry(pipeline.bundle.path))
+
+
+def test_geometry_plans_like_the_loaded_model(pipeline, geometry, inputs):
+    folder, _ = inputs
+    assert geometry.device.type == "meta" and all(p.device.type == "meta" for p in geometry.dit.parameters())
+    assert (geometry.card, geometry.window_latent_frames, geometry.patch_size) == (pipeline.card, pipeline.window_latent_frames, pipeline.patch_size)
+    requests = [
+        GenerationRequest(prompt="a cat"),
+        GenerationRequest(prompt="a cat", seconds=2.3, steps=3, guidance=2.0, seed=7, width=64, height=32),
+        GenerationRequest(prompt="a cat", mode="extend", video=folder / "a.mp4", overlap_frames=2, seconds=3.0),
+        GenerationRequest(prompt="", mode="image", image=folder / "first.png"),
+    ]
+    for request in requests:
+        assert geometry.check_request(request) == pipeline.check_request(request)
 
 
 def test_bad_input_files_fail_at_generation(pipeline, inputs, tmp_path):
@@ -256,6 +277,14 @@ def test_causal_vae_bundle_lengths_are_exact(tmp_path, inputs):
     assert image.frames.shape[0] == 5
     with pytest.raises(ValueError, match="num_frames 4 must be 1 \\+ a multiple of 2"):
         wan_pipeline.check_request(GenerationRequest(prompt="a cat", num_frames=4))
+    # Without weights (a server's ingress): the Wan VAE built from its config on the meta device
+    # plans the same and refuses the same.
+    geometry = VideoPipeline(load_bundle_geometry(path))
+    assert geometry.device.type == "meta" and geometry.autoencoder.device.type == "meta" and geometry.text_encoder is None
+    request = GenerationRequest(prompt="a cat", seconds=2.0)
+    assert geometry.check_request(request) == wan_pipeline.check_request(request)
+    with pytest.raises(ValueError, match="num_frames 4 must be 1 \\+ a multiple of 2"):
+        geometry.check_request(GenerationRequest(prompt="a cat", num_frames=4))
 
 
 def test_bundle_recorded_shift_is_used_for_sampling(tmp_path):
