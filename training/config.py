@@ -195,7 +195,7 @@ class DataSection(Section):
     # and counted. None: the shards' own captions.
     caption_set: str | None = None
     # Fraction of clips kept out of training for `reelforge eval` and the promotion gate. Chosen per
-    # clip by a hash of its id (training/data.py `is_held_out`), so growing the data never moves a
+    # clip by a hash of its id (training/clip_index.py `is_held_out`), so growing the data never moves a
     # trained clip into it; no minimum count: a small dataset may hold out none (the run says so).
     held_out: float = Field(default=0.01, ge=0, le=0.5)
 

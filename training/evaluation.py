@@ -8,7 +8,7 @@
 Generated with fixed seeds (item i of the plan gets `settings.seed + i`), so two versions see the
 same prompts, clips and noise: each text prompt as a long video of `long_windows` trained lengths,
 and each held-out clip in every conditioning mode the model was trained for (the card's modes, else
-image and extend). Metrics (lower is better unless said; docs/evaluation.md has the reasoning):
+image and extend). Metrics (training/eval_metrics.py; lower is better unless said; docs/evaluation.md has the reasoning):
 
 * `fidelity_psnr` (dB, higher), `fidelity_ssim` (higher): the output frames that reproduce the
   conditioning frames (metadata["anchor_frames"]) against those frames as the pipeline read them.
@@ -19,8 +19,8 @@ image and extend). Metrics (lower is better unless said; docs/evaluation.md has 
 * `drift`: on each long text video, the largest change of brightness, contrast or sharpness from
   its first trained-length stretch of frames to its last.
 
-Held-out clips: the `clips` clips of the shards with the smallest `training.data.eval_rank`, among
-those `data.held_out` kept out of training (`training.data.is_held_out`, the fraction read from the
+Held-out clips: the `clips` clips of the shards with the smallest `training.clip_index.eval_rank`, among
+those `data.held_out` kept out of training (`training.clip_index.is_held_out`, the fraction read from the
 version's tag reelforge.data.held_out; the gate uses the smaller fraction of its two versions, the
 clips held out from both). None held out: text prompts only. A version trained without a split
 (no tag, or 0) gets the smallest ranks as before, and EvalResult.seen_in_training says it saw them.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import re
 import tempfile
 import time
@@ -42,6 +41,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from training.eval_metrics import drift, flicker, flow_accel, flows_of, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -65,92 +66,6 @@ TAG_FORCE_REASON = "reelforge.promote_force_reason"
 # Prompts used when held-out captions are fewer than --prompts: plain scenes any model can attempt.
 BUILTIN_PROMPTS = ("a red circle moving right on a dark blue background", "a person walking on a beach at sunset",
                    "waves rolling onto a rocky shore", "clouds drifting over a green hill")  # fmt: skip
-
-
-# --- metrics on frames: uint8 (T, H, W, 3) arrays -----------------------------------------
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of uint8 frames in dB; inf for identical frames."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2
-    0.03) of uint8 frames (T, H, W, 3) or (H, W, 3), over frames, pixels and RGB channels; 1 = identical."""
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    scores = []
-    for frame_a, frame_b in zip(a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])):
-        x, y = frame_a.astype(np.float64), frame_b.astype(np.float64)  # (H, W, 3)
-
-        def blur(image: np.ndarray) -> np.ndarray:
-            return cv2.GaussianBlur(image, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
-
-        mu_x, mu_y = blur(x), blur(y)
-        var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
-        ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-        scores.append(float(ssim_map.mean()))
-    return float(np.mean(scores))
-
-
-def luma(frames: np.ndarray) -> np.ndarray:
-    """uint8 (T, H, W, 3) RGB -> uint8 (T, H, W) luma (BT.601, what Farneback wants: 8-bit, one channel)."""
-    return np.stack([cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in frames])
-
-
-def optical_flow(prev: np.ndarray, next_: np.ndarray) -> np.ndarray:
-    """Dense Farneback flow (H, W, 2) from one uint8 luma frame to the next: prev(x) ~ next(x + flow(x)).
-    Three pyramid levels and a 9-pixel window: small enough for 32-pixel test frames to keep detail."""
-    return cv2.calcOpticalFlowFarneback(prev, next_, None, 0.5, 3, 9, 3, 5, 1.1, 0)
-
-
-def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
-    """image(x + flow(x)): bring the next frame (or flow field) back onto the previous frame's pixels."""
-    height, width = flow.shape[:2]
-    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    return cv2.remap(image, grid_x + flow[..., 0], grid_y + flow[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-
-
-def flows_of(frames: np.ndarray) -> list[np.ndarray]:
-    """Optical flow (H, W, 2) between each pair of consecutive frames."""
-    y = luma(frames)  # (T, H, W)
-    return [optical_flow(a, b) for a, b in zip(y, y[1:])]
-
-
-def flicker(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> float:
-    """Mean absolute luma change (0..1) between consecutive frames that optical flow does not explain;
-    nan for fewer than 2 frames."""
-    y = luma(frames).astype(np.float32) / 255.0  # (T, H, W)
-    if len(y) < 2:
-        return math.nan
-    flows = flows if flows is not None else flows_of(frames)
-    return float(np.mean([np.abs(warp(b, f) - a).mean() for a, b, f in zip(y, y[1:], flows)]))
-
-
-def flow_accel(frames: np.ndarray, flows: list[np.ndarray] | None = None) -> float:
-    """Mean |F[t+1](x + F[t](x)) - F[t](x)| in pixels/frame^2 (0 for constant motion); nan under 3 frames."""
-    flows = flows if flows is not None else flows_of(frames)
-    if len(flows) < 2:
-        return math.nan
-    return float(np.mean([np.linalg.norm(warp(b, a) - a, axis=-1).mean() for a, b in zip(flows, flows[1:])]))
-
-
-def frame_quality(frames: np.ndarray) -> dict[str, float]:
-    """Brightness (mean luma), contrast (luma std) and sharpness (mean |Laplacian|), all on 0..1 luma,
-    averaged over frames."""
-    y = luma(frames).astype(np.float32) / 255.0  # (T, H, W)
-    sharpness = np.mean([np.abs(cv2.Laplacian(frame, cv2.CV_32F)).mean() for frame in y])
-    return {"brightness": float(y.mean()), "contrast": float(y.std(axis=(1, 2)).mean()), "sharpness": float(sharpness)}
-
-
-def drift(frames: np.ndarray, window_frames: int) -> float:
-    """Largest change of a `frame_quality` statistic from the first `window_frames` frames to the
-    last; nan unless the video is longer than one window."""
-    if len(frames) <= window_frames:
-        return math.nan
-    first, last = frame_quality(frames[:window_frames]), frame_quality(frames[-window_frames:])
-    return max(abs(last[key] - first[key]) for key in first)
 
 
 # --- what to evaluate on -------------------------------------------------------------------
@@ -223,7 +138,8 @@ def _read_clips(data_dir: str, count: int, held_out: float) -> tuple[list[EvalCl
     """(the first `count` decodable clips in `eval_rank` order, among the held-out ones when
     `held_out` > 0; the manifest's sha256; how many clips are held out)."""
     from model.storage import resolve_uri
-    from training.data import eval_rank, is_held_out, iter_shard_samples, read_clip_index
+    from training.clip_index import eval_rank, is_held_out, read_clip_index
+    from training.data import iter_shard_samples
     from training.tracking import manifest_sha256
 
     index = read_clip_index(data_dir)  # one-line ValueError for a folder that is no finished ingest
@@ -385,7 +301,7 @@ def evaluate_version(
 def trained_on_plan(plan: EvalPlan, tags: Mapping[str, str]) -> bool:
     """Whether the version with `tags` trained on a clip of `plan`: it trained on the plan's shards
     (the same manifest sha256) and some clip lies outside the split it kept out (`held_out_of`)."""
-    from training.data import is_held_out
+    from training.clip_index import is_held_out
     from training.tracking import TAG_MANIFEST_SHA256
 
     if plan.data_manifest_sha256 is None or plan.data_manifest_sha256 != tags.get(TAG_MANIFEST_SHA256):

@@ -56,17 +56,8 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import ScalingSection, TrainingConfig, TrainSection
-from training.data import (
-    ClipBatches,
-    ClipIndex,
-    DataPosition,
-    TextEmbeddingCache,
-    frames_to_model,
-    held_out_note,
-    make_loader,
-    read_clip_index,
-    without_held_out,
-)
+from training.clip_index import ClipIndex, held_out_note, read_clip_index, without_held_out
+from training.data import ClipBatches, DataPosition, TextEmbeddingCache, frames_to_model, make_loader
 from training.deepspeed_config import deepspeed_config, make_lr_scheduler, use_bf16
 from training.eval_samples import log_eval_samples
 from training.export import export_bundle

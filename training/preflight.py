@@ -26,7 +26,8 @@ from typing import Any
 
 from training.checkpoint import TrainerState, needs_universal, read_trainer_state
 from training.config import TrainingConfig
-from training.data import ClipIndex, read_clip_index, usable_clips
+from training.clip_index import ClipIndex, read_clip_index
+from training.data import usable_clips
 from training.deepspeed_config import use_bf16
 
 logger = logging.getLogger(__name__)

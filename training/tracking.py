@@ -137,7 +137,7 @@ def run_params(config: Any, data_dir: str | Path | None = None) -> dict[str, Any
     params = flat_params(config)
     held_out = getattr(getattr(config, "data", None), "held_out", None)
     if held_out is not None and data_dir is not None:
-        from training.data import read_clip_index, without_held_out
+        from training.clip_index import read_clip_index, without_held_out
 
         params["data.held_out_clips"] = len(without_held_out(read_clip_index(str(data_dir)), held_out).held_out_ids)
     record = ingest_record(data_dir) if data_dir is not None else None

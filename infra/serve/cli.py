@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """(ServeSettings, RaySettings) from parsed flags; ValueError naming the flag."""
-    from infra.serve.settings import ServeSettings
+    from infra.serve.settings import RaySettings, ServeSettings, parse_replicas
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port")
@@ -61,8 +61,6 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         job_timeout_s=args.job_timeout, ttl_s=args.ttl_hours * 3600, reload_every_s=args.reload_every,
         device=args.device, dtype=args.dtype, warmup=not args.no_warmup, threads=args.threads,
     )  # fmt: skip
-    from infra.serve.on_ray import RaySettings, parse_replicas
-
     low, high = parse_replicas(args.replicas)
     ray_settings = RaySettings(min_replicas=low, max_replicas=high, gpus_per_replica=args.gpus_per_replica,
                                cpus_per_replica=args.cpus_per_replica, max_body_bytes=int(args.max_body_mb * (1 << 20)))  # fmt: skip
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.serve.app import create_app
 
-    app = create_app(engine, max_body_bytes=ray_settings.max_body_bytes)
+    app = create_app(engine, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     try:
         # log_config=None: our one line per request (app.py) instead of uvicorn's access log
         uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
@@ -127,3 +125,20 @@ def serve_on_ray(settings: Any, ray_settings: Any, host: str, port: int) -> int:
         logger.info("deleting the %s application", APP_NAME)
         serve.delete(APP_NAME)
     return 0
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """`serve run infra.serve.cli:app_builder model=... store=... replicas=1:4`, and a RayService's
+    import_path: the arguments are `reelforge serve`'s flags without their dashes."""
+    from infra.serve.on_ray import build_app
+
+    argv = []
+    for key, value in args.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True or value is False:  # a switch (no_warmup: true)
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    parsed = build_parser().parse_args(argv)
+    settings, ray_settings = settings_from_args(parsed)
+    return build_app(settings, ray_settings)

@@ -36,6 +36,7 @@ from typing import Any
 from model.errors import one_line
 from model.pyfunc import build_request
 from pipelines.output import IngestStopped, LeaseKeeper, StorageError, take_lease
+from infra.serve.job import JobStopped, generate_job
 from infra.serve.model_ref import LoadedModel, alias_version, check_reference, cost_units, load_model
 from infra.serve.settings import ServeSettings
 from infra.serve.request_body import ServeError, field_message, parse_body
@@ -49,43 +50,8 @@ PERSIST_EVERY_S = 2.0  # progress reaches the store at most this often (every st
 EWMA = 0.3  # weight of the newest finished job in the seconds-per-unit estimate
 
 
-class JobStopped(Exception):
-    """Raised from the step hook: the job is cancelled or ran out of time."""
-
-    def __init__(self, status: str, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
 def _now() -> int:
     return int(time.time())
-
-
-def generate_job(model: LoadedModel, store: JobStore, job_id: str, on_step: Any) -> dict[str, Any]:
-    """Generate the request stored for `job_id` with `model` and write its video and result to the
-    store; the result. `on_step(done, total)` runs after every denoising step and may raise
-    JobStopped. What the embedded worker and a generator replica on Ray (infra/serve/on_ray.py) run."""
-    from model.mp4 import write_mp4
-
-    began = time.monotonic()
-    record = store.request(job_id)
-    if record is None:
-        raise StorageError(f"{job_id}: request.json is missing from the store")
-    with tempfile.TemporaryDirectory(prefix="reelforge-job-") as tmp:
-        request, seed, mode = build_request(record, Path(tmp))
-        video = model.pipeline.generate(request, on_step=on_step)
-    generated_s = time.monotonic() - began
-    mp4 = write_mp4(video.frames, video.fps, None)
-    frames = video.frames
-    result = {
-        "id": job_id, "seed": seed, "mode": mode, "prompt": record.get("prompt", ""),
-        "model_uri": model.uri, "model_version": model.version, "bundle_sha256": model.bundle_sha256,
-        "num_frames": int(frames.shape[0]), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
-        "fps": float(video.fps), "warnings": list(video.metadata.get("warnings", [])),
-        "timings": {"generate_s": round(generated_s, 3), "total_s": round(time.monotonic() - began, 3)},
-    }  # fmt: skip
-    store.write_result(job_id, mp4, result)
-    return result
 
 
 class Engine:

@@ -10,7 +10,7 @@
                video and result into the store itself, so no video crosses the ingress
 
     serve.run(build_app(ServeSettings(model="models:/NAME@champion", store="s3://bucket/jobs")))
-    serve run infra.serve.on_ray:app_builder model=models:/NAME@champion store=s3://bucket/jobs
+    serve run infra.serve.cli:app_builder model=models:/NAME@champion store=s3://bucket/jobs
     reelforge serve --ray --model models:/NAME@champion --store s3://bucket/jobs --replicas 1:4
 
 Every accepted job is sent to the generator deployment at once: Serve holds it until a replica is
@@ -39,9 +39,10 @@ from typing import Any
 
 from model.errors import one_line
 from pipelines.output import StorageError
-from infra.serve.engine import FINAL, MAX_ATTEMPTS, PERSIST_EVERY_S, Engine, JobStopped, generate_job
+from infra.serve.engine import FINAL, MAX_ATTEMPTS, PERSIST_EVERY_S, Engine
+from infra.serve.job import JobStopped, generate_job
 from infra.serve.model_ref import LoadedModel, alias_version, load_model, resolve_model
-from infra.serve.settings import ServeSettings
+from infra.serve.settings import RaySettings, ServeSettings
 from infra.serve.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -331,34 +332,6 @@ class Ingress:
 # -- the application --------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RaySettings:
-    """How the deployments are sized; checked when made."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_replica: float = 1.0
-    max_body_bytes: int = 64 << 20
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"--replicas {self.min_replicas}:{self.max_replicas} must be MIN[:MAX] with 1 <= MIN <= MAX")
-        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
-            raise ValueError(f"--gpus-per-replica must be >= 0, got {self.gpus_per_replica!r}")
-        if self.cpus_per_replica < 0:
-            raise ValueError(f"--cpus-per-replica must be >= 0, got {self.cpus_per_replica!r}")
-
-
-def parse_replicas(text: str) -> tuple[int, int]:
-    """"2" -> (2, 2); "1:4" -> (1, 4) (autoscaled); ValueError naming the flag."""
-    low, _, high = text.partition(":")
-    try:
-        return int(low), int(high or low)
-    except ValueError:
-        raise ValueError(f"--replicas {text!r} must be MIN[:MAX], e.g. 1 or 1:4") from None
-
-
 def cluster_has_gpus() -> bool:
     import ray
 
@@ -392,20 +365,3 @@ def build_app(settings: ServeSettings, ray_settings: RaySettings = RaySettings()
     )  # fmt: skip
     fields = dataclasses.asdict(settings)
     return ingress.bind(fields, ray_settings.max_body_bytes, generator.bind(fields))
-
-
-def app_builder(args: dict[str, str]) -> Any:
-    """`serve run infra.serve.on_ray:app_builder model=... store=... replicas=1:4`, and a RayService's
-    import_path: the arguments are `reelforge serve`'s flags without their dashes."""
-    from infra.serve.cli import build_parser, settings_from_args
-
-    argv = []
-    for key, value in args.items():
-        flag = f"--{key.replace('_', '-')}"
-        if value is True or value is False:  # a switch (no_warmup: true)
-            argv += [flag] if value else []
-        else:
-            argv += [flag, str(value)]
-    parsed = build_parser().parse_args(argv)
-    settings, ray_settings = settings_from_args(parsed)
-    return build_app(settings, ray_settings)

@@ -16,8 +16,6 @@ import pytest
 from tests.infra.test_serve import LONG, FoxRegistry, Server, frames_of
 from tests.model.test_pyfunc import FRAMES, HEIGHT, WIDTH
 
-pytestmark = pytest.mark.slow
-
 
 class RayServer(Server):
     """The server and the local Ray it starts (raylet, GCS, replicas): all stopped, whatever happens."""
@@ -45,6 +43,7 @@ def fox(tmp_path):
     registry.close()
 
 
+@pytest.mark.slow
 def test_on_ray_checks_generates_cancels_and_follows_a_promote(fox, tmp_path):
     import mlflow.pyfunc
 
@@ -96,3 +95,23 @@ def test_on_ray_checks_generates_cancels_and_follows_a_promote(fox, tmp_path):
     log = served.log_path.read_text()
     assert "Traceback" not in log, log[-3000:]
     assert "deleting the reelforge application" in log
+
+
+def test_a_serve_config_builds_the_deployments_the_flags_say(tmp_path):
+    """`serve run infra.serve.cli:app_builder k=v ...` (and a RayService's import_path): the flags,
+    checked as the command checks them, reach Serve's deployment options. (Serve keeps some of
+    them on private attributes; the end-to-end test above runs what they build.)"""
+    from infra.serve.cli import app_builder
+
+    app = app_builder({"model": "models:/fox@champion", "store": str(tmp_path), "replicas": "1:3", "max_queue": 5,
+                       "gpus_per_replica": 1, "no_warmup": True})  # fmt: skip
+    ingress = app._bound_deployment
+    settings, max_body_bytes, generator_app = ingress.init_args
+    generator = generator_app._bound_deployment
+    assert (ingress.name, ingress.ray_actor_options, settings["warmup"], max_body_bytes) == ("ingress", {"num_cpus": 0}, False, 64 << 20)
+    assert (generator.name, generator.max_ongoing_requests, generator.user_config) == ("generator", 1, {"model": "models:/fox@champion"})
+    assert generator.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 1.0}
+    config = generator._deployment_config
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas, config.max_queued_requests) == (1, 3, 5)
+    with pytest.raises(ValueError, match="--replicas 3:1 must be MIN"):
+        app_builder({"model": "models:/fox@champion", "replicas": "3:1"})

@@ -246,7 +246,7 @@ def test_a_local_hf_model_captions_through_the_job(ray_local, shards: Path, tmp_
 def test_materialize_writes_shards_whose_captions_are_the_sets(captioned: Path, shards: Path, server: ChatServer, tmp_path: Path, capsys) -> None:
     import tarfile
 
-    from training.data import read_clip_index
+    from training.clip_index import read_clip_index
 
     out = tmp_path / "materialized"
     assert main([str(shards), "--caption-set", "clean", *endpoint_args(server), "--materialize", str(out)]) == 0
@@ -298,7 +298,7 @@ def test_shards_on_object_storage_get_a_caption_set_there(shards: Path, tmp_path
     read_webdataset, commits its parts, report and _SUCCESS into the bucket, and training reads
     the set from there. Its own local Ray, so the workers get the endpoint variables."""
     from tests.pipelines.test_faults import S3Server
-    from training.data import read_clip_index
+    from training.clip_index import read_clip_index
 
     server = S3Server(tmp_path / "moto.log")
     try:

@@ -10,21 +10,8 @@ import torch
 
 from tests.training.conftest import uniform_clips, write_shards
 from training.config import DataSection, ModelSection, TrainingConfig
-from training.data import (
-    ClipBatches,
-    DataPosition,
-    TextEmbeddingCache,
-    assign_bucket,
-    bucket_batch_sizes,
-    eval_rank,
-    held_out_note,
-    is_held_out,
-    make_loader,
-    read_clip_index,
-    slot_plan,
-    usable_clips,
-    without_held_out,
-)
+from training.clip_index import eval_rank, held_out_note, is_held_out, read_clip_index, without_held_out
+from training.data import ClipBatches, DataPosition, TextEmbeddingCache, assign_bucket, bucket_batch_sizes, make_loader, slot_plan, usable_clips
 from training.tracking import TAG_HELD_OUT, run_params, run_tags
 
 MIXED_MODEL = ModelSection(fps=8, num_frames=8, size="32x32", buckets=["4x32x32", "8x48x32"])

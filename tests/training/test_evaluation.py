@@ -10,21 +10,9 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import uniform_clips, write_shards
-from training.data import eval_rank, is_held_out, read_clip_index
-from training.evaluation import (
-    ABSOLUTE_SLACK,
-    EvalSettings,
-    build_plan,
-    drift,
-    flicker,
-    flow_accel,
-    held_out_of,
-    psnr,
-    regressions,
-    ssim,
-    trained_modes,
-    trained_on_plan,
-)
+from training.clip_index import eval_rank, is_held_out, read_clip_index
+from training.eval_metrics import drift, flicker, flow_accel, psnr, ssim
+from training.evaluation import ABSOLUTE_SLACK, EvalSettings, build_plan, held_out_of, regressions, trained_modes, trained_on_plan
 from training.tracking import TAG_HELD_OUT, TAG_MANIFEST_SHA256, run_tags
 
 T, H, W = 8, 32, 32

@@ -105,7 +105,7 @@ def test_trains_on_a_caption_set_and_the_run_records_it(ray_local, tmp_path, tra
 
     from tests.training.conftest import uniform_clips, write_shards
     from tests.training.test_data import write_caption_set
-    from training.data import read_clip_index
+    from training.clip_index import read_clip_index
 
     shards = write_shards(tmp_path / "shards", uniform_clips(8), clips_per_shard=4)
     ids = read_clip_index(str(shards)).ids
