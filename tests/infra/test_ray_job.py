@@ -2,37 +2,48 @@
 token authentication on; and how `reelforge train` and `reelforge ingest` find a cluster that
 `ray start` runs on this machine (infra/cluster.py).
 
-One head serves the module. It runs as a fresh machine would: its own HOME (no ~/.ray/auth_token
-until the documented `ray get-auth-token --generate`), its own Ray temp dir (RAY_TMPDIR, where
-`ray start` records the cluster's address for `ray.init()` to find) and its own ports, so no
-other Ray on this machine is touched or joined by mistake. It is stopped by its session id (the
-documented `ray stop` would stop every Ray on the machine), always.
+The head is tests/infra/conftest.py's `head`, one for this module (the documented path and
+`reelforge submit` below share it). It runs as a fresh machine would: its own HOME (no ~/.ray/auth_token until the documented
+`ray get-auth-token --generate`), its own Ray temp dir (RAY_TMPDIR, where `ray start` records the
+cluster's address for `ray.init()` to find) and its own ports, so no other Ray on this machine is
+touched or joined by mistake. It is stopped by its session id (the documented `ray stop` would stop
+every Ray on the machine), always.
+
+`reelforge submit` (infra/submit.py) and its Jobs API client (infra/ray_jobs.py) run against the
+same head, no mocks.
+
+The command runs as its user would run it: HOME holds the token `ray get-auth-token --generate`
+wrote, and the job runs in an uploaded copy of this checkout. The first submission runs as a
+subprocess (the console command end to end); the other checks call the command's `main` in this
+process, which spares a Python start and reelforge's imports each. Jobs cost seconds each on this
+machine, so there are three short ones: an ingest of one demo source (re-attached to afterwards),
+an ingest that fails at once (submitted with --no-wait, then re-attached to), and a `sleep` that
+is interrupted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+
+from infra import submit
+from infra.ray_jobs import AuthenticationRequired, JobNotFound, RayJobsClient, SubmissionIdTaken, failure_reason
 
 REPO = Path(__file__).resolve().parents[2]
 # Each test here holds a cluster start, an ingest job and a training job:
 # on a busy 2-core machine that may take more than the suite's 600 s per test.
 pytestmark = pytest.mark.timeout(1200)
 
-VENV_BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "cluster.md"
 DOC_MARK = "<!-- the sequence tests/infra/test_ray_job.py runs -->"
 # docs/cluster.md's sequence, exactly (checked below), with its example paths
@@ -45,116 +56,15 @@ DOCUMENTED = [
     "ray job submit --working-dir . -- python -m infra train --config train/tiny --data /data/shards --out /data/runs/tiny",
     "ray stop",
 ]
-# What the test adds to the documented commands, and why: ports and a fixed CPU count of its own
-# (4: more than this 2-core machine, so the log line tells the head from a local instance), and a
-# training of 2 steps.
-HEAD_EXTRA = ["--block", "--num-cpus", "4", "--disable-usage-stats"]
+# What the test adds to the documented commands, and why: a training of 2 steps (what the head adds
+# to `ray start --head`, ports and 4 CPUs, is in conftest.py's HEAD_EXTRA).
 TRAIN_EXTRA = ["--set", "train.max_steps=2"]
-DEADLINE_S = 600
 
 
 def documented_sequence() -> list[str]:
     """The commands of docs/cluster.md's tested block, comments dropped."""
     block = DOC.read_text().split(DOC_MARK, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@dataclass
-class Head:
-    env: dict[str, str]  # the documented shell: the venv on PATH, RAY_AUTH_MODE=token, HOME, RAY_TMPDIR
-    root: Path
-    gcs_address: str
-    dashboard: str
-    log: Path
-
-    def run(self, argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=REPO, env=env or self.env, capture_output=True, text=True, timeout=DEADLINE_S)
-
-    def submit(self, documented: str, paths: dict[str, Path], extra: list[str] = ()) -> subprocess.CompletedProcess:
-        """`ray job submit ...` as documented, its example paths replaced, against this head's dashboard."""
-        argv = documented.split() + list(extra)
-        argv = [str(paths.get(arg, arg)) for arg in argv]
-        return self.run(argv, env=self.env | {"RAY_ADDRESS": self.dashboard})
-
-
-def stop_session(leader: subprocess.Popen) -> None:
-    """Kill every process of the head's session and every descendant (job drivers start sessions of
-    their own), then reap the leader."""
-    doomed = set()
-    try:
-        doomed.update(psutil.Process(leader.pid).children(recursive=True))
-    except psutil.NoSuchProcess:
-        pass
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == leader.pid:
-                doomed.add(process)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            continue
-    for process in doomed:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(doomed), timeout=60)
-    leader.kill()
-    leader.wait(timeout=60)
-
-
-def wait_until_up(process: subprocess.Popen, address_file: Path, dashboard: str, log: Path) -> None:
-    """Until `ray start` has recorded the cluster and its dashboard answers (any HTTP status)."""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if address_file.is_file():
-            try:
-                urllib.request.urlopen(f"{dashboard}/api/version", timeout=5)
-                return
-            except urllib.error.HTTPError:
-                return  # it answered (401 without a token is an answer)
-            except (urllib.error.URLError, OSError):
-                pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the head did not come up in 180 s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def head():
-    """Documented steps 2-4 on a fresh HOME: a token, token mode, `ray start --head`."""
-    # short: Ray's socket paths live under the temp dir and must fit in 107 characters
-    root = Path(tempfile.mkdtemp(prefix="rf-head-", dir="/tmp"))
-    (root / "home").mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
-    # step 1's result: the venv's python and ray first on PATH (the suite runs in that venv)
-    env |= {"PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}", "VIRTUAL_ENV": str(VENV_BIN.parent)}
-    env |= {"HOME": str(root / "home"), "RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
-    token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
-    assert token.returncode == 0 and (root / "home" / ".ray" / "auth_token").is_file(), token.stderr
-    env["RAY_AUTH_MODE"] = "token"
-    gcs, dashboard, client, agent = free_ports(4)
-    command = ["ray", "start", "--head", *HEAD_EXTRA, "--port", str(gcs), "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent)]  # fmt: skip
-    log = root / "head.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        address_file = root / "ray" / "ray_current_cluster"
-        wait_until_up(process, address_file, f"http://127.0.0.1:{dashboard}", log)
-        yield Head(env, root, address_file.read_text().strip(), f"http://127.0.0.1:{dashboard}", log)
-    finally:
-        stop_session(process)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +151,163 @@ def test_commands_join_the_cluster_ray_start_runs_here(head, data, ingest_job):
         assert trained.stderr.strip().splitlines()[-1].startswith("reelforge train: model.preset=7b ")
         ingested = head.run([*ingest, "--out", str(scratch / name / "shards")], env=env)
         assert ingested.returncode == 0 and f"INFO infra.cluster: Ray: {where}" in ingested.stderr, ingested.stderr[-3000:]
+
+
+# --- reelforge submit and its Jobs API client, on the same head -------------------------------
+
+
+def jobs_with_id(client: RayJobsClient, submission_id: str) -> list[dict]:
+    return [job for job in client.jobs() if job.get("submission_id") == submission_id]
+
+
+@pytest.fixture(scope="module")
+def client(head) -> RayJobsClient:
+    return RayJobsClient(head.dashboard, head.token, token_source="the head's token file")
+
+
+@pytest.fixture
+def head_user(head, monkeypatch, caplog):
+    """This process as the head's user: its HOME (and so its token file), no token variables."""
+    monkeypatch.setenv("HOME", str(head.root / "home"))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.INFO, logger="infra.submit")
+    return head
+
+
+@pytest.mark.slow
+def test_an_ingest_job_succeeds_and_resubmitting_its_id_reattaches(head, head_user, client, demo_footage, capsys, caplog):
+    source = demo_footage[0].path  # demo_a and its .srt captions, read where the session wrote them
+    out = head.root / "submit" / "shards"
+    submission_id = f"ingest-{uuid.uuid4().hex[:8]}"
+    args = ["ingest", "--submission-id", submission_id, "--", str(source), "--out", str(out), "--config", "ingest/demo"]
+    # the console command, the address in RAY_ADDRESS as `ray job submit` takes it
+    first = head.run([sys.executable, "-m", "infra", "submit", *args], env=head.env | {"RAY_ADDRESS": head.dashboard})
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    said = first.stderr.splitlines()
+    assert "INFO infra.submit: working dir " in said[0] and f"INFO infra.submit: submitted job {submission_id} to {head.dashboard}" in said[1]
+    # the job's own output, streamed: the driver joined the head, and ingest printed its summary
+    assert f"Ray: the cluster at {head.gcs_address}, 4 CPUs" in first.stdout and "| clips kept |" in first.stdout
+    assert (out / "_SUCCESS").is_file() and list(out.glob("shard-*.tar"))
+    finished = (out / "_SUCCESS").stat().st_mtime_ns
+
+    assert submit.main(["--address", head.dashboard, *args]) == 0
+    assert capsys.readouterr().out == first.stdout  # its output again, from the start
+    assert f"job {submission_id} exists on {head.dashboard} (SUCCEEDED): re-attaching to it" in caplog.text
+    assert "submitted job" not in caplog.text
+    assert len(jobs_with_id(client, submission_id)) == 1 and (out / "_SUCCESS").stat().st_mtime_ns == finished
+
+    # the same id for another command is refused: an id names one job
+    assert submit.main(["--address", head.dashboard, *args, "--new-output"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"reelforge submit: job {submission_id} on {head.dashboard} runs another command (python -m infra ingest "
+    )
+    assert len(jobs_with_id(client, submission_id)) == 1
+
+
+@pytest.mark.slow
+def test_a_failing_job_exits_1_with_its_one_line_reason(head_user, client, capsys, caplog):
+    missing = head_user.root / "submit" / "no-such-footage"
+    command = ["--", str(missing), "--out", str(head_user.root / "submit" / "failed")]
+    # --no-wait: the id Ray made, on stdout, and no waiting
+    assert submit.main(["ingest", "--address", head_user.dashboard, "--no-wait", *command]) == 0
+    submission_id = capsys.readouterr().out.strip()
+    assert submission_id.startswith("raysubmit_")
+    said = [record.getMessage() for record in caplog.records]
+    assert said[0].startswith(f"working dir {submit.checkout_root()}: ")  # uploaded, or held already
+    assert said[1] == f"submitted job {submission_id} to {head_user.dashboard}"
+    # re-attached to with that id (most likely while it still starts), it ends as the job does
+    assert submit.main(["ingest", "--address", head_user.dashboard, "--submission-id", submission_id, *command]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"reelforge submit: job {submission_id} FAILED: exit code 1: ingest: SRC '{missing}': no such file or folder"
+    )
+    assert f"job {submission_id} exists on {head_user.dashboard} (" in caplog.text
+    assert len(jobs_with_id(client, submission_id)) == 1 and client.status(submission_id) == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_relative_out_is_refused_before_anything_is_submitted(head_user, client, capsys):
+    before = len(client.jobs())
+    assert submit.main(["ingest", "--address", head_user.dashboard, "--", "/data/footage", "--out", "shards"]) == 2
+    assert capsys.readouterr().err == (
+        "reelforge submit: --out shards is relative, so the job would write it inside its working-dir copy, which Ray "
+        "deletes with the session; give an absolute path every node sees (e.g. --out /shared/shards) or object storage\n"
+    )
+    # train's default --out (runs/<config>) is relative too, and so is a SQLite store beside the code
+    assert submit.main(["train", "--address", head_user.dashboard, "--", "--config", "train/tiny", "--data", "/data/shards"]) == 2
+    assert capsys.readouterr().err.startswith("reelforge submit: --out is not given, and reelforge train's default runs/tiny is relative")
+    store = ["--set", "mlflow.tracking_uri=sqlite:///mlflow.db"]
+    assert submit.main(["train", "--address", head_user.dashboard, "--", "--config", "train/tiny", "--data", "/d", "--out", "/o", *store]) == 2
+    assert capsys.readouterr().err.startswith("reelforge submit: mlflow.tracking_uri sqlite:///mlflow.db is a relative path")
+    assert len(client.jobs()) == before
+
+
+@pytest.mark.slow
+def test_a_cluster_that_wants_a_token_says_so_in_one_line(head_user, client, monkeypatch, capsys):
+    nobody = head_user.root / "submit" / "home-without-token"
+    nobody.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(nobody))
+    before = len(client.jobs())
+    argv = ["ingest", "--address", head_user.dashboard, "--", "/data/footage", "--out", "/data/shards"]
+    assert submit.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"reelforge submit: the cluster at {head_user.dashboard} requires a token; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, "
+        "or write it to ~/.ray/auth_token (`ray get-auth-token` on the head prints it)\n"
+    )
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")  # sent, and refused in one line too
+    assert submit.main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        f"reelforge submit: the cluster at {head_user.dashboard} refused the token from RAY_AUTH_TOKEN (403: "
+    )
+    assert len(client.jobs()) == before
+
+
+def interrupt_in(seconds: float) -> threading.Timer:
+    """Ctrl-C for this process in `seconds` (Python raises KeyboardInterrupt in the main thread)."""
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.slow
+def test_the_client_runs_a_job_and_ctrl_c_detaches_or_stops_it(head, client, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="infra.submit")
+    submission_id = client.submit(
+        "python -c \"import time; print('sleeping', flush=True); time.sleep(120)\"", metadata={"test": "ctrl-c"}
+    )
+    assert submission_id.startswith("raysubmit_")
+    deadline = time.monotonic() + 120
+    while "sleeping" not in client.logs(submission_id):
+        assert time.monotonic() < deadline, client.job(submission_id)
+        time.sleep(0.3)
+    assert client.status(submission_id) == "RUNNING"
+
+    # Ctrl-C, not on a terminal and without --stop-on-interrupt: detach, the job keeps running
+    interrupt_in(1.5)
+    assert submit.follow(client, submission_id, stop_on_interrupt=False, reattach="REATTACH") == 130
+    streamed = capsys.readouterr().out  # Ray's lines about the job's start, then the job's own
+    assert streamed.endswith("sleeping\n") and streamed == client.logs(submission_id)
+    assert f"detached: job {submission_id} keeps running on {head.dashboard}; re-attach with `REATTACH`" in caplog.text
+    assert client.status(submission_id) == "RUNNING"
+    # with --stop-on-interrupt: stop it, and follow it until it has stopped
+    interrupt_in(1.5)
+    assert submit.follow(client, submission_id, stop_on_interrupt=True, reattach="REATTACH") == 130
+    assert capsys.readouterr().out == client.logs(submission_id)
+    assert f"job {submission_id} STOPPED" in caplog.text
+    job = client.wait(submission_id, timeout_s=5)
+    assert job["status"] == "STOPPED" and job["metadata"] == {"test": "ctrl-c"} and failure_reason(job)
+    assert client.stop(submission_id) is False  # not running any more
+    assert "".join(client.follow_logs(submission_id)) == client.logs(submission_id)
+
+    # a used id is never submitted twice: the caller re-attaches
+    with pytest.raises(SubmissionIdTaken):
+        client.submit("python -c pass", submission_id=submission_id)
+    assert len(jobs_with_id(client, submission_id)) == 1
+    # one-line errors: an unknown job, no token, nothing listening
+    with pytest.raises(JobNotFound, match=f"^no job nope on the cluster at {head.dashboard}$"):
+        client.job("nope")
+    assert client.find("nope") is None
+    with pytest.raises(AuthenticationRequired, match=f"^the cluster at {head.dashboard} requires a token; "):
+        RayJobsClient(head.dashboard).jobs()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    assert RayJobsClient.from_environment(head.dashboard).version()["ray_version"]
