@@ -2,6 +2,9 @@
 
     python benchmarks/serve.py [--requests 15] [--warmup 2] [--poll-ms 25,250] [--threads 1]
                                [--clients 32] [--max-queue 8] [--bursts 3] [--json benchmarks/results/serve.json]
+    python benchmarks/serve.py --ray ...     # the same, served by `reelforge serve --ray` (Ray Serve:
+                                             # an ingress and one generator replica, on a local Ray
+                                             # this server starts; its CPU counts Ray's own processes)
 
 Model: the tiny preset as `configs/train/tiny.yaml` trains it (DiT preset tiny, 2.97M parameters,
 the `pixel` autoencoder, `minilm` text encoder, 8 frames of 32x32 at 8 fps), random-initialised and
@@ -134,7 +137,7 @@ def _free_port() -> int:
 class ServeProcess:
     """`python -m infra serve` in its own process group, on a free port, ready once /health is 200."""
 
-    def __init__(self, bundle: Path, store: Path, max_queue: int, threads: int, log: Path) -> None:
+    def __init__(self, bundle: Path, store: Path, max_queue: int, threads: int, log: Path, ray: bool = False) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -143,6 +146,10 @@ class ServeProcess:
                    "--port", str(self.port), "--max-queue", str(max_queue)]  # fmt: skip
         # `reelforge serve` sets no thread count: torch takes OMP_NUM_THREADS, else one thread per core.
         env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})
+        if ray:  # a Ray of its own, whose processes are this server's children; a replica gets one
+            # CPU, so Ray gives it OMP_NUM_THREADS=1
+            command += ["--ray", "--cpus-per-replica", "1"]
+            env |= {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
         began = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.psutil = psutil.Process(self.process.pid)
@@ -155,7 +162,7 @@ class ServeProcess:
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.2)
         self.ready_s = time.perf_counter() - began  # start-up, model load and the engine's warm-up
@@ -450,6 +457,7 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}, shared with other jobs (load average {result['load_before']} before, "
         f"{result['load_after']} after, 1-minute load {result['load_1min_during_overhead'][0]}-"
         f"{result['load_1min_during_overhead'][1]} during the overhead rounds); commit {result['commit']}{' + local changes' if result['local_changes'] else ''}",
+        f"Served by: {'`reelforge serve --ray` (Ray Serve: ingress + one generator replica, local Ray)' if result.get('ray') else '`reelforge serve`'}",
         f"Model: DiT preset {result['model']['preset']} ({result['model']['params_M']}M), {result['model']['autoencoder']} "
         f"autoencoder, {result['model']['text_encoder']}; requests of {result['num_frames']} frames "
         f"{result['model']['size']}, {result['steps']} steps, guidance 5; server ready in {result['server_ready_s']:.1f} s "
@@ -509,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     # per process wait on each other among other jobs: a ~1 s tiny-preset request took 1-66 s at load
     # 5-7 on 2 cores, in-process as much as served, and its CPU time grew 5-7x (docs/benchmarks.md).
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
+    parser.add_argument("--ray", action="store_true", help="serve with `reelforge serve --ray` (Ray Serve) instead")
+    parser.add_argument("--json", type=Path, help="default: benchmarks/results/serve.json (serve-ray.json with --ray)")
     args = parser.parse_args(argv)
+    args.json = args.json or REPO / "benchmarks" / "results" / ("serve-ray.json" if args.ray else "serve.json")
     setup_logging()
     try:
         args.poll_ms = [float(p) for p in args.poll_ms.split(",")]
@@ -533,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle, model = make_bundle(work / "bundle")
         args.num_frames = args.num_frames or model["num_frames"]
         pipeline = load_pipeline(bundle, device="cpu")
-        logger.info("starting reelforge serve (--max-queue %d)", args.max_queue)
-        server = ServeProcess(bundle, work / "store", args.max_queue, args.threads, work / "serve.log")
+        logger.info("starting reelforge serve%s (--max-queue %d)", " --ray" if args.ray else "", args.max_queue)
+        server = ServeProcess(bundle, work / "store", args.max_queue, args.threads, work / "serve.log", ray=args.ray)
         try:
             logger.info("server ready in %.1f s; overhead: %d + %d rounds", server.ready_s, args.warmup, args.requests)
             overhead, estimates, loads = bench_overhead(server, pipeline, args)
@@ -555,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git("rev-parse", "--short", "HEAD"),
         "local_changes": bool(git("status", "--porcelain", "--", "infra/serve", "model")),
         "argv": sys.argv[1:] if argv is None else argv, "model": model, "num_frames": args.num_frames, "steps": args.steps,
-        "max_queue": args.max_queue, "server_ready_s": round(server.ready_s, 1), "identical_mp4": True,
+        "max_queue": args.max_queue, "ray": args.ray, "server_ready_s": round(server.ready_s, 1), "identical_mp4": True,
         "wall_s": round(time.perf_counter() - began, 1), "threads": torch.get_num_threads(),
         "load_1min_during_overhead": [round(min(loads), 1), round(max(loads), 1)],
         "overhead": overhead, "estimated_s": estimates, "calls": calls, "bursts": bursts,
