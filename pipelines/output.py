@@ -78,8 +78,9 @@ TMP_MARK = ".tmp-"
 # A failed storage operation is tried again after each of these pauses (15.5 s in all), then the
 # job stops: long enough to ride out a store restart or a dropped connection (each try of an S3
 # call that cannot connect already spends ~6 s in the AWS SDK's own retries), short enough that
-# a full disk stops the job within a minute instead of hiding it.
-RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# a full disk stops the job within a minute instead of hiding it. REELFORGE_STORAGE_RETRY_DELAYS_S
+# (comma-separated seconds, read by the driver and every worker) replaces them.
+RETRY_DELAYS_S = tuple(float(s) for s in os.environ.get("REELFORGE_STORAGE_RETRY_DELAYS_S", "0.5,1,2,4,8").split(","))
 # The driver rewrites its lease this often. A lease whose holder cannot be checked directly (a
 # driver on another host) counts as abandoned once it is LEASE_EXPIRY_S old: six missed renewals.
 LEASE_RENEW_S = 10.0

@@ -9,6 +9,7 @@ gives exactly what a clean run gives (shard bytes, manifest ids, reject rows).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -72,6 +73,18 @@ def assert_no_healthy_source_rejected(fs: pafs.FileSystem, root: str) -> None:
     rejects = pq.read_table(f"{root}/rejects.parquet", filesystem=fs).to_pylist()
     assert {r["uri"].rsplit("/", 1)[-1] for r in rejects if r["id"] is None} <= {BAD}, rejects
     assert not [r for r in rejects if r["stage"] in ("process", "crash")], rejects
+
+
+def cli_env(ray_local, job_env: dict[str, str]) -> dict[str, str]:
+    """The environment of a `reelforge ingest` process that joins the test's Ray instead of starting
+    one of its own: `job_env` is set for the driver and, as its Ray job's runtime_env, for every
+    worker it starts there, the way `ray job submit` hands a job's driver its runtime_env."""
+    job_config = {"runtime_env": {"env_vars": job_env}, "metadata": {}}
+    return os.environ | job_env | {
+        "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(REPO),
+        "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job_config),  # read by the driver's ray.init
+    }
 
 
 def assert_ended_cleanly(returncode: int, log: str) -> None:
@@ -146,8 +159,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory, src: Path):
 
 
 def _ingest(env: dict[str, str], out: str, log: Path) -> subprocess.Popen:
-    """`reelforge ingest s3://bucket/src --out OUT` in a new session with its own local Ray: the
-    workers must see the endpoint variables, which only a Ray started with them passes on."""
+    """`reelforge ingest s3://bucket/src --out OUT` in a new session, on the test's Ray: its workers
+    must see the endpoint variables, which `cli_env` passes on as the job's runtime_env."""
     command = [sys.executable, "-m", "infra", "ingest", "s3://bucket/src", "--out", out, *ARGS]
     with log.open("wb") as sink:
         return subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)
@@ -162,11 +175,11 @@ def _wait(process: subprocess.Popen, log: Path, condition, what: str, timeout_s:
 
 
 @pytest.mark.slow
-def test_object_store_outage_mid_run_never_rejects_a_healthy_source(s3: S3Server, tmp_path: Path) -> None:
+def test_object_store_outage_mid_run_never_rejects_a_healthy_source(ray_local, s3: S3Server, tmp_path: Path) -> None:
     """The S3 server stops once the first source's work result is in and starts again once the
     run has met the outage (a retry warning in its log); the run ends cleanly either way, records
     no healthy source as rejected, and its rerun equals a clean run."""
-    env = os.environ | s3.env | {"RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    env = cli_env(ray_local, s3.env)
     clean = _ingest(env, "s3://bucket/clean", tmp_path / "clean.log")
     assert clean.wait(timeout=600) == 0, (tmp_path / "clean.log").read_text(errors="replace")[-3000:]
 
@@ -251,12 +264,17 @@ def _grow(disk: Path) -> None:
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
 
 
+# A run on a disk that stays full cannot succeed: it makes the same six tries as any run, with the
+# pauses between them cut from 0.5-8 s (15.5 s in all) to 0.05-0.8 s (pipelines/output.py).
+SHORT_RETRIES = {"REELFORGE_STORAGE_RETRY_DELAYS_S": "0.05,0.1,0.2,0.4,0.8"}
+
+
 def _failing_run(ray_local, src: Path, out: Path, log: Path) -> str:
     """`reelforge ingest SRC --out OUT` as the command it is, on the test's Ray, expected to stop:
     returns its last line. A process of its own, as a user's failed run is: a failed Ray Data
     execution stays referenced by the log records pytest keeps of it (Ray logs it with its
     traceback), and with it that run's idle actors and their CPUs, until the test ends."""
-    env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    env = cli_env(ray_local, SHORT_RETRIES)
     with log.open("wb") as sink:
         done = subprocess.run([sys.executable, "-m", "infra", "ingest", str(src), "--out", str(out), *ARGS],
                               cwd=REPO, env=env, stdout=sink, stderr=sink, timeout=600)  # fmt: skip

@@ -35,7 +35,11 @@ def run_ray(shards: Path, out: Path, overrides: list[str], tracking_uri: str):
 
     cfg = load_config("train/tiny", [*overrides, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=test-loop"]).training()
     args = WorkerArgs(config=cfg, data=str(shards), out=str(out))
-    return build_trainer(cfg, args, out, run_name=out.name).fit()
+    # Ray Train's controller polls its workers every 2 s by default: the fit ends only at the
+    # poll after the workers finish. The driver's environment passes this on to the controller.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        return build_trainer(cfg, args, out, run_name=out.name).fit()
 
 
 def loss_history(tracking_uri: str, out: Path) -> list[float]:

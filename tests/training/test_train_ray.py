@@ -23,8 +23,12 @@ from infra.config import load_config
 from tests.training.conftest import uniform_clips, write_shards
 from infra.train import main
 from training.preflight import PreflightError, check_memory, preflight, training_bytes_per_worker
+from training.train import ray_restart_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+# Ray Train's controller polls its workers this often (default 2 s): it learns of a reported
+# checkpoint, a dead worker and the end of training only at a poll.
+FAST_POLLS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 # --- preflight: one line naming the value, before any worker starts ---------------------------
@@ -147,7 +151,7 @@ def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
     """`reelforge train` (a real CLI process on the test's Ray) whose rank-1 worker is SIGKILLed
     after the first checkpoint; Ray restarts the group from it."""
     out = tmp_path_factory.mktemp("killed") / "run"
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=str(REPO), **FAST_POLLS)
     command = [
         sys.executable, "-m", "infra", "train", "--config", "train/tiny", "--data", str(tiny_shards), "--out", str(out),
         "--no-register", *[arg for item in RUN for arg in ("--set", item)], "--set", f"mlflow.tracking_uri={tracking_uri}",
@@ -161,8 +165,9 @@ def killed_run(ray_local, tiny_shards, tmp_path_factory, tracking_uri):
     killed_pid = None
     deadline = time.time() + 400
     while time.time() < deadline and process.poll() is None:
-        checkpoints = list((out / "ray" / out.name).glob("checkpoint_*/trainer_state.json"))
-        if checkpoints and pid_file.is_file():
+        # Once Ray has registered the checkpoint (its snapshot names it), not merely stored its
+        # files: a worker killed before the controller's next poll would restart from step 0.
+        if ray_restart_checkpoint(out) is not None and pid_file.is_file():
             killed_pid = int(pid_file.read_text())
             os.kill(killed_pid, signal.SIGKILL)
             break
@@ -244,7 +249,7 @@ def experiment_runs(tracking_uri: str, experiment: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_shards, tmp_path):
+def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_shards, tmp_path, monkeypatch):
     """ZeRO-2 shards of 2 workers, resumed mid-epoch by 1 worker (2 DataLoader readers) through the
     universal checkpoint; then the same command again, which Ray resumes at its final step."""
     from training.checkpoint import UNIVERSAL_DIR, read_trainer_state
@@ -265,6 +270,8 @@ def test_resume_with_another_worker_count_sees_each_clip_once(killed_run, tiny_s
          "registry.model_name=test-killed"],
     ).training()
     out = tmp_path / "resumed"
+    for name, value in FAST_POLLS.items():
+        monkeypatch.setenv(name, value)  # read by the driver's TorchTrainer, passed on to its controller
     summary = train(cfg, str(tiny_shards), out, resume=str(checkpoint))
     assert summary["steps"] == 28 and summary["mlflow_run_id"] == state.mlflow_run_id
     assert (checkpoint / UNIVERSAL_DIR / "latest_universal").is_file()  # converted once, beside the shards
