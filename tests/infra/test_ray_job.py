@@ -24,7 +24,6 @@ is interrupted.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -263,14 +262,29 @@ def test_a_cluster_that_wants_a_token_says_so_in_one_line(head_user, client, mon
 
 
 def interrupt_in(seconds: float) -> threading.Timer:
-    """Ctrl-C for this process in `seconds` (Python raises KeyboardInterrupt in the main thread)."""
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    """Ctrl-C for this process in `seconds` (Python raises KeyboardInterrupt in the main thread),
+    sent to the main thread itself: threads that Ray's core started in this process may not take it."""
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.start()
     return timer
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) while the test runs, as in a fresh `reelforge
+    submit` process: in a full suite, code run earlier in this process (Ray's driver) may have left
+    another handler, which swallowed the test's Ctrl-C. Set through `_signal`, beneath any wrapper
+    of `signal.signal`."""
+    import _signal
+
+    previous = _signal.getsignal(signal.SIGINT)
+    _signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    _signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
-def test_the_client_runs_a_job_and_ctrl_c_detaches_or_stops_it(head, client, monkeypatch, capsys, caplog):
+def test_the_client_runs_a_job_and_ctrl_c_detaches_or_stops_it(head, client, monkeypatch, capsys, caplog, python_sigint):
     caplog.set_level(logging.INFO, logger="infra.submit")
     submission_id = client.submit(
         "python -c \"import time; print('sleeping', flush=True); time.sleep(120)\"", metadata={"test": "ctrl-c"}

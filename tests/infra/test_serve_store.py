@@ -4,6 +4,7 @@ process (no HTTP): the HTTP surface is tests/infra/test_serve.py's."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 
@@ -29,7 +30,10 @@ def test_jobs_on_object_storage_survive_a_restart_and_expire(tmp_path, monkeypat
     try:
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)
-        settings = ServeSettings(model=str(tiny_bundle(tmp_path / "bundle")), store="s3://bucket/serve", ttl_s=1,
+        # No expiry while the jobs are written and read back (a sweep runs as an engine starts and
+        # every ttl/4 s: with a 1 s TTL a slow machine lost the video between two engines); the
+        # 1 s TTL is applied for the sweep at the end.
+        settings = ServeSettings(model=str(tiny_bundle(tmp_path / "bundle")), store="s3://bucket/serve", ttl_s=3600,
                                  reload_every_s=0, warmup=False)  # fmt: skip
         engine = Engine(settings)
         engine.start()
@@ -53,7 +57,8 @@ def test_jobs_on_object_storage_survive_a_restart_and_expire(tmp_path, monkeypat
             # the key is remembered across servers: the same submit returns the same job
             assert again.submit(record, plan, key="fox", body_sha256="digest") == (again.public(again.get(job_id)), False)
 
-            time.sleep(max(0.0, again.get(job_id)["completed_at"] + settings.ttl_s + 1 - time.time()))
+            again.settings = dataclasses.replace(settings, ttl_s=1)
+            time.sleep(max(0.0, again.get(job_id)["completed_at"] + again.settings.ttl_s + 1 - time.time()))
             again._sweep()
             assert job_id not in again.jobs and again.store.job_ids() == []
             assert again.store.idempotent_job("fox") is None
