@@ -36,8 +36,8 @@ from typing import Any
 from model.errors import one_line
 from model.pyfunc import build_request
 from pipelines.output import IngestStopped, LeaseKeeper, StorageError, take_lease
-from infra.serve.job import JobStopped, generate_job
-from infra.serve.model_ref import LoadedModel, alias_version, check_reference, cost_units, load_model
+from infra.serve.job import JobStopped, generate_job, job_outcome
+from infra.serve.model_ref import LoadedModel, check_reference, cost_units, load_model, reload_if_moved
 from infra.serve.settings import ServeSettings
 from infra.serve.request_body import ServeError, field_message, parse_body
 from infra.serve.store import JobStore, new_job_id, request_sha256
@@ -364,22 +364,14 @@ class Engine:
 
         try:
             result = generate_job(model, self.store, job_id, on_step)
-        except JobStopped as stop:
+        except (JobStopped, ValueError, StorageError) as exc:  # anything else: _work's internal error
+            outcome, code, message = job_outcome(job_id, exc)
             with self._cond:
-                if stop.status == "queued":  # a clean shutdown: the next server runs it, as a fresh attempt
+                if outcome == "queued":  # a clean shutdown: the next server runs it, as a fresh attempt
                     status.update(status="queued", step=0, attempts=status["attempts"] - 1)
                     self._persist(status)
                 else:
-                    self._finish(status, stop.status, (stop.code, stop.message))
-            return
-        except ValueError as exc:  # checked at submit, so only a model swapped since can refuse it
-            with self._cond:
-                self._finish(status, "failed", ("invalid_request", one_line(exc)))
-            return
-        except StorageError as exc:  # ours, not the request's
-            logger.error("job %s: storage failed: %s", job_id, one_line(exc))
-            with self._cond:
-                self._finish(status, "failed", ("storage_error", f"the server's store failed: {one_line(exc)}"))
+                    self._finish(status, outcome, (code, message))
             return
         with self._cond:
             self._completed(status, result)
@@ -466,18 +458,7 @@ class Engine:
             logger.info("deleted %d expired jobs", len(expired))
 
     def _maybe_reload(self) -> None:
-        try:
-            version = alias_version(self.settings.model)
-        except Exception as exc:  # the registry is down: keep serving what is loaded
-            logger.warning("could not resolve %s: %s", self.settings.model, one_line(exc))
-            return
-        if version is None or self.model is None or version == self.model.version:
-            return
-        logger.info("%s moved to version %s (serving %s): loading it", self.settings.model, version, self.model.version)
-        try:
-            model = self._load()
-        except Exception as exc:
-            logger.error("could not load version %s; still serving %s: %s", version, self.model.version, one_line(exc))
-            return
-        with self._cond:  # the worker picks the model up at its next job
-            self.model = model
+        model = reload_if_moved(self.settings.model, self.model, self._load) if self.model is not None else None
+        if model is not None:
+            with self._cond:  # the worker picks the model up at its next job
+                self.model = model

@@ -3,15 +3,19 @@ generator replica on Ray Serve (infra/serve/on_ray.py) both run."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from model.errors import one_line
 from model.pyfunc import build_request
 from pipelines.output import StorageError
 from infra.serve.model_ref import LoadedModel
 from infra.serve.store import JobStore
+
+logger = logging.getLogger(__name__)
 
 
 class JobStopped(Exception):
@@ -47,3 +51,18 @@ def generate_job(model: LoadedModel, store: JobStore, job_id: str, on_step: Any)
     }  # fmt: skip
     store.write_result(job_id, mp4, result)
     return result
+
+
+def job_outcome(job_id: str, exc: Exception) -> tuple[str, str, str]:
+    """(status, error code, message) of a job that `generate_job` ended with `exc`: stopped by its
+    hook (cancelled, timed out, or `queued` again at a clean shutdown), refused by a model swapped
+    since it was checked, our store failing (not the request's fault), or a bug of ours (logged)."""
+    if isinstance(exc, JobStopped):
+        return exc.status, exc.code, exc.message
+    if isinstance(exc, StorageError):
+        logger.error("job %s: storage failed: %s", job_id, one_line(exc))
+        return "failed", "storage_error", f"the server's store failed: {one_line(exc)}"
+    if isinstance(exc, ValueError):  # checked at submit, so only a model swapped since can refuse it
+        return "failed", "invalid_request", one_line(exc)
+    logger.error("job %s: unexpected error", job_id, exc_info=exc)
+    return "failed", "internal_error", "internal error; see the server log"

@@ -8,13 +8,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from model.errors import one_line
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +89,25 @@ def alias_version(ref: str) -> str | None:
     from mlflow import MlflowClient
 
     return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def reload_if_moved(ref: str, serving: LoadedModel, load: Callable[[], LoadedModel]) -> LoadedModel | None:
+    """`load()` the version `ref`'s alias points at now when it moved from the one `serving` runs;
+    None when it did not, or the registry or the load failed (logged: keep serving what is loaded).
+    What the embedded engine and every generator replica on Ray run every --reload-every seconds."""
+    try:
+        version = alias_version(ref)
+    except Exception as exc:  # the registry is down
+        logger.warning("could not resolve %s: %s", ref, one_line(exc))
+        return None
+    if version is None or version == serving.version:
+        return None
+    logger.info("%s moved to version %s (serving %s): loading it", ref, version, serving.version)
+    try:
+        return load()
+    except Exception as exc:
+        logger.error("could not load version %s; still serving %s: %s", version, serving.version, one_line(exc))
+        return None
 
 
 def cost_units(pipeline: Any, plan: Any) -> float:

@@ -38,10 +38,9 @@ import time
 from typing import Any
 
 from model.errors import one_line
-from pipelines.output import StorageError
 from infra.serve.engine import FINAL, MAX_ATTEMPTS, PERSIST_EVERY_S, Engine
-from infra.serve.job import JobStopped, generate_job
-from infra.serve.model_ref import LoadedModel, alias_version, load_model, resolve_model
+from infra.serve.job import JobStopped, generate_job, job_outcome
+from infra.serve.model_ref import LoadedModel, load_model, reload_if_moved, resolve_model
 from infra.serve.settings import RaySettings, ServeSettings
 from infra.serve.store import JobStore
 
@@ -89,25 +88,16 @@ class Generator:
         if ref and ref != self.model.uri:
             self._load(dataclasses.replace(self.settings, model=ref))
 
-    def _load(self, settings: ServeSettings) -> None:
+    def _load(self, settings: ServeSettings) -> LoadedModel:
         model, _ = load_model(settings, measure=False)
         with self._swap:  # a running job keeps the model it started with
             self.settings, self.model = settings, model
         self._log_loaded()
+        return model
 
     def _follow_alias(self) -> None:
         while not self._closed.wait(self.settings.reload_every_s):
-            try:
-                version = alias_version(self.settings.model)
-            except Exception as exc:  # the registry is down: keep serving what is loaded
-                logger.warning("could not resolve %s: %s", self.settings.model, one_line(exc))
-                continue
-            if version is not None and version != self.model.version:
-                logger.info("%s moved to version %s (serving %s): loading it", self.settings.model, version, self.model.version)
-                try:
-                    self._load(self.settings)
-                except Exception as exc:
-                    logger.error("could not load version %s; still serving %s: %s", version, self.model.version, one_line(exc))
+            reload_if_moved(self.settings.model, self.model, lambda: self._load(self.settings))
 
     async def run(self, job_id: str):  # an async generator: Serve streams what it yields
         loop = asyncio.get_running_loop()
@@ -135,16 +125,9 @@ class Generator:
         def work() -> None:
             try:
                 put({"event": "completed", "result": generate_job(model, self.store, job_id, on_step)})
-            except JobStopped as stopped:
-                put({"event": "stopped", "status": stopped.status, "code": stopped.code, "message": stopped.message})
-            except ValueError as exc:  # checked at submit, so only a model swapped since can refuse it
-                put({"event": "stopped", "status": "failed", "code": "invalid_request", "message": one_line(exc)})
-            except StorageError as exc:  # ours, not the request's
-                logger.error("job %s: storage failed: %s", job_id, one_line(exc))
-                put({"event": "stopped", "status": "failed", "code": "storage_error", "message": f"the server's store failed: {one_line(exc)}"})
-            except Exception:
-                logger.exception("job %s: unexpected error", job_id)
-                put({"event": "stopped", "status": "failed", "code": "internal_error", "message": "internal error; see the server log"})
+            except Exception as exc:
+                status, code, message = job_outcome(job_id, exc)
+                put({"event": "stopped", "status": status, "code": code, "message": message})
             finally:
                 put(None)
 
