@@ -63,7 +63,8 @@ def prompt_style(index: Any, caption_set: str | None) -> dict[str, Any]:
     """A few of the captions the model trains on, for prompt expansion at generation time
     (model/prompt_expansion.py): the caption set's when training on one, else the shards' own.
     `index` is training.data's ClipIndex (not imported: training.data imports this module).
-    A stable choice (the smallest hashes of distinct captions of 3+ words), so reruns agree."""
+    A stable choice (the smallest hashes of distinct captions of 3+ words), so reruns agree.
+    Clips held out for evaluation (`index.held_out_ids`) lend none: their captions are eval prompts."""
     if index.captions is not None:
         captions = [c for c in index.captions if c]
     else:
@@ -73,7 +74,10 @@ def prompt_style(index: Any, caption_set: str | None) -> dict[str, Any]:
         if "caption" not in names:
             return {}
         with filesystem.open_input_file(f"{root.rstrip('/')}/manifest.parquet") as handle:
-            captions = [c for c in pq.read_table(handle, columns=["caption"]).column("caption").to_pylist() if c]
+            table = pq.read_table(handle, columns=["id", "caption"])
+        held_out = index.held_out_ids
+        rows = zip(table.column("id").to_pylist(), table.column("caption").to_pylist())
+        captions = [c for clip_id, c in rows if c and str(clip_id) not in held_out]
     distinct = sorted({c for c in captions if len(c.split()) >= 3}, key=lambda c: hashlib.sha1(c.encode()).hexdigest())
     if not distinct:
         return {}

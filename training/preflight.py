@@ -26,7 +26,7 @@ from typing import Any
 
 from training.checkpoint import TrainerState, needs_universal, read_trainer_state
 from training.config import TrainingConfig
-from training.clip_index import ClipIndex, read_clip_index
+from training.clip_index import ClipIndex, held_out_note, read_clip_index, without_held_out
 from training.data import usable_clips
 from training.deepspeed_config import use_bf16
 
@@ -44,7 +44,7 @@ class PreflightError(ValueError):
 
 def check_data(cfg: TrainingConfig, data: str) -> ClipIndex:
     try:
-        index = read_clip_index(data, cfg.data.caption_set)
+        index = without_held_out(read_clip_index(data, cfg.data.caption_set), cfg.data.held_out)
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
     if index.captions is not None and all(caption is None for caption in index.captions):
@@ -64,11 +64,15 @@ def check_data(cfg: TrainingConfig, data: str) -> ClipIndex:
     if int(usable.sum()) < readers:
         raise PreflightError(
             f"--data {data}: {int(usable.sum())} usable clips for {readers} readers "
-            f"(scaling.num_workers={cfg.scaling.num_workers} x train.data_workers={cfg.train.data_workers}); "
+            f"(scaling.num_workers={cfg.scaling.num_workers} x train.data_workers={cfg.train.data_workers}; "
+            f"{len(index.held_out_ids)} more held out by data.held_out={cfg.data.held_out:g}); "
             "every reader needs a clip: use fewer workers or more data"
         )
     with_set = f" with a caption in set {cfg.data.caption_set}" if index.captions is not None else ""
-    logger.info("data: %d clips in %d shards, %d usable at the configured buckets%s", len(index), len(index.shards), int(usable.sum()), with_set)
+    logger.info(
+        "data: %d training clips in %d shards, %d usable at the configured buckets%s; %s",
+        len(index), len(index.shards), int(usable.sum()), with_set, held_out_note(index),
+    )
     return index
 
 

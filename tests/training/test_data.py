@@ -10,6 +10,7 @@ import torch
 
 from tests.training.conftest import uniform_clips, write_shards
 from training.config import DataSection, ModelSection, TrainingConfig
+from training.caption_sets import prompt_style
 from training.clip_index import eval_rank, held_out_note, is_held_out, read_clip_index, without_held_out
 from training.data import ClipBatches, DataPosition, TextEmbeddingCache, assign_bucket, bucket_batch_sizes, make_loader, slot_plan, usable_clips
 from training.tracking import TAG_HELD_OUT, run_params, run_tags
@@ -165,6 +166,20 @@ def test_held_out_membership_reads_only_the_clip_id(tmp_path, tiny_shards):
     assert held_out_note(without_held_out(read_clip_index(str(tiny_shards)), 0.01)).startswith("none of 16 clips held out")
     with pytest.raises(ValueError, match=r"data.held_out=0.5 leaves none of the 1 clips of .* to train on"):
         without_held_out(read_clip_index(str(write_shards(tmp_path / "one", uniform_clips(1)))), 0.5)
+
+
+def test_prompt_style_takes_no_caption_of_a_held_out_clip(tiny_shards):
+    """The bundle's prompt-expansion examples come from the trained clips only: a held-out clip's
+    caption is an evaluation prompt and must not be shown to the model at generation time."""
+    full = read_clip_index(str(tiny_shards))
+    index = without_held_out(full, 0.2)
+    captions = {clip_id: f"clip number {i} in colour {i % 5}" for i, clip_id in enumerate(full.ids)}
+    with_all = set(prompt_style(without_held_out(full, 0.0), None)["examples"])
+    examples = set(prompt_style(index, None)["examples"])
+    held = {captions[clip_id] for clip_id in index.held_out_ids}
+    assert held & with_all, "the check needs a held-out caption that would otherwise be chosen"
+    assert examples and not examples & held
+    assert examples <= {captions[clip_id] for clip_id in index.ids}
 
 
 def test_the_loader_never_reads_a_held_out_clip_and_counts_only_the_trained(tiny_shards):

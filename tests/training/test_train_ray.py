@@ -22,6 +22,7 @@ import pytest
 from infra.config import load_config
 from tests.training.conftest import uniform_clips, write_shards
 from infra.train import main
+from training.clip_index import read_clip_index, without_held_out
 from training.preflight import PreflightError, check_memory, preflight, training_bytes_per_worker
 from training.train import ray_restart_checkpoint
 
@@ -47,6 +48,12 @@ def test_preflight_rejects_bad_data(tmp_path, tiny_shards):
     few = load_config("train/tiny", ["scaling.num_workers=8", "train.data_workers=4"])
     with pytest.raises(PreflightError, match=r"16 usable clips for 32 readers"):
         preflight(few, str(tiny_shards), None)
+    # the readers share the training clips only: those data.held_out keeps for evaluation do not count
+    held = len(without_held_out(read_clip_index(str(tiny_shards)), 0.25).held_out_ids)
+    assert 0 < held < 16
+    few_held = load_config("train/tiny", ["scaling.num_workers=8", "train.data_workers=4", "data.held_out=0.25"])
+    with pytest.raises(PreflightError, match=rf"{16 - held} usable clips for 32 readers .*; {held} more held out by data.held_out=0.25\)"):
+        preflight(few_held, str(tiny_shards), None)
 
 
 def test_preflight_rejects_shapes_and_world_sizes(tiny_shards, tmp_path):
