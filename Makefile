@@ -11,13 +11,10 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 setup: $(STAMP)
 
+# infra/image/install.sh is the one install recipe (the container image runs it too): the
+# venv, torch first at pyproject's pin, then the project in editable mode with its test tools.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU wheel: a looser spec (or letting deepspeed pull
-	# it) downloads a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	PYTHON=$(PYTHON) bash infra/image/install.sh --venv $(VENV) --dev
 	rm -f $(VENV)/.installed-*
 	touch $@
 
