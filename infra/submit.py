@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-uri", metavar="URI",
         help="run the job in this container image (reelforge installed in it) instead of a copy of this checkout",
     )  # fmt: skip
+    parser.add_argument(
+        "--pip", action="store_true",
+        help="install reelforge's pinned dependencies (pyproject.toml) into the job's environment on each node, "
+        "for a cluster whose Python lacks them (Ray's pip runtime env, cached per node)",
+    )  # fmt: skip
     return parser
 
 
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(own)
     setup_logging()
     try:
+        if args.pip and args.image_uri:
+            raise ValueError("--pip and --image-uri exclude each other: the image brings the dependencies")
         check_command_args(args.command, command_args)
         client = RayJobsClient.from_environment(args.address)
         return submit_and_follow(client, args, command_args)
@@ -167,7 +174,7 @@ def submit_and_follow(client: RayJobsClient, args: argparse.Namespace, command_a
             submission_id = client.submit(
                 entrypoint,
                 submission_id=args.submission_id,
-                runtime_env=job_runtime_env(client, args.image_uri),
+                runtime_env=job_runtime_env(client, args.image_uri, pip=args.pip),
                 metadata={"reelforge_command": args.command, "reelforge_version": __version__},
             )
             logger.info("submitted job %s to %s", submission_id, client.address)
@@ -238,13 +245,27 @@ def _confirm(question: str) -> bool:
 # --- what the job runs in ---------------------------------------------------------------------------
 
 
-def job_runtime_env(client: RayJobsClient, image_uri: str | None) -> dict[str, Any]:
+def job_runtime_env(client: RayJobsClient, image_uri: str | None, *, pip: bool = False) -> dict[str, Any]:
     """`{"image_uri": URI}` with --image-uri (the image has reelforge and its dependencies; nothing is
     uploaded), else `{"working_dir": gcs://_ray_pkg_<hash>.zip}`: this checkout, uploaded if the
-    cluster does not hold that content yet."""
+    cluster does not hold that content yet. With --pip also Ray's `pip` env: each node makes a
+    virtualenv on top of its Python (so what it has already is not installed again) with the
+    checkout's pinned dependencies, once per requirement set."""
     if image_uri:
         return {"image_uri": image_uri}
-    return {"working_dir": upload_checkout(client, checkout_root())}
+    root = checkout_root()
+    env: dict[str, Any] = {"working_dir": upload_checkout(client, root)}
+    if pip:
+        env["pip"] = {"packages": project_requirements(root), "pip_check": False}
+    return env
+
+
+def project_requirements(root: Path) -> list[str]:
+    """The runtime requirements pyproject.toml pins (its `[project] dependencies`, extras left out)."""
+    import tomllib
+
+    with open(root / "pyproject.toml", "rb") as handle:
+        return list(tomllib.load(handle)["project"]["dependencies"])
 
 
 def checkout_root() -> Path:

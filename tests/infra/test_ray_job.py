@@ -206,10 +206,14 @@ def test_an_ingest_job_succeeds_and_resubmitting_its_id_reattaches(head, head_us
 
 @pytest.mark.slow
 def test_a_failing_job_exits_1_with_its_one_line_reason(head_user, client, capsys, caplog):
+    """Also --pip: Ray makes the job a virtualenv on top of the node's Python with pyproject's pinned
+    requirements (all present on this head, so nothing is downloaded) and runs the command in it."""
     missing = head_user.root / "submit" / "no-such-footage"
     command = ["--", str(missing), "--out", str(head_user.root / "submit" / "failed")]
+    assert submit.main(["ingest", "--address", head_user.dashboard, "--pip", "--image-uri", "reelforge:1", *command]) == 2
+    assert capsys.readouterr().err == "reelforge submit: --pip and --image-uri exclude each other: the image brings the dependencies\n"
     # --no-wait: the id Ray made, on stdout, and no waiting
-    assert submit.main(["ingest", "--address", head_user.dashboard, "--no-wait", *command]) == 0
+    assert submit.main(["ingest", "--address", head_user.dashboard, "--no-wait", "--pip", *command]) == 0
     submission_id = capsys.readouterr().out.strip()
     assert submission_id.startswith("raysubmit_")
     said = [record.getMessage() for record in caplog.records]
@@ -222,6 +226,11 @@ def test_a_failing_job_exits_1_with_its_one_line_reason(head_user, client, capsy
     )
     assert f"job {submission_id} exists on {head_user.dashboard} (" in caplog.text
     assert len(jobs_with_id(client, submission_id)) == 1 and client.status(submission_id) == "FAILED"
+    # the command ran in Ray's pip environment (its own reason above: every import it needs resolved)
+    requirements = submit.project_requirements(submit.checkout_root())
+    assert "torch==2.13.0" in requirements and "ray[default,serve,train,data]==2.60.0" in requirements
+    assert client.job(submission_id)["runtime_env"]["pip"]["packages"] == requirements
+    assert list((head_user.root / "ray").glob("session_*/runtime_resources/pip/*/virtualenv/bin/python"))
 
 
 @pytest.mark.slow
