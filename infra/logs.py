@@ -30,6 +30,11 @@ def log_level(rank: int = 0) -> int:
 
 def setup_logging(rank: int = 0) -> None:
     """Log to stderr at `log_level(rank)`; calling it again changes nothing but the level."""
+    # Against a tracking server MLflow writes "View run ... at: URL" lines to stdout whenever a run
+    # ends (training's, the promotion gate's evaluation run), in the middle of a command's result
+    # (`promote` prints one line that scripts read). Our log already names each run; set the
+    # variable to false to get MLflow's links back.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     root = logging.getLogger()
     if not any(getattr(h, "_reelforge", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
