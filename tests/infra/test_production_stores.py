@@ -21,6 +21,7 @@ mlruns/ or mlartifacts/.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -32,12 +33,18 @@ import urllib.request
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from infra.footage import FootageSpec, varied_shots, write_video
 from model.storage import file_sha256
 from tests.infra.conftest import free_ports
 from tests.pipelines.test_faults import S3Server, cli_env
+from tests.training.test_registry import FRAMES, SIZE, decoded_shape, tiny_bundle
+from training.config import MlflowSection, RegistrySection
+from training.registry import log_and_register
+from training.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -60,7 +67,7 @@ class Postgres:
 
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
-        self.port = self._start_on_free_ports(1)[0]
+        self.port = self._start_on_free_port()
         self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"
         self.execute("CREATE DATABASE mlflow", database="postgres")
 
@@ -318,3 +325,42 @@ def test_ingest_train_promote_generate_on_postgres_and_s3(ray_local, postgres, s
     # nothing local: no SQLite store or artifact folder beside the run, the commands or the server
     for folder in (out, work, mlflow_server.root):
         assert not {"mlflow.db", "mlruns", "mlartifacts"} & {path.name for path in folder.iterdir()}, sorted(folder.iterdir())
+
+
+def test_a_failed_run_resumes_and_its_model_serves_through_the_server(mlflow_server, tmp_path, monkeypatch):
+    """In this process, against the same server: a FAILED run resumed keeps one loss per step, and the
+    registered model loads as an MLflow pyfunc (artifacts from S3 through presigned URLs) and predicts."""
+    import mlflow
+
+    url = mlflow_server.url
+    for name in [key for key in os.environ if key.startswith(("AWS_", "MLFLOW_"))]:
+        monkeypatch.delenv(name)  # a client with no S3 credentials and no store of its own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    bundle = tiny_bundle(tmp_path / "bundle")
+    cfg = MlflowSection(tracking_uri=url)
+    tracker = Tracker(cfg, tmp_path)
+    run_id = tracker.start_or_resume(run_name="server")
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    tracker.end("FAILED")
+    resumed = Tracker(cfg, tmp_path)
+    assert resumed.start_or_resume(run_id) == run_id
+    for step in range(2, 6):
+        resumed.log_metrics({"loss": 0.1}, step=step)
+    resumed.flush()
+
+    version = log_and_register(bundle, run_id, RegistrySection(model_name="fox-server"), url)
+    resumed.end()
+    client = mlflow.MlflowClient(url)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]
+    assert str(client.get_model_version_by_alias("fox-server", "candidate").version) == str(version.version) == "1"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server, nothing local
+
+    mlflow.set_tracking_uri(url)
+    model = mlflow.pyfunc.load_model("models:/fox-server@candidate")
+    out = model.predict(pd.DataFrame([{"prompt": "a fox", "steps": 1, "seed": 1}, {"prompt": "snow", "num_frames": 2}]))
+    assert list(out["num_frames"]) == [FRAMES, 2]
+    for row in out.itertuples():
+        assert decoded_shape(base64.b64decode(row.video_mp4_base64)) == (row.num_frames, SIZE, SIZE)
+    assert np.isfinite(out["fps"]).all()

@@ -1,23 +1,16 @@
 """training/registry.py, `reelforge register` / `promote` (infra/) and `reelforge generate --model models:/...` against real MLflow:
-a SQLite store in tmp_path, and a real `mlflow server` on a free loopback port. The model is a tiny
+a SQLite store in tmp_path (the same against a real `mlflow server` on PostgreSQL and S3:
+tests/infra/test_production_stores.py). The model is a tiny
 random-initialised DiT with the pixel autoencoder and the offline MiniLM, saved by `save_bundle`."""
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import av
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -154,93 +147,3 @@ def test_register_without_model_or_bundle_fails_in_one_line(tracking_uri, tmp_pa
     assert rc == 2 and "alias" in err and "'Not An Alias'" in err
     with pytest.raises(SystemExit, match="no mlflow.db there"):
         register.main(["--run-id", run_id, "--out", str(tmp_path / "nowhere")])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_mlflow_server(tmp_path: Path, log) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on a free loopback port, once it answers /health. The port is free when
-    chosen but may be taken before the server binds it (tests and other jobs run side by side):
-    a server that exits while starting is started again on another port."""
-    for _ in range(3):
-        port = _free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # no background job runner (huey workers): nothing here uses it, and it costs CPU and processes
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while server.poll() is None and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200 and server.poll() is None:
-                        return server, url
-            except OSError:
-                pass
-            time.sleep(0.5)
-        _stop(server)
-    raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    # the CLI runs uvicorn as a child process: stop the whole session, not just the CLI
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real tracking + registry + artifact server on loopback, as deployed (SQLite here)."""
-    with open(tmp_path / "server.log", "wb") as log:
-        server, url = _start_mlflow_server(tmp_path, log)
-        try:
-            yield url
-        finally:
-            _stop(server)
-
-
-def test_train_log_register_and_serve_through_mlflow_server(mlflow_server, bundle, tmp_path, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = MlflowSection(tracking_uri=mlflow_server)
-    tracker = Tracker(cfg, tmp_path)
-    run_id = tracker.start_or_resume(run_name="server")
-    for step in range(1, 4):
-        tracker.log_metrics({"loss": 1.0 / step}, step=step)
-    tracker.end("FAILED")
-    resumed = Tracker(cfg, tmp_path)
-    assert resumed.start_or_resume(run_id) == run_id
-    for step in range(2, 6):
-        resumed.log_metrics({"loss": 0.1}, step=step)
-    resumed.flush()
-
-    version = log_and_register(bundle, run_id, RegistrySection(model_name="fox-server"), mlflow_server)
-    resumed.end()
-    client = mlflow.MlflowClient(mlflow_server)
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]
-    assert str(client.get_model_version_by_alias("fox-server", "candidate").version) == str(version.version) == "1"
-    assert client.get_run(run_id).info.status == "FINISHED"
-    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server, nothing local
-
-    mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model("models:/fox-server@candidate")
-    out = model.predict(pd.DataFrame([{"prompt": "a fox", "steps": 1, "seed": 1}, {"prompt": "snow", "num_frames": 2}]))
-    assert list(out["num_frames"]) == [FRAMES, 2]
-    for row in out.itertuples():
-        assert decoded_shape(base64.b64decode(row.video_mp4_base64)) == (row.num_frames, SIZE, SIZE)
-    assert np.isfinite(out["fps"]).all()
