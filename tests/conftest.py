@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # which Ray's convention (no RAY_ADDRESS) would join.
 os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# DeepSpeed compiles its CPU communication op (~45 s on two cores) into torch's extension folder
+# under HOME, with the first `ninja` on PATH. The test heads give their jobs a HOME of their own,
+# and a different ninja rebuilds what another built: so every process of the suite (Ray workers,
+# job drivers on the heads) uses the venv's ninja and one folder, and the op is built once.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
+)
 
 
 # --- footage: encoded once per session, read by every test file (never written to) ------------
