@@ -37,7 +37,7 @@ PENDING_SUFFIX = ".pending.json"
 # The job's command line is one string that Ray's job driver hands to `/bin/sh -c`, and Linux caps one
 # argument at 128 KiB (MAX_ARG_STRLEN): the batch's paths may take this much of it, the rest is spare.
 MAX_PATHS_CHARS = 100_000
-# A copy of pipelines/discover.py's VIDEO_EXTENSIONS (tests/infra/test_airflow.py checks
+# A copy of pipelines/discover.py's VIDEO_EXTENSIONS (tests/infra/test_scheduled_ingestion.py checks
 # that they agree): pipelines/ imports pyarrow, which Airflow's venv does not have.
 VIDEO_EXTENSIONS = frozenset(
     {
