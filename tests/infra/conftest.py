@@ -68,6 +68,21 @@ class Head:
         return self.run(argv, env=self.env | {"RAY_ADDRESS": self.dashboard})
 
 
+def stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+    """Signal a process started with start_new_session=True and its whole group (a CLI and the server
+    it runs as a child: `mlflow server`, `reelforge serve`), wait for it, SIGKILL the group if it
+    outlives `timeout`."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def stop_session(leader: subprocess.Popen) -> None:
     """Kill every process of the head's session and every descendant (job drivers start sessions of
     their own), then reap the leader."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import pytest
 
 from infra.footage import FootageSpec, varied_shots, write_video
 from model.storage import file_sha256
-from tests.infra.conftest import free_ports
+from tests.infra.conftest import free_ports, stop_group
 from tests.pipelines.test_faults import S3Server, cli_env
 from tests.training.test_registry import FRAMES, SIZE, decoded_shape, tiny_bundle
 from training.config import MlflowSection, RegistrySection
@@ -190,16 +189,7 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not start: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        # the CLI runs uvicorn as a child process: stop the whole session, not just the CLI
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, timeout=10)  # the CLI runs uvicorn as a child process
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import requests
 from PIL import Image
 
 from model.bundle import bundle_sha256
+from tests.infra.conftest import stop_group
 from tests.model.test_pyfunc import FRAMES, HEIGHT, WIDTH, tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,15 +74,7 @@ class Server:
         raise AssertionError(f"server not ready in {self.ready_within_s} s: {self.log_path.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, sig)
         self.log.close()
 
     def get(self, path: str, **kw) -> requests.Response:
