@@ -1,5 +1,8 @@
 """The landing folder, ingest batches and their records: what `reelforge_ingest` has done, kept beside the shards.
 
+The landing folder and the shards are Locations (infra/airflow/locations.py): local folders or
+object-store prefixes, read and written the same way.
+
     SHARDS/_batches/<batch id>.pending.json   a batch chosen for ingest whose job has not succeeded yet
     SHARDS/_batches/<batch id>.json           a batch ingested: its files, the job that ingested them
 
@@ -8,7 +11,9 @@ Rules:
 1. **A landing file is a source ingest would take**: a video extension (a copy of ingest's list, see
    `VIDEO_EXTENSIONS`), no name or folder below the landing folder starting with ".", and not modified
    in the last REELFORGE_LANDING_MIN_AGE_S seconds (it may still be uploading). Each is known by
-   (absolute path, size, mtime), as ingest's source key is: a file rewritten in place is a new file.
+   (absolute path or URI, size, mtime), as ingest's source key is: a file rewritten in place is a new
+   file. On object storage the mtime is the object's LastModified, which every upload sets anew, so
+   it serves as an ETag would.
 2. **New files** are landing files that no batch record lists.
 3. **A batch** is new files, oldest first, as many as fit in one command line (`MAX_PATHS_CHARS`).
    Its id is the first 16 hex digits of the sha256 of its sorted (path, size, mtime) lines, so the
@@ -18,19 +23,20 @@ Rules:
    listing anew, so it reaches the same submission id, `ingest-<batch id>`, even when more files
    landed meanwhile. A pending batch whose last job failed is dropped, and its files are new again.
 5. **The record is written once the job has succeeded** and ingest's `_SUCCESS` is there (temp file,
-   then rename); the pending file is deleted after it. A recorded batch is never ingested again.
+   then rename; one PUT on object storage); the pending file is deleted after it. A recorded batch
+   is never ingested again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
+
+from infra.airflow.locations import Location
 
 BATCHES_DIR = "_batches"
 PENDING_SUFFIX = ".pending.json"
@@ -50,7 +56,7 @@ VIDEO_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True, order=True)
 class LandingFile:
-    path: str  # absolute
+    path: str  # an absolute path, or an object-store URI (s3://bucket/key)
     size_bytes: int
     mtime_ns: int
 
@@ -88,25 +94,18 @@ def is_video_name(name: str) -> bool:
     return not name.startswith(".") and "." in name and name.rsplit(".", 1)[1].lower() in VIDEO_EXTENSIONS
 
 
-def list_landing(landing: Path, *, min_age_s: float, now_s: float | None = None) -> list[LandingFile]:
+def list_landing(landing: Location, *, min_age_s: float, now_s: float | None = None) -> list[LandingFile]:
     """Every landing file (rule 1), sorted by path. A missing landing folder is an error: a typo in
-    REELFORGE_LANDING must not look like a quiet night."""
-    if not landing.is_dir():
-        raise ValueError(f"REELFORGE_LANDING={landing}: no such folder")
+    REELFORGE_LANDING must not look like a quiet night. On object storage a prefix exists once an
+    object is under it, so there only a missing bucket is an error, and an empty prefix lists nothing."""
+    if not landing.is_dir() and (landing.is_local or not landing.bucket.is_dir()):
+        raise ValueError(f"REELFORGE_LANDING={landing}: no such {'folder' if landing.is_local else 'bucket'}")
     newest_ns = int(((time.time() if now_s is None else now_s) - min_age_s) * 1e9)
-    found = []
-    for folder, subfolders, names in os.walk(landing):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in names:
-            if not is_video_name(name):
-                continue
-            try:
-                stat = os.stat(os.path.join(folder, name))
-            except FileNotFoundError:
-                continue  # deleted while we listed
-            if stat.st_mtime_ns <= newest_ns:
-                found.append(LandingFile(os.path.join(folder, name), stat.st_size, stat.st_mtime_ns))
-    return sorted(found)
+    return [
+        LandingFile(file.location.uri, file.size_bytes, file.mtime_ns)
+        for file in landing.walk()
+        if is_video_name(file.location.name) and file.mtime_ns <= newest_ns
+    ]
 
 
 def take_batch(new_files: list[LandingFile]) -> Batch:
@@ -123,50 +122,52 @@ def take_batch(new_files: list[LandingFile]) -> Batch:
 # --- records beside the shards ---------------------------------------------------------------------
 
 
-def batches_dir(shards: Path) -> Path:
+def batches_dir(shards: Location) -> Location:
     return shards / BATCHES_DIR
 
 
-def record_path(shards: Path, batch_id: str) -> Path:
+def record_path(shards: Location, batch_id: str) -> Location:
     return batches_dir(shards) / f"{batch_id}.json"
 
 
-def read_record(shards: Path, batch_id: str) -> dict[str, Any]:
+def read_record(shards: Location, batch_id: str) -> dict[str, Any]:
     return json.loads(record_path(shards, batch_id).read_text())
 
 
-def read_records(shards: Path) -> list[dict[str, Any]]:
+def read_records(shards: Location) -> list[dict[str, Any]]:
     """Every batch record, oldest first."""
-    folder = batches_dir(shards)
-    paths = [p for p in folder.glob("*.json") if not p.name.endswith(PENDING_SUFFIX)] if folder.is_dir() else []
+    paths = [p for p in batches_dir(shards).files() if p.name.endswith(".json") and not p.name.endswith(PENDING_SUFFIX)]
     records = [json.loads(p.read_text()) for p in paths]
     return sorted(records, key=lambda r: (r["recorded_at"], r["batch_id"]))
 
 
-def recorded_files(shards: Path) -> set[LandingFile]:
+def recorded_files(shards: Location) -> set[LandingFile]:
     return {LandingFile(**f) for record in read_records(shards) for f in record["files"]}
 
 
-def new_files(landing_files: list[LandingFile], shards: Path) -> list[LandingFile]:
+def new_files(landing_files: list[LandingFile], shards: Location) -> list[LandingFile]:
     recorded = recorded_files(shards)
     return [f for f in landing_files if f not in recorded]
 
 
-def pending_batches(shards: Path) -> list[Batch]:
-    folder = batches_dir(shards)
-    paths = sorted(folder.glob(f"*{PENDING_SUFFIX}")) if folder.is_dir() else []
+def pending_path(shards: Location, batch_id: str) -> Location:
+    return batches_dir(shards) / f"{batch_id}{PENDING_SUFFIX}"
+
+
+def pending_batches(shards: Location) -> list[Batch]:
+    paths = [p for p in batches_dir(shards).files() if p.name.endswith(PENDING_SUFFIX)]
     return [Batch.from_json(json.loads(p.read_text())) for p in paths]
 
 
-def write_pending(shards: Path, batch: Batch) -> None:
-    _write_json(batches_dir(shards) / f"{batch.batch_id}{PENDING_SUFFIX}", batch.as_json() | {"planned_at": _now()})
+def write_pending(shards: Location, batch: Batch) -> None:
+    _write_json(pending_path(shards, batch.batch_id), batch.as_json() | {"planned_at": _now()})
 
 
-def drop_pending(shards: Path, batch: Batch) -> None:
-    (batches_dir(shards) / f"{batch.batch_id}{PENDING_SUFFIX}").unlink(missing_ok=True)
+def drop_pending(shards: Location, batch: Batch) -> None:
+    pending_path(shards, batch.batch_id).unlink(missing_ok=True)
 
 
-def write_record(shards: Path, batch: Batch, job: dict[str, Any]) -> dict[str, Any]:
+def write_record(shards: Location, batch: Batch, job: dict[str, Any]) -> dict[str, Any]:
     """Record `batch` as ingested by `job` (its final JobDetails) and drop its pending file."""
     record = batch.as_json() | {
         "submission_id": job["submission_id"],
@@ -181,12 +182,9 @@ def write_record(shards: Path, batch: Batch, job: dict[str, Any]) -> dict[str, A
     return record
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Temp file + rename: a reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    temp.replace(path)
+def _write_json(path: Location, data: dict[str, Any]) -> None:
+    """A reader sees the whole file or none (Location.write_text)."""
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _now() -> str:

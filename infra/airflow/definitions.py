@@ -46,11 +46,10 @@ def client() -> RayJobsClient:
 def assets(settings: DagSettings) -> dict[str, Any]:
     from airflow.sdk import Asset
 
-    captions = settings.shards / "captions" / str(settings.caption_set)
     return {
-        LANDING_ASSET: Asset(name=LANDING_ASSET, uri=f"file://{settings.landing}"),
-        SHARDS_ASSET: Asset(name=SHARDS_ASSET, uri=f"file://{settings.shards}"),
-        CAPTIONS_ASSET: Asset(name=CAPTIONS_ASSET, uri=f"file://{captions}"),
+        LANDING_ASSET: Asset(name=LANDING_ASSET, uri=settings.landing.asset_uri),
+        SHARDS_ASSET: Asset(name=SHARDS_ASSET, uri=settings.shards.asset_uri),
+        CAPTIONS_ASSET: Asset(name=CAPTIONS_ASSET, uri=tasks.captions_folder(settings).asset_uri),
     }
 
 

@@ -7,8 +7,9 @@
 # brings), so Airflow never goes into .venv. Everything comes from infra/airflow/constraints.txt, a
 # `pip freeze` of a resolved install kept in the repo (its first lines say how to regenerate it).
 # reelforge itself goes in with --no-deps, editable from this checkout: the DAGs import only
-# infra.airflow and infra.ray_jobs, which need the standard library alone (no Ray, no torch), and the
-# DAG folder (infra/airflow/dags) and the code it imports stay one checkout.
+# infra.airflow, infra.ray_jobs and model.storage, which need the standard library and pyarrow (for
+# object storage) alone, no Ray and no torch; and the DAG folder (infra/airflow/dags) and the code it
+# imports stay one checkout.
 #
 # Idempotent and safe to run from two processes at once (a test fixture and a CI step): the
 # second waits on a lock in VENV_DIR, then finds the stamp of the finished install and exits.
@@ -38,11 +39,11 @@ if [ -f "$stamp" ]; then
 fi
 started=$(date +%s)
 test -x "$venv/bin/python" || "${PYTHON:-python3}" -m venv "$venv"
-"$venv/bin/python" -m pip install -q "apache-airflow==$version" -c "$here/constraints.txt"
+"$venv/bin/python" -m pip install -q "apache-airflow==$version" pyarrow -c "$here/constraints.txt"
 "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
-# The DAG code must import with what this venv has (no Ray, torch or pyarrow): a module of it that
-# pulled one in would break every DAG at parse time, so check before stamping.
-"$venv/bin/python" -c "import airflow.sdk, infra.airflow.definitions, infra.ray_jobs"
+# The DAG code must import with what this venv has (no Ray, no torch): a module of it that pulled one
+# in would break every DAG at parse time, so check before stamping.
+"$venv/bin/python" -c "import airflow.sdk, pyarrow.fs, infra.airflow.definitions, infra.airflow.tasks, infra.ray_jobs"
 rm -f "$venv"/.reelforge-airflow-*
 touch "$stamp"
 echo "$0: Airflow $version and reelforge (editable, no deps) installed in $venv in $(( $(date +%s) - started )) s" >&2

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.airflow.locations import Location
+
 DEFAULT_INGEST_SCHEDULE = "0 2 * * *"  # nightly, 02:00 UTC
 # A file modified more recently than this may still be uploading: it waits for a later run.
 DEFAULT_LANDING_MIN_AGE_S = 300.0
 DEFAULT_POLL_S = 5.0
-# Object storage cannot be listed nor written without a client the Airflow venv does not have (yet).
-_OBJECT_STORES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
 # The arguments a DAG sets itself on each command, which the *_ARGS variables may not set again.
 _OWN_ARGS = {
     "REELFORGE_INGEST_ARGS": ("--out", "--new-output"),
@@ -30,8 +30,8 @@ _OWN_ARGS = {
 
 @dataclass(frozen=True)
 class DagSettings:
-    landing: Path  # REELFORGE_LANDING: the folder new footage lands in
-    shards: Path  # REELFORGE_SHARDS: ingest's --out; batch records go to its _batches/
+    landing: Location  # REELFORGE_LANDING: the folder or bucket prefix new footage lands in
+    shards: Location  # REELFORGE_SHARDS: ingest's --out (a folder or a prefix); batch records go to its _batches/
     ingest_args: tuple[str, ...]  # REELFORGE_INGEST_ARGS, e.g. "--config ingest/demo"
     ingest_schedule: str  # REELFORGE_INGEST_SCHEDULE: a cron expression, UTC
     landing_min_age_s: float  # REELFORGE_LANDING_MIN_AGE_S
@@ -55,8 +55,8 @@ class DagSettings:
         if tracking_uri is not None:
             _check_store(tracking_uri)
         return cls(
-            landing=_folder(env, "REELFORGE_LANDING", required=True),
-            shards=_folder(env, "REELFORGE_SHARDS", required=True),
+            landing=_location(env, "REELFORGE_LANDING"),
+            shards=_location(env, "REELFORGE_SHARDS"),
             ingest_args=_args(env, "REELFORGE_INGEST_ARGS"),
             ingest_schedule=_text(env, "REELFORGE_INGEST_SCHEDULE") or DEFAULT_INGEST_SCHEDULE,
             landing_min_age_s=_seconds(env, "REELFORGE_LANDING_MIN_AGE_S", DEFAULT_LANDING_MIN_AGE_S),
@@ -82,19 +82,24 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def _location(env: Mapping[str, str], name: str) -> Location:
+    """An absolute folder or an object-store prefix that the Airflow workers and the Ray jobs both
+    reach at the same name (a shared volume, a bucket). Only the spelling is checked here: a DAG file
+    is parsed often and must not wait on storage."""
+    value = _text(env, name)
+    if value is None:
+        raise ValueError(f"{name} is not set; set it to an absolute folder or an object-store prefix (s3://BUCKET/PREFIX) "
+                         "that the Airflow workers and the Ray cluster both see")  # fmt: skip
+    return Location.parse(value, name)
+
+
 def _folder(env: Mapping[str, str], name: str, *, required: bool) -> Path | None:
-    """An absolute local folder: the Airflow workers list or write it, and the Ray jobs see it at
-    the same path (a shared volume)."""
+    """An absolute local folder: the training runs' folders and their local MLflow store."""
     value = _text(env, name)
     if value is None:
         if required:
             raise ValueError(f"{name} is not set; set it to an absolute folder that the Airflow workers and the Ray cluster both see")
         return None
-    if value.startswith(_OBJECT_STORES):
-        raise ValueError(
-            f"{name}={value}: object storage is not supported by the DAGs yet (the Airflow venv has no client to list "
-            "or write it); give a folder that the Airflow workers and the Ray cluster both see, e.g. a shared volume"
-        )
     path = Path(value.removeprefix("file://"))
     if not path.is_absolute():
         raise ValueError(f"{name}={value} is relative; give an absolute folder that the Airflow workers and the Ray cluster both see")

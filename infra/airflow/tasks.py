@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
-from pathlib import Path
 from typing import Any
 
 from infra.airflow import batches
 from infra.airflow.batches import Batch
 from infra.airflow.jobs import RESUBMIT_AFTER, latest_attempt, run_job
+from infra.airflow.locations import Location
 from infra.airflow.settings import DagSettings
 from infra.ray_jobs import RayJobsClient
 
@@ -93,7 +93,7 @@ def recaption(settings: DagSettings, client: RayJobsClient) -> dict[str, Any]:
     entrypoint = shlex.join(
         ["python", "-m", "infra", "recaption", str(settings.shards), "--caption-set", settings.caption_set, *settings.recaption_args]
     )
-    digest = _digest(_file_sha256(_finished_manifest(settings.shards)), entrypoint)
+    digest = _digest(_finished_manifest(settings.shards).sha256(), entrypoint)
     metadata = {"reelforge_dag": "reelforge_recaption", "reelforge_caption_set": settings.caption_set}
     job = run_job(client, f"recaption-{settings.caption_set}-{digest}", entrypoint, metadata=metadata, poll_s=settings.poll_s)
     if not (captions_folder(settings) / SUCCESS).is_file():
@@ -108,12 +108,12 @@ def train(settings: DagSettings, client: RayJobsClient) -> dict[str, Any]:
     if settings.train_config is None or settings.runs is None:
         raise ValueError("REELFORGE_TRAIN_CONFIG is not set, so there is no training to run; set it (and REELFORGE_RUNS) to train")
     command = ["--config", settings.train_config, "--data", str(settings.shards)]
-    state = [_file_sha256(_finished_manifest(settings.shards))]
+    state = [_finished_manifest(settings.shards).sha256()]
     if settings.caption_set is not None:
         if not (captions_folder(settings) / SUCCESS).is_file():
             raise ValueError(f"caption set {captions_folder(settings)} is not finished (no {SUCCESS}); run reelforge_recaption first")
         command += ["--set", f"data.caption_set={settings.caption_set}"]
-        state.append(_file_sha256(captions_folder(settings) / "manifest.json"))
+        state.append((captions_folder(settings) / "manifest.json").sha256())
     if settings.tracking_uri is not None:
         command += ["--set", f"mlflow.tracking_uri={settings.tracking_uri}"]
     if settings.model_name is not None:
@@ -126,22 +126,14 @@ def train(settings: DagSettings, client: RayJobsClient) -> dict[str, Any]:
     return _summary(run_job(client, train_id, entrypoint, metadata=metadata, poll_s=settings.poll_s))
 
 
-def captions_folder(settings: DagSettings) -> Path:
+def captions_folder(settings: DagSettings) -> Location:
     return settings.shards / "captions" / str(settings.caption_set)
 
 
-def _finished_manifest(shards: Path) -> Path:
+def _finished_manifest(shards: Location) -> Location:
     if not (shards / SUCCESS).is_file():
         raise ValueError(f"{shards} is not a finished ingest output (no {SUCCESS}); run reelforge_ingest first")
     return shards / MANIFEST
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _digest(*parts: str) -> str:

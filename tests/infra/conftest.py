@@ -126,7 +126,14 @@ def wait_until_up(process: subprocess.Popen, address_file: Path, dashboard: str,
 
 
 @pytest.fixture(scope="module")
-def head():
+def head_env() -> dict[str, str]:
+    """Variables a test module gives the head (and so every job on it), as a node's environment
+    would: none unless a module overrides this fixture (an object store's endpoint and keys, say)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def head(head_env):
     """docs/cluster.md's steps 2-4 on a fresh HOME: a token, token mode, `ray start --head`."""
     # short: Ray's socket paths live under the temp dir and must fit in 107 characters
     root = Path(tempfile.mkdtemp(prefix="rf-head-", dir="/tmp"))
@@ -134,7 +141,7 @@ def head():
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
     # step 1's result: the venv's python and ray first on PATH (the suite runs in that venv)
     env |= {"PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}", "VIRTUAL_ENV": str(VENV_BIN.parent)}
-    env |= {"HOME": str(root / "home"), "RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"HOME": str(root / "home"), "RAY_TMPDIR": str(root), "RAY_USAGE_STATS_ENABLED": "0"} | head_env
     token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
     assert token.returncode == 0 and (root / "home" / ".ray" / "auth_token").is_file(), token.stderr
     env["RAY_AUTH_MODE"] = "token"

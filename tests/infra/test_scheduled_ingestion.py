@@ -9,7 +9,12 @@ the project venv, where reelforge is installed: jobs are submitted without a wor
 cluster whose image has reelforge). Recaptioning asks tests/model/chat_server.py, the loopback stand-in
 for a hosted caption API; training registers its model in a SQLite MLflow store.
 
-The end-to-end tests run in file order on one landing folder and one shards folder. Two files land and
+The landing folder and the shards are prefixes of a bucket on moto's S3 server (tests/pipelines/
+test_faults.py's `S3Server`): the Airflow process lists and writes them, and the jobs read and write
+them, with the endpoint and keys in their environment as a deployment's would have. The DAGs' logic
+is also tested without Airflow on a local folder and on that bucket, through the same code.
+
+The end-to-end tests run in file order on one landing prefix and one shards prefix. Two files land and
 one Airflow process runs reelforge_ingest, reelforge_recaption, reelforge_train and reelforge_ingest
 again (`dag.test()` each, which is what `airflow dags test` calls; one process pays for Airflow's start
 once): the first three ingest, recaption and train, the last finds nothing new. Then two more files
@@ -37,11 +42,15 @@ from pathlib import Path
 
 import pytest
 
+import pyarrow.fs as pafs
+
 from infra.airflow import batches
 from infra.airflow.batches import Batch, LandingFile
+from infra.airflow.locations import Location
 from infra.airflow.settings import DagSettings
 from infra.ray_jobs import RayJobsClient
 from tests.model.chat_server import ChatServer
+from tests.pipelines.test_faults import S3Server
 
 REPO = Path(__file__).resolve().parents[2]
 AIRFLOW_VENV = REPO / ".venv-airflow"
@@ -76,17 +85,49 @@ def test_the_landing_rules_agree_with_ingests_own():
     assert batches.VIDEO_EXTENSIONS == VIDEO_EXTENSIONS
 
 
-def test_landing_files_batch_ids_and_records(tmp_path):
-    landing, shards = tmp_path / "landing", tmp_path / "shards"
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback, bucket `bucket`; its endpoint and keys in this process's
+    environment while the module runs, as an Airflow worker's would be."""
+    server = S3Server(tmp_path_factory.mktemp("moto") / "server.log")
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def folders(request, tmp_path) -> tuple[Location, Location]:
+    """(landing, shards): two local folders, or two prefixes of the S3 server's bucket."""
+    if request.param == "local":
+        return Location(str(tmp_path / "landing")), Location(str(tmp_path / "shards"))
+    request.getfixturevalue("s3")
+    return Location(f"s3://bucket/{tmp_path.name}/landing"), Location(f"s3://bucket/{tmp_path.name}/shards")
+
+
+def test_landing_files_batch_ids_and_records(folders):
+    landing, shards = folders
     for name in ("b.mp4", "a.MKV", "a.srt", ".hidden.mp4", "notes.txt", ".cache/c.mp4", "day2/d.mov"):
-        (landing / name).parent.mkdir(parents=True, exist_ok=True)
-        (landing / name).write_bytes(name.encode())
-    os.utime(landing / "b.mp4", ns=(1, 10**9))  # old; the others are being written now
+        filesystem, path = pafs.FileSystem.from_uri(f"{landing}/{name}" if not landing.is_local else f"file://{landing}/{name}")
+        filesystem.create_dir(path.rsplit("/", 1)[0])
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(name.encode())
     listed = batches.list_landing(landing, min_age_s=0)
-    assert [Path(f.path).relative_to(landing).as_posix() for f in listed] == ["a.MKV", "b.mp4", "day2/d.mov"]
-    assert [f.path for f in batches.list_landing(landing, min_age_s=60)] == [str(landing / "b.mp4")]
-    with pytest.raises(ValueError, match="REELFORGE_LANDING=.*/nope: no such folder"):
-        batches.list_landing(tmp_path / "nope", min_age_s=0)
+    assert [f.path.removeprefix(f"{landing}/") for f in listed] == ["a.MKV", "b.mp4", "day2/d.mov"]
+    assert [f.size_bytes for f in listed] == [len(b"a.MKV"), len(b"b.mp4"), len(b"day2/d.mov")]
+    # a file modified in the last min_age_s seconds may still be uploading: not yet a landing file
+    assert batches.list_landing(landing, min_age_s=60) == []
+    assert batches.list_landing(landing, min_age_s=60, now_s=time.time() + 61) == listed
+    missing = Location(f"{landing.uri}-nope") if landing.is_local else Location("s3://no-such-bucket/landing")
+    with pytest.raises(ValueError, match=re.escape(f"REELFORGE_LANDING={missing}: no such") + f" {'folder' if landing.is_local else 'bucket'}$"):
+        batches.list_landing(missing, min_age_s=0)
+    if not landing.is_local:  # a prefix exists once something is under it: an empty one is a quiet night
+        assert batches.list_landing(Location("s3://bucket/nothing-landed-yet"), min_age_s=0) == []
 
     # the id is the files', whatever their order; a file rewritten in place is another file
     batch = Batch.of(listed[::-1])
@@ -97,13 +138,25 @@ def test_landing_files_batch_ids_and_records(tmp_path):
     assert Batch.from_json(json.loads(json.dumps(batch.as_json()))) == batch
 
     # pending, then recorded: recorded files are no longer new, and the pending file is gone
+    assert batches.pending_batches(shards) == [] and batches.read_records(shards) == []  # no _batches/ yet
     batches.write_pending(shards, batch)
     assert batches.pending_batches(shards) == [batch] and batches.new_files(listed, shards) == listed
     job = {"submission_id": f"ingest-{batch.batch_id}", "entrypoint": "python -m infra ingest ...", "status": "SUCCEEDED"}
     batches.write_record(shards, batch, job)
     assert batches.pending_batches(shards) == [] and batches.new_files(listed, shards) == []
     assert batches.read_record(shards, batch.batch_id)["submission_id"] == f"ingest-{batch.batch_id}"
-    assert sorted(p.name for p in (shards / "_batches").iterdir()) == [f"{batch.batch_id}.json"]
+    assert [p.name for p in (shards / "_batches").files()] == [f"{batch.batch_id}.json"]  # no temp file left either
+    batches.drop_pending(shards, batch)  # a second drop (a retried try) is no error
+
+
+def test_local_landing_files_by_their_mtime_and_hidden_folders_pruned(tmp_path):
+    landing = tmp_path / "landing"
+    for name in ("old.mp4", "new.mp4", ".cache/c.mp4", "day2/.partial.mp4"):
+        (landing / name).parent.mkdir(parents=True, exist_ok=True)
+        (landing / name).write_bytes(name.encode())
+    os.utime(landing / "old.mp4", ns=(1, 10**9))  # old; the others are being written now
+    assert [f.path for f in batches.list_landing(Location(str(landing)), min_age_s=60)] == [str(landing / "old.mp4")]
+    assert [Path(f.path).name for f in batches.list_landing(Location(str(landing)), min_age_s=0)] == ["new.mp4", "old.mp4"]
 
 
 def test_a_batch_holds_what_one_command_line_can(tmp_path, monkeypatch):
@@ -118,11 +171,15 @@ def test_settings_fail_in_one_line_naming_the_variable(tmp_path):
     env = {"REELFORGE_LANDING": str(tmp_path / "landing"), "REELFORGE_SHARDS": str(tmp_path / "shards")}
     settings = DagSettings.from_environment(env)
     assert (settings.caption_set, settings.train_config, settings.landing_min_age_s) == (None, None, 300.0)
+    on_s3 = DagSettings.from_environment(env | {"REELFORGE_LANDING": "s3://footage/landing/", "REELFORGE_SHARDS": "file:///data/shards"})
+    assert (on_s3.landing.uri, on_s3.landing.asset_uri, on_s3.shards.asset_uri) == ("s3://footage/landing", "s3://footage/landing", "file:///data/shards")
     trained = DagSettings.from_environment(env | {"REELFORGE_TRAIN_CONFIG": "train/tiny", "REELFORGE_RUNS": "/runs"})
     assert trained.tracking_uri == "sqlite:////runs/mlflow.db"
     refused = {
         "REELFORGE_SHARDS": (env | {"REELFORGE_SHARDS": ""}, "is not set"),
-        "REELFORGE_LANDING": (env | {"REELFORGE_LANDING": "s3://bucket/raw"}, "object storage is not supported by the DAGs yet"),
+        "REELFORGE_SHARDS=s3://": (env | {"REELFORGE_SHARDS": "s3://"}, "names no bucket"),
+        "REELFORGE_SHARDS=shards": (env | {"REELFORGE_SHARDS": "shards"}, "is relative"),
+        "REELFORGE_LANDING": (env | {"REELFORGE_LANDING": "https://example.com/raw"}, "https:// is not a storage reelforge reads"),
         "REELFORGE_RUNS": (env | {"REELFORGE_TRAIN_CONFIG": "train/tiny", "REELFORGE_RUNS": "runs"}, "is relative"),
         "REELFORGE_MLFLOW_TRACKING_URI": (env | {"REELFORGE_MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "is relative"),
         "REELFORGE_INGEST_ARGS": (env | {"REELFORGE_INGEST_ARGS": "--config ingest/demo --out=/x"}, "sets --out, which the DAG sets"),
@@ -147,10 +204,22 @@ def footage_file(folder: Path, number: int) -> list[Path]:
     return [video.path, video.path.with_suffix(".srt")]
 
 
-def expected_batch_id(videos: list[Path]) -> str:
-    """docs/airflow.md's batch id, computed here from the files themselves."""
-    lines = "".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}\n" for p in sorted(videos, key=str))
+def expected_batch_id(s3: S3Server, videos: list[str]) -> str:
+    """docs/airflow.md's batch id, computed here from the objects' size and LastModified."""
+    infos = [s3.fs.get_file_info(uri.removeprefix("s3://")) for uri in sorted(videos)]
+    lines = "".join(f"{uri}\t{info.size}\t{info.mtime_ns}\n" for uri, info in zip(sorted(videos), infos))
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def s3_text(s3: S3Server, uri: str) -> str:
+    with s3.fs.open_input_stream(uri.removeprefix("s3://")) as stream:
+        return stream.read().decode()
+
+
+def s3_names(s3: S3Server, uri: str) -> list[str]:
+    """The names of the objects directly below a prefix."""
+    infos = s3.fs.get_file_info(pafs.FileSelector(uri.removeprefix("s3://"), allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
 
 @dataclass
@@ -159,9 +228,10 @@ class Airflow:
 
     env: dict[str, str]
     home: Path
-    landing: Path
-    shards: Path
+    landing: str  # s3://bucket/landing
+    shards: str  # s3://bucket/shards
     runs: Path
+    s3: S3Server
 
     def command(self, *args: str) -> list[str]:
         return [str(AIRFLOW_VENV / "bin" / "airflow"), *args]
@@ -180,6 +250,12 @@ class Airflow:
         with sqlite3.connect(self.home / "airflow.db") as db:
             rows = db.execute("SELECT asset.name, asset_event.source_dag_id FROM asset_event JOIN asset ON asset.id = asset_event.asset_id")
             return sorted(rows.fetchall())
+
+
+@pytest.fixture(scope="module")
+def head_env(s3) -> dict[str, str]:
+    """The jobs reach the bucket as a deployment's nodes would: endpoint and keys in their environment."""
+    return s3.env
 
 
 @pytest.fixture(scope="module")
@@ -205,19 +281,18 @@ def chat():
 
 
 @pytest.fixture(scope="module")
-def airflow(head, deepspeed_op, chat) -> Airflow:
+def airflow(head, deepspeed_op, chat, s3) -> Airflow:
     """infra/airflow/install.sh (a no-op once .venv-airflow is there), a migrated SQLite metadata
     database, and the DAGs' variables pointing at the head and at folders of this test."""
     installed = subprocess.run([str(INSTALL), str(AIRFLOW_VENV)], capture_output=True, text=True, timeout=1800)
     assert installed.returncode == 0, installed.stderr[-3000:]
     home = head.root / "airflow"
-    deployment = Airflow({}, home, home / "landing", home / "shards", home / "runs")
-    for folder in (deployment.landing, deployment.shards, deployment.runs):
-        folder.mkdir(parents=True)
+    deployment = Airflow({}, home, "s3://bucket/landing", "s3://bucket/shards", home / "runs", s3)
+    deployment.runs.mkdir(parents=True)
     keep = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_", "AIRFLOW", "REELFORGE_"))}
     keep = {key: value for key, value in keep.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}
     recaption = ["--set", "caption.backend=openai", "--set", f"caption.endpoint={chat.url}", "--set", "caption.model=tiny-vlm"]
-    deployment.env = keep | {
+    deployment.env = keep | s3.env | {
         "PATH": f"{AIRFLOW_VENV / 'bin'}{os.pathsep}{keep['PATH']}",  # as in an activated Airflow venv
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
@@ -255,13 +330,13 @@ def footage(tmp_path_factory) -> Path:
     return folder
 
 
-def land(airflow: Airflow, footage: Path, numbers: list[int]) -> list[Path]:
-    """Copy cam<N>.mp4 and its .srt into the landing folder (mtimes kept); the videos' landed paths."""
+def land(airflow: Airflow, footage: Path, numbers: list[int]) -> list[str]:
+    """Upload cam<N>.mp4 and its .srt to the landing prefix; the videos' URIs."""
     for number in numbers:
-        for file in footage.glob(f"cam{number}.*"):
-            (airflow.landing / file.name).write_bytes(file.read_bytes())
-            os.utime(airflow.landing / file.name, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns))
-    return [airflow.landing / f"cam{number}.mp4" for number in numbers]
+        for file in sorted(footage.glob(f"cam{number}.*")):
+            with airflow.s3.fs.open_output_stream(f"{airflow.landing.removeprefix('s3://')}/{file.name}") as stream:
+                stream.write(file.read_bytes())
+    return [f"{airflow.landing}/cam{number}.mp4" for number in numbers]
 
 
 def jobs_named(client: RayJobsClient, prefix: str) -> list[dict]:
@@ -274,7 +349,7 @@ def said(run: subprocess.CompletedProcess) -> str:
 
 @dataclass
 class FirstNight:
-    videos: list[Path]  # what landed
+    videos: list[str]  # what landed
     chain: str  # the output of reelforge_ingest, reelforge_recaption and reelforge_train
     again: str  # the output of the second reelforge_ingest run
 
@@ -294,20 +369,21 @@ def first_night(airflow, footage) -> FirstNight:
 def test_a_first_run_ingests_the_landing_folder_and_the_downstream_dags_run(first_night, airflow, client, chat):
     from mlflow import MlflowClient
 
-    videos, batch_id = first_night.videos, expected_batch_id(first_night.videos)
-    record = json.loads((airflow.shards / "_batches" / f"{batch_id}.json").read_text())
-    assert [f["path"] for f in record["files"]] == [str(v) for v in videos] and record["submission_id"] == f"ingest-{batch_id}"
-    assert record["entrypoint"] == shlex.join(["python", "-m", "infra", "ingest", *map(str, videos), "--out", str(airflow.shards), "--config", "ingest/demo"])
-    assert (airflow.shards / "_SUCCESS").is_file() and list(airflow.shards.glob("shard-*.tar"))
-    assert not list((airflow.shards / "_batches").glob("*.pending.json"))
+    s3, videos, batch_id = airflow.s3, first_night.videos, expected_batch_id(airflow.s3, first_night.videos)
+    record = json.loads(s3_text(s3, f"{airflow.shards}/_batches/{batch_id}.json"))
+    assert [f["path"] for f in record["files"]] == videos and record["submission_id"] == f"ingest-{batch_id}"
+    assert record["entrypoint"] == shlex.join(["python", "-m", "infra", "ingest", *videos, "--out", airflow.shards, "--config", "ingest/demo"])
+    written = s3_names(s3, airflow.shards)
+    assert "_SUCCESS" in written and any(name.startswith("shard-") and name.endswith(".tar") for name in written)
+    assert s3_names(s3, f"{airflow.shards}/_batches") == [f"{batch_id}.json"]  # and no pending batch
     (job,) = jobs_named(client, "ingest-")
     assert (job["submission_id"], job["status"]) == (f"ingest-{batch_id}", "SUCCEEDED")
     logs = client.logs(job["submission_id"])
     assert "| clips kept |" in logs and logs.splitlines()[-1] in first_night.chain  # the job's output, in the task's log
 
-    captions = airflow.shards / "captions" / "dense"
-    manifest = json.loads((captions / "manifest.json").read_text())
-    assert (captions / "_SUCCESS").is_file() and manifest["summary"]["ok"] == len(chat.requests) > 0
+    captions = f"{airflow.shards}/captions/dense"
+    manifest = json.loads(s3_text(s3, f"{captions}/manifest.json"))
+    assert "_SUCCESS" in s3_names(s3, captions) and manifest["summary"]["ok"] == len(chat.requests) > 0
     (job,) = jobs_named(client, "recaption-")
     assert job["submission_id"].startswith("recaption-dense-") and job["status"] == "SUCCEEDED"
 
@@ -328,7 +404,7 @@ def test_a_run_without_new_files_does_nothing(first_night, airflow, client):
     assert "Skipping downstream tasks" in first_night.again and "submitted job" not in first_night.again
     # the three jobs of the first run, and no other; one batch record; no second shards event
     assert sorted(job["submission_id"].split("-")[0] for job in client.jobs() if job.get("submission_id")) == ["ingest", "recaption", "train"]
-    assert [p.suffix for p in (airflow.shards / "_batches").iterdir()] == [".json"]
+    assert [name.split(".", 1)[1] for name in s3_names(airflow.s3, f"{airflow.shards}/_batches")] == ["json"]
     assert len(airflow.asset_events()) == 2
 
 
@@ -336,8 +412,8 @@ def test_a_run_without_new_files_does_nothing(first_night, airflow, client):
 def test_two_new_files_are_ingested_alone_and_a_killed_run_reattaches_to_its_job(airflow, client, footage):
     import pyarrow.parquet as pq
 
-    videos = land(airflow, footage, [2, 3])
-    submission_id = f"ingest-{expected_batch_id(videos)}"
+    s3, videos = airflow.s3, land(airflow, footage, [2, 3])
+    submission_id = f"ingest-{expected_batch_id(s3, videos)}"
     logical_date = "2026-06-01T00:00:00+00:00"
     log = airflow.home / "killed-run.log"
     with log.open("w") as sink:
@@ -353,17 +429,17 @@ def test_two_new_files_are_ingested_alone_and_a_killed_run_reattaches_to_its_job
     finally:
         os.killpg(killed.pid, signal.SIGKILL)  # the task's process, mid-run, as a lost worker
         killed.wait()
-    assert client.status(submission_id) == "RUNNING" and not (airflow.shards / "_batches" / f"{submission_id[7:]}.json").exists()
+    assert client.status(submission_id) == "RUNNING" and f"{submission_id[7:]}.json" not in s3_names(s3, f"{airflow.shards}/_batches")
 
     retried = airflow.dags_test("reelforge_ingest", logical_date)  # the same DAG run, tried again
     assert retried.returncode == 0, said(retried)
     assert re.search(rf"job {submission_id} exists on \S+ \((RUNNING|SUCCEEDED)\): re-attaching to it", retried.stdout), said(retried)
     assert "submitted job" not in retried.stdout
     assert [job["submission_id"] for job in jobs_named(client, submission_id)] == [submission_id]  # one job, no second attempt
-    record = json.loads((airflow.shards / "_batches" / f"{submission_id[7:]}.json").read_text())
-    assert [f["path"] for f in record["files"]] == [str(v) for v in videos] and record["submission_id"] == submission_id
+    record = json.loads(s3_text(s3, f"{airflow.shards}/_batches/{submission_id[7:]}.json"))
+    assert [f["path"] for f in record["files"]] == videos and record["submission_id"] == submission_id
     # ingest processed the two new sources alone, and the output holds all four
-    stats = json.loads((airflow.shards / "stats.json").read_text())
+    stats = json.loads(s3_text(s3, f"{airflow.shards}/stats.json"))
     assert stats["last_run"]["sources"] == 2
-    uris = pq.read_table(airflow.shards / "sources.parquet").column("uri").to_pylist()
-    assert sorted(Path(uri).name for uri in uris) == [f"cam{n}.mp4" for n in range(4)]
+    uris = pq.read_table(f"{airflow.shards.removeprefix('s3://')}/sources.parquet", filesystem=s3.fs).column("uri").to_pylist()
+    assert sorted(uris) == [f"{airflow.landing}/cam{n}.mp4" for n in range(4)]
