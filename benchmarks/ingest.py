@@ -3,6 +3,7 @@
     python benchmarks/ingest.py [--files 4] [--seconds 60] [--size 1920x1080[,960x540,...]] [--grain 2.5]
     python benchmarks/ingest.py --footage DIR          # any folder of real video files instead
     python benchmarks/ingest.py --long-seconds 3600 --only-long   # memory on a 1-hour source
+    python benchmarks/ingest.py --many 1000 --long-seconds 0      # per-source cost: many short small files
 
 Methods, each over the same files with the same number of worker processes (`--workers`,
 default: CPU count), measured as source seconds per wall second:
@@ -24,6 +25,12 @@ FootageSpec.grain), so it decodes like camera footage rather than like flat colo
 ~20x faster per pixel than real video and makes every per-clip cost look huge). Files are cached
 under ~/.cache/reelforge/bench. One table per `--size`.
 
+`--many N` instead draws N short files like a web video collection's (1-3 s, 160p-360p, H.264, VP9
+and MPEG-4 Part 2 in mp4/webm/avi/mkv, grain 2.5) and runs (a), (d), (d warm) and (e) on them: what a
+source costs beyond its frames. With it, each ingest row also splits its CPU by process kind (the
+driver, raylet, GCS, each kind of Ray worker by its task or actor, Ray's agents), which is where
+per-source overhead shows.
+
 Peak RSS is sampled every 50 ms over the whole process tree of each method. (d) is run again on
 one long source (`--long-seconds`, drawn at `--long-size` without grain so it encodes quickly), to
 show whether memory grows with source length. Prints markdown tables and writes JSON.
@@ -32,10 +39,13 @@ show whether memory grows with source length. Prints markdown tables and writes 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -91,6 +101,34 @@ def make_footage(folder: Path, files: int, seconds: float, size: str, fps: int, 
     if todo:  # one file per process: the footage encoder is single-threaded for determinism
         with ProcessPoolExecutor(min(workers, len(todo))) as pool:
             list(pool.map(_encode, *zip(*todo)))
+    return paths
+
+
+# --many: a web collection's mix, chosen per file by its index (so the same N files every run).
+MANY_SIZES = ((160, 120), (256, 144), (320, 180), (480, 270), (640, 360))
+MANY_FORMATS = (("mp4", "libx264"), ("webm", "libvpx-vp9"), ("avi", "mpeg4"), ("mkv", "libx264"))
+MANY_SECONDS = (1.0, 1.5, 2.0, 2.5, 3.0)
+MANY_FPS = (24, 25, 30)
+
+
+def make_many(folder: Path, files: int, workers: int = 1) -> list[Path]:
+    """`files` short small files of mixed codecs, one shot each (cached like make_footage): the 2-3 s
+    ones make one clip each at the default clip lengths (2-10 s), the shorter ones none."""
+    folder = folder / "many"
+    folder.mkdir(parents=True, exist_ok=True)
+    todo, paths = [], []
+    for i in range(files):
+        (width, height), (container, codec) = MANY_SIZES[i % 5], MANY_FORMATS[(i // 5) % 4]
+        seconds, fps = MANY_SECONDS[(i // 3) % 5], MANY_FPS[i % 3]
+        path = folder / f"many_{i:05d}_{width}x{height}_{fps}fps_{seconds:g}s.{container}"
+        if not path.exists():
+            shot = varied_shots([("moving", seconds)], offset=i)  # one shot, as most short web clips are
+            spec = FootageSpec(path.stem, container, codec, width, height, Fraction(fps), shot, grain=2.5)
+            todo.append((spec, str(path)))
+        paths.append(path)
+    if todo:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_encode, *zip(*todo), chunksize=16))
     return paths
 
 
@@ -161,14 +199,20 @@ def _scenedetect_split(path: str, out_dir: str) -> int:
     return len(scenes)
 
 
-def _process_source(path: str) -> int:
-    """The ingest's per-source stage alone (same settings as (d)), without Ray or the output protocol."""
+@functools.cache
+def _processor():
+    """One SourceProcessor per pool process, as each ingest actor holds one."""
     from infra.config import load_config
-    from pipelines.probe import probe_source
     from pipelines.process import IngestSettings, SourceProcessor
 
-    settings = IngestSettings.from_config(load_config(None, INGEST_SETTINGS))
-    return len(SourceProcessor(settings)(probe_source(path)))
+    return SourceProcessor(IngestSettings.from_config(load_config(None, INGEST_SETTINGS)))
+
+
+def _process_source(path: str) -> int:
+    """The ingest's per-source stage alone (same settings as (d)), without Ray or the output protocol."""
+    from pipelines.probe import probe_source
+
+    return len(_processor()(probe_source(path)))
 
 
 decode_all = _Guarded(_decode_all)
@@ -196,6 +240,9 @@ class PeakRss:
         self.peak_single = 0
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
+        # CPU seconds by process kind (process_kind): a Ray worker's kind follows the task or actor it
+        # runs at each sample, so its CPU goes to what it was doing.
+        self.cpu_by_kind: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -210,6 +257,7 @@ class PeakRss:
         self.peak_single = max(self.peak_single, other.peak_single)
         self._cpu_start |= other._cpu_start
         self._cpu_last |= other._cpu_last
+        self.cpu_by_kind.update(other.cpu_by_kind)
 
     def __enter__(self) -> "PeakRss":
         for proc in self._tree():  # processes already running count from now on
@@ -239,9 +287,13 @@ class PeakRss:
                 with proc.oneshot():
                     sizes.append(proc.memory_info().rss)
                     times = proc.cpu_times()
-                self._cpu_last[proc.pid] = times.user + times.system
+                    kind = process_kind(proc)
             except psutil.NoSuchProcess:
-                pass
+                continue
+            cpu = times.user + times.system
+            if self.count_root_cpu or proc.pid != self.root.pid:
+                self.cpu_by_kind[kind] += cpu - self._cpu_last.get(proc.pid, self._cpu_start.get(proc.pid, 0.0))
+            self._cpu_last[proc.pid] = cpu
         self.peak_total = max(self.peak_total, sum(sizes))
         self.peak_single = max(self.peak_single, max(sizes, default=0))
 
@@ -249,6 +301,32 @@ class PeakRss:
         while not self._stop.is_set():
             self._sample()
             time.sleep(0.05)
+
+
+_AGENTS = {"dashboard/agent.py": "dashboard agent", "runtime_env/agent/main.py": "runtime env agent",
+           "log_monitor.py": "log monitor", "autoscaler/_private/monitor.py": "autoscaler monitor"}
+
+
+def process_kind(proc: psutil.Process) -> str:
+    """What a process of a method's tree is: a Ray worker by its title (`ray::ProcessSource`,
+    `ray::IDLE`, ...), Ray's daemons and agents, the ingest driver, or the executable's name."""
+    command = proc.cmdline() or [proc.name()]
+    if Path(command[0]).name in ("raylet", "gcs_server"):  # before the agents: the raylet's arguments name them
+        return Path(command[0]).name
+    if command[0].startswith("ray::"):
+        return re.split(r"[.\s]", command[0], maxsplit=1)[0]
+    if any(arg.endswith("default_worker.py") for arg in command[:3]):
+        return "ray worker, starting (imports)"
+    if any(arg.endswith("dashboard/dashboard.py") for arg in command[:3]):
+        return "dashboard"
+    for script, kind in _AGENTS.items():
+        if any(script in arg for arg in command[:3]):
+            return kind
+    if command[1:4] == ["-m", "infra", "ingest"]:
+        return "driver (reelforge ingest)"
+    if "start" in command[1:3] and Path(command[0]).name == "ray" or any(a.endswith("/bin/ray") for a in command[:2]):
+        return "ray start"
+    return Path(command[0]).name
 
 
 def run_pool(function, paths: list[Path], workers: int, *extra: str) -> tuple[float, PeakRss, list[int]]:
@@ -330,8 +408,8 @@ def gib(num_bytes: int) -> str:
     return f"{num_bytes / 1024**3:.2f}"
 
 
-def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict:
-    """Every method on `paths`; returns {"label", "files", "source_s", "rows"}."""
+def bench_group(label: str, paths: list[Path], workers: int, warm: bool, tools: bool = True, cold: bool = True) -> dict:
+    """Every method on `paths` ((b) and (c) only with `tools`); returns {"label", "files", "source_s", "rows"}."""
     info = [describe(p) for p in paths]
     source_s = sum(i["seconds"] for i in info)
     rows: list[dict] = []
@@ -342,7 +420,7 @@ def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict
         rows.append({"method": name, "wall_s": round(wall, 2), "source_s_per_wall_s": round(source_s / wall, 2),
                      "cpu_s": round(rss.cpu_s, 1), "source_s_per_cpu_s": round(source_s / max(rss.cpu_s, 1e-9), 2),
                      "peak_rss_total_bytes": rss.peak_total, "peak_rss_largest_process_bytes": rss.peak_single,
-                     "note": note})  # fmt: skip
+                     "note": note, "cpu_s_by_kind": {k: round(v, 2) for k, v in rss.cpu_by_kind.most_common()}})  # fmt: skip
         logger.info("%s | %s: %.1f s", label, name, wall)
 
     def phases(stats: dict) -> str:
@@ -351,17 +429,19 @@ def bench_group(label: str, paths: list[Path], workers: int, warm: bool) -> dict
 
     wall, rss, results = run_pool(decode_all, paths, workers)
     record("(a) PyAV decode", wall, rss, failed=results.count(-1))
-    wall, rss, results = run_pool(scenedetect_detect, paths, workers)
-    record("(b) PySceneDetect detect()", wall, rss, failed=results.count(-1))
-    if shutil.which("ffmpeg"):
+    if tools:
+        wall, rss, results = run_pool(scenedetect_detect, paths, workers)
+        record("(b) PySceneDetect detect()", wall, rss, failed=results.count(-1))
+    if tools and shutil.which("ffmpeg"):
         with tempfile.TemporaryDirectory() as split_dir:
             wall, rss, results = run_pool(scenedetect_split, paths, workers, split_dir)
         record("(c) PySceneDetect detect + split_video_ffmpeg", wall, rss, failed=results.count(-1))
-    else:
+    elif tools:
         logger.warning("no ffmpeg binary: skipping (c); apt-get install ffmpeg to run it")
-    with tempfile.TemporaryDirectory() as out:
-        wall, rss, stats = run_ingest(paths, Path(out) / "shards", workers)
-    record("(d) reelforge ingest, cold (starts its own Ray)", wall, rss, phases(stats))
+    if cold:
+        with tempfile.TemporaryDirectory() as out:
+            wall, rss, stats = run_ingest(paths, Path(out) / "shards", workers)
+        record("(d) reelforge ingest, cold (starts its own Ray)", wall, rss, phases(stats))
     if warm:
         with running_ray(workers) as (address, head), tempfile.TemporaryDirectory() as out:
             # The head's raylet starts the workers: its tree's RSS counts with the ingest's.
@@ -393,6 +473,18 @@ def print_group(group: dict) -> None:
               f"{row['source_s_per_wall_s'] / decode['source_s_per_wall_s']:.2f}x | {row['cpu_s']:.1f} | "
               f"{row['source_s_per_cpu_s']:.1f} | {row['source_s_per_cpu_s'] / decode['source_s_per_cpu_s']:.2f}x | "
               f"{gib(row['peak_rss_total_bytes'])} | {gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
+    rows = {row["method"][:9]: row for row in group["rows"]}
+    stage = rows.get("(e) Source")
+    print()
+    for name, row in rows.items():
+        if not name.startswith("(d") or name.startswith("(d')"):
+            continue
+        beyond = f"; beyond the stage code (e): {1000 * (row['cpu_s'] - stage['cpu_s']) / len(info):.1f} ms CPU per source, " \
+                 f"{100 * (row['cpu_s'] - stage['cpu_s']) / stage['cpu_s']:.0f}% of (e)" if stage else ""  # fmt: skip
+        kinds = ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in row["cpu_s_by_kind"].items() if cpu >= 0.05)
+        print(f"- {row['method']}: {len(info) / row['cpu_s']:.1f} sources per CPU s{beyond}. CPU s by process: {kinds}")
+    if stage:
+        print(f"- {stage['method']}: {len(info) / stage['cpu_s']:.1f} sources per CPU s; (a) decode: {len(info) / group['rows'][0]['cpu_s']:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grain", type=float, default=2.5, help="film grain (luma levels) of the synthetic footage; 0: flat colour")
     parser.add_argument("--crf", type=int, default=20, help="x264 crf of grainy synthetic footage")
     parser.add_argument("--footage", type=Path, help="benchmark the video files in this folder instead of synthetic footage")
+    parser.add_argument("--many", type=int, default=0, help="benchmark N short small files of mixed codecs instead (per-source cost)")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the (d warm) row")
+    parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the (d) cold row")
     parser.add_argument("--long-seconds", type=float, default=600.0, help="length of the long source (0: skip)")
     parser.add_argument("--long-size", default="320x180")
     parser.add_argument("--only-long", action="store_true", help="run only the long-source memory measurement")
@@ -416,14 +510,17 @@ def main(argv: list[str] | None = None) -> int:
 
     groups = []
     if not args.only_long:
-        if args.footage:
-            groups.append(bench_group(f"Real footage in {args.footage}", real_footage(args.footage), args.workers, args.warm))
+        if args.many:
+            paths = make_many(args.cache, args.many, args.workers)
+            groups.append(bench_group(f"{args.many} short files (1-3 s, 160p-360p, mixed codecs)", paths, args.workers, args.warm, tools=False, cold=args.cold))
+        elif args.footage:
+            groups.append(bench_group(f"Real footage in {args.footage}", real_footage(args.footage), args.workers, args.warm, cold=args.cold))
         else:
             for size in args.size.split(","):
                 paths = make_footage(args.cache, args.files, args.seconds, size, args.fps, args.grain,
                                      args.crf if args.grain else None, args.workers)  # fmt: skip
                 label = f"{size}, {args.fps} fps, {'grain ' + format(args.grain, 'g') if args.grain else 'flat colour'}"
-                groups.append(bench_group(label, paths, args.workers, args.warm))
+                groups.append(bench_group(label, paths, args.workers, args.warm, cold=args.cold))
 
     long_row = None
     if args.long_seconds > 0:

@@ -74,6 +74,23 @@ T = TypeVar("T")
 # the source becomes a "crash" reject: one death can be bad luck (a neighbour's memory spike),
 # three in a row on the same source is the source.
 DEFAULT_MAX_ATTEMPTS = 3
+# How sources are grouped into Ray Data blocks, the unit each stage's task or actor call takes. Ray
+# Data's driver pays per block and per operator (scheduling, metadata, iteration: ~60 ms CPU a block
+# over this plan), which a 1-second web clip cannot amortise, so small sources share blocks: up to
+# MAX_SOURCES_PER_BLOCK, about BLOCK_BYTES of source each. Big sources keep a block of their own, and
+# there are at least BLOCKS_PER_WORKER blocks per worker when there are that many sources, so the
+# actors stay evenly busy to the end. Resume is unchanged: results are written per source, and a
+# block that is resent skips the sources whose results are there (ProcessSource._attempt).
+MAX_SOURCES_PER_BLOCK = 16
+BLOCK_BYTES = 64 * 1024**2
+BLOCKS_PER_WORKER = 4
+
+
+def source_blocks(sources: list[SourceFile], workers: int) -> int:
+    """How many blocks `sources` go in (ray.data.from_items splits them evenly, in order)."""
+    total_bytes = sum(source.size_bytes for source in sources)
+    wanted = max(-(-len(sources) // MAX_SOURCES_PER_BLOCK), -(-total_bytes // BLOCK_BYTES), BLOCKS_PER_WORKER * workers)
+    return max(1, min(len(sources), wanted))
 
 
 def ingest_settings(config: IngestConfig) -> IngestSettings:
@@ -336,7 +353,7 @@ def _probe_and_process(
     import ray
     from tqdm import tqdm
 
-    good, rejected = _probe(todo, out, config.clips, max_attempts, phase_s)
+    good, rejected = _probe(todo, out, config.clips, max_attempts, workers, phase_s)
     num_good = good.count()
     if num_good:
         results = good.map(
@@ -390,14 +407,13 @@ def worker_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = ()
 
 
 def _probe(
-    todo: list[SourceFile], out: OutputDir, clips: ClipsConfig, max_attempts: int, phase_s: dict[str, float]
+    todo: list[SourceFile], out: OutputDir, clips: ClipsConfig, max_attempts: int, workers: int, phase_s: dict[str, float]
 ) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
     """(the probed sources that can be processed, the probe and size rejects)."""
     import ray
     from ray.data.expressions import col
 
-    # One source per block: sources are the unit of work and of resume.
-    items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=len(todo))
+    items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=source_blocks(todo, workers))
     # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
     started = time.monotonic()
     mapped = items.map(probe_row, fn_kwargs={"clips": clips, "out": out, "max_attempts": max_attempts}, num_cpus=0.5)

@@ -29,7 +29,7 @@ from infra.config import load_config
 from infra.footage import FootageSpec, varied_shots, write_video
 from infra.ingest import main
 from pipelines.config import IngestConfig
-from pipelines.discover import discover_sources
+from pipelines.discover import SourceFile, discover_sources
 from pipelines.ingest import ProcessSource, ingest_settings, probe_row, run_ingest
 from pipelines.output import OutputDir, StorageError, take_lease
 from pipelines.probe import PROBE_FIELDS, probe_source
@@ -271,7 +271,9 @@ def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local
     """A real worker process killed under a real source, as FFmpeg crashing or the OOM killer would:
     every time the source's next attempt marker appears, the test signals the pid written in it
     (SIGKILL twice, then SIGSEGV). Ray restarts the actor and resends the source; the fourth
-    attempt finds three markers and writes a "crash" reject. The other sources finish, exit 0."""
+    attempt finds three markers and writes a "crash" reject. The other sources finish, exit 0.
+    The sources share one Ray Data block (as small sources do), so each resend of the block
+    carries ok.mp4 too, whose result is written already: it is not processed again."""
     import psutil
 
     src = tmp_path / "src"
@@ -282,9 +284,11 @@ def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local
         spec = FootageSpec(name, "mp4", "libx264", width, height, Fraction(12), varied_shots([("moving", seconds / 2)] * 2))
         write_video(spec, src / spec.filename)
     out = tmp_path / "out"
-    poison = discover_sources([str(src / "poison.mp4")])[0]
+    ok, poison = discover_sources([str(src / "ok.mp4"), str(src / "poison.mp4")])  # sorted by uri
     env = os.environ | {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "infra", "ingest", str(src), "--out", str(out), "--workers", "1", *ARGS]
+    # `reelforge ingest` with every source in one block (BLOCKS_PER_WORKER 1: one block for 3 sources)
+    one_block = "import sys, pipelines.ingest, infra.cli; pipelines.ingest.BLOCKS_PER_WORKER = 1; sys.exit(infra.cli.main())"
+    command = [sys.executable, "-c", one_block, "ingest", str(src), "--out", str(out), "--workers", "1", *ARGS]
     log = tmp_path / "run.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=sink, stderr=sink)
@@ -299,6 +303,11 @@ def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local
                 time.sleep(0.01)
             pid = json.loads(marker.read_text())["pid"]
             assert pid not in killed, "each attempt runs in a new worker process"
+            # ok.mp4 comes first in the block: its result is in before the first kill, and the two
+            # resends of the block since then left it alone
+            result = (out / "_work" / f"{ok.source_key}.parquet").stat()
+            ok_result = result if attempt == 1 else ok_result
+            assert (result.st_ino, result.st_mtime_ns) == (ok_result.st_ino, ok_result.st_mtime_ns), "a resent block redid ok.mp4"
             psutil.Process(pid).send_signal(sig)
             killed.append(pid)
         assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log.read_text(errors="replace")[-3000:]
@@ -436,3 +445,20 @@ def test_attempts_of_earlier_runs_and_of_this_process_are_no_deaths(tmp_path: Pa
     for number in (1, 2):
         record_attempt(out, source.source_key, "probe", number, this_run)
     assert probe_row(source.as_row(), clips, out, max_attempts=2)["reject_stage"] == "crash"
+
+
+def test_small_sources_share_blocks_and_big_ones_keep_their_own() -> None:
+    from pipelines.ingest import BLOCK_BYTES, MAX_SOURCES_PER_BLOCK, source_blocks
+
+    def sources(count: int, size_bytes: int) -> list[SourceFile]:
+        return [SourceFile(f"/footage/{i:05d}.mp4", size_bytes, 0, f"{i:032x}") for i in range(count)]
+
+    # a web collection: 1,000 clips of 300 KB, MAX_SOURCES_PER_BLOCK each, on 2 workers
+    assert source_blocks(sources(1000, 300_000), 2) == -(-1000 // MAX_SOURCES_PER_BLOCK)
+    # a few long files: one block each, as many as there are
+    assert source_blocks(sources(3, 5 * BLOCK_BYTES), 2) == 3
+    # big files together: about BLOCK_BYTES of them per block
+    assert source_blocks(sources(100, BLOCK_BYTES // 2), 2) == 50
+    # never fewer than BLOCKS_PER_WORKER blocks per worker when there are that many sources
+    assert source_blocks(sources(40, 1000), 4) == 16 and source_blocks(sources(40, 1000), 1) == 4
+    assert source_blocks(sources(1, 1000), 8) == 1
