@@ -2,7 +2,7 @@
 
     start_ray()            # RAY_ADDRESS names a cluster: join it (`ray job submit` sets it for a job)
                            # RAY_ADDRESS unset: the cluster `ray start` runs on this machine,
-                           #   else a new local instance of this process's own
+                           #   else a new local instance of this process's own (no dashboard)
                            # RAY_ADDRESS=local: always a new local instance (what the tests use)
     start_ray(num_cpus=4)  # the CPUs of a new local instance (ignored when joining a cluster)
 
@@ -42,7 +42,11 @@ def start_ray(num_cpus: int | None = None) -> None:
         # authentication when ~/.ray/auth_token exists (as `ray start` did for the cluster).
         address = "auto" if started_cluster_address() is not None else "local"
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, runtime_env=runtime_env)
+        # A command's own instance lives as long as the command and nothing of ours reads its
+        # dashboard, which costs ~6 CPU s to start (its head modules) and more while running
+        # (docs/benchmarks.md, "Many short files"). To watch a run in the dashboard, start Ray with
+        # `ray start --head` first: the command then joins that cluster and its dashboard.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, runtime_env=runtime_env, include_dashboard=False)
     else:
         ray.init(address=address, runtime_env=runtime_env)
     where = "a new local instance" if address == "local" else f"the cluster at {ray.get_runtime_context().gcs_address}"
