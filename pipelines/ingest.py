@@ -75,7 +75,7 @@ T = TypeVar("T")
 # three in a row on the same source is the source.
 DEFAULT_MAX_ATTEMPTS = 3
 # How sources are grouped into Ray Data blocks, the unit each stage's task or actor call takes. Ray
-# Data's driver pays per block and per operator (scheduling, metadata, iteration: ~60 ms CPU a block
+# Data's driver pays per block and per operator (scheduling, metadata, iteration: ~70 ms CPU a block
 # over this plan), which a 1-second web clip cannot amortise, so small sources share blocks: up to
 # MAX_SOURCES_PER_BLOCK, about BLOCK_BYTES of source each. Big sources keep a block of their own, and
 # there are at least BLOCKS_PER_WORKER blocks per worker when there are that many sources, so the
