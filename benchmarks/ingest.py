@@ -324,7 +324,7 @@ def process_kind(proc: psutil.Process) -> str:
             return kind
     if command[1:4] == ["-m", "infra", "ingest"]:
         return "driver (reelforge ingest)"
-    if "start" in command[1:3] and Path(command[0]).name == "ray" or any(a.endswith("/bin/ray") for a in command[:2]):
+    if "start" in command and any(Path(arg).name == "ray" for arg in command[:2]):
         return "ray start"
     return Path(command[0]).name
 
@@ -473,18 +473,20 @@ def print_group(group: dict) -> None:
               f"{row['source_s_per_wall_s'] / decode['source_s_per_wall_s']:.2f}x | {row['cpu_s']:.1f} | "
               f"{row['source_s_per_cpu_s']:.1f} | {row['source_s_per_cpu_s'] / decode['source_s_per_cpu_s']:.2f}x | "
               f"{gib(row['peak_rss_total_bytes'])} | {gib(row['peak_rss_largest_process_bytes'])} | {row['note']} |")  # fmt: skip
-    rows = {row["method"][:9]: row for row in group["rows"]}
-    stage = rows.get("(e) Source")
+    # Per source: each whole ingest run against the stage code alone, (e), and its CPU by process.
+    stage = next((row for row in group["rows"] if row["method"].startswith("(e)")), None)
     print()
-    for name, row in rows.items():
-        if not name.startswith("(d") or name.startswith("(d')"):
+    for row in group["rows"]:
+        if not row["method"].startswith(("(d)", "(d warm)")):
             continue
-        beyond = f"; beyond the stage code (e): {1000 * (row['cpu_s'] - stage['cpu_s']) / len(info):.1f} ms CPU per source, " \
-                 f"{100 * (row['cpu_s'] - stage['cpu_s']) / stage['cpu_s']:.0f}% of (e)" if stage else ""  # fmt: skip
+        beyond = ""
+        if stage:
+            extra_s = row["cpu_s"] - stage["cpu_s"]
+            beyond = f"; beyond (e): {1000 * extra_s / len(info):.1f} ms CPU per source, {100 * extra_s / stage['cpu_s']:.0f}% of (e)"
         kinds = ", ".join(f"{kind} {cpu:.1f}" for kind, cpu in row["cpu_s_by_kind"].items() if cpu >= 0.05)
         print(f"- {row['method']}: {len(info) / row['cpu_s']:.1f} sources per CPU s{beyond}. CPU s by process: {kinds}")
     if stage:
-        print(f"- {stage['method']}: {len(info) / stage['cpu_s']:.1f} sources per CPU s; (a) decode: {len(info) / group['rows'][0]['cpu_s']:.1f}")
+        print(f"- {stage['method']}: {len(info) / stage['cpu_s']:.1f} sources per CPU s; (a) decode: {len(info) / decode['cpu_s']:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from infra.airflow.batches import Batch, LandingFile
 from infra.airflow.locations import Location
 from infra.airflow.settings import DagSettings
 from infra.ray_jobs import RayJobsClient
+from model.storage import resolve_uri
 from tests.model.chat_server import ChatServer
 from tests.pipelines.test_faults import S3Server
 
@@ -90,14 +91,10 @@ def s3(tmp_path_factory):
     """moto's S3 server on loopback, bucket `bucket`; its endpoint and keys in this process's
     environment while the module runs, as an Airflow worker's would be."""
     server = S3Server(tmp_path_factory.mktemp("moto") / "server.log")
-    saved = {key: os.environ.get(key) for key in server.env}
-    os.environ.update(server.env)
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in server.env.items():
+            patch.setenv(key, value)
+        yield server
     server.close()
 
 
@@ -113,7 +110,7 @@ def folders(request, tmp_path) -> tuple[Location, Location]:
 def test_landing_files_batch_ids_and_records(folders):
     landing, shards = folders
     for name in ("b.mp4", "a.MKV", "a.srt", ".hidden.mp4", "notes.txt", ".cache/c.mp4", "day2/d.mov"):
-        filesystem, path = pafs.FileSystem.from_uri(f"{landing}/{name}" if not landing.is_local else f"file://{landing}/{name}")
+        filesystem, path = resolve_uri(f"{landing}/{name}")
         filesystem.create_dir(path.rsplit("/", 1)[0])
         with filesystem.open_output_stream(path) as stream:
             stream.write(name.encode())
