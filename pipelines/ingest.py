@@ -3,12 +3,19 @@
 The job only wires stages into a Ray Data plan and sets their resources:
 
     discover (driver)                         SRC args → sources not yet done in --out
-    → from_items → map(probe_row)             size, sha256, stream facts, or a probe/size reject
-    → materialize → preflight (driver)        H.264 encoder, undecodable codecs, too-small sources
-    → probe/size rejects: work results        recorded so a rerun skips them too
-    → map(ProcessSource, actors, 1 CPU each)  scenes → clips → filters → captions → mp4, written
-                                              per source to --out/_work (atomic, resumable)
+    → H.264 encoder check (driver)            before any work: nothing could be written without one
+    → from_items → map(ProcessSource,         per source: probe (size, sha256, stream facts, or a
+      actors, 1 CPU each)                     probe/size reject), then scenes → clips → filters →
+                                              captions → mp4, written per source to --out/_work
+                                              (atomic, resumable); up to 16 small sources a block
+    → probe/size rejects: work results        written by the driver, recorded so a rerun skips them
     → pack (driver)                           dedup, shards, manifest/rejects/sources, stats, report, _SUCCESS
+
+Why probing happens in the processing actor rather than in tasks of its own: on a web collection
+of 1-second clips, separate probe tasks cost more than the probing (their own worker processes,
+a materialized dataset, filter stages on the driver), and the actor opens the source right after
+anyway. The probe keeps its own CrashGuard stage, so a source that kills FFmpeg while being opened
+is reported as such.
 
 Why the processor's clips are written by the actor that made them instead of flowing on as
 rows: a source's clips must land all together or not at all (resume after SIGKILL), and only
@@ -28,7 +35,7 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from model import __version__
 from model.chat import BackendUnavailable
@@ -58,13 +65,10 @@ from pipelines.output import (
     take_lease,
 )
 from pipelines.pack import PackResult, pack, write_stats
-from pipelines.probe import empty_probe_row, preflight, probe_source, size_reject
+from pipelines.probe import empty_probe_row, h264_encoder, probe_notes, probe_source, size_reject
 from pipelines.process import IngestSettings, SourceProcessor
 from pipelines.report import write_report
-from pipelines.work import clear_attempts, work_keys, work_summary, write_source_result
-
-if TYPE_CHECKING:
-    import ray.data
+from pipelines.work import clear_attempts, source_summary, work_keys, work_summary, write_source_result
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +131,12 @@ def probe_row(
     return retry_storage(f"probing {row['uri']}", lambda: CrashGuard(out, "probe", max_attempts).run(row["source_key"], probe, crashed))
 
 
+def _summary_row(summary: dict[str, Any], pending_reject: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ProcessSource hands back per source: the summary, plus the probe row of a probe or size
+    reject the driver still has to write (the same columns for every row: Arrow blocks)."""
+    return summary | {"pending_reject": json.dumps(pending_reject, default=str) if pending_reject is not None else None}
+
+
 class _SourceFailed(Exception):
     """An exception raised by a source's processing (its __cause__), told apart from our writes'."""
 
@@ -139,7 +149,10 @@ def _processed(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 class ProcessSource:
-    """Actor: run SourceProcessor on one probed source and write its work result.
+    """Actor: probe one discovered source (probe_row), then run SourceProcessor on it and write its
+    work result. A probe or size reject is not written here but handed back for the driver to
+    write after processing (`pending_reject`, the probe row as JSON): a run whose processing
+    fails at once must leave no result, and so no config record, behind.
 
     What becomes of an exception (docs/reliability.md): raised by the source's processing, a
     "process" reject, unless it is an OSError or StorageError (reading the source's store or a
@@ -154,21 +167,40 @@ class ProcessSource:
         config_record: tuple[dict[str, Any], str] | None = None,
     ) -> None:
         self.processor = SourceProcessor(settings)
+        self.clips = settings.clips
         self.out = out
+        self.max_attempts = max_attempts
         self.guard = CrashGuard(out, "process", max_attempts)
         self.config_record = config_record  # (sections, hash): recorded in --out with the first result
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         source = dict(row)
-        return retry_storage(f"processing {source['uri']}", lambda: self._attempt(source))
+        finished = retry_storage(f"reading the result of {source['uri']}", lambda: self._finished(source["source_key"]))
+        if finished is not None:
+            return finished
+        probed = probe_row(source, self.clips, self.out, self.max_attempts)
+        if probed["reject_stage"] is not None:
+            return _summary_row(source_summary(probed, []), pending_reject=probed)
+        return self.process(probed)
+
+    def process(self, probed: dict[str, Any]) -> dict[str, Any]:
+        """Process one probed source that passed its probe and write its work result."""
+        return retry_storage(f"processing {probed['uri']}", lambda: self._attempt(probed))
+
+    def _finished(self, key: str) -> dict[str, Any] | None:
+        """The summary of `key`'s result when it is written: Ray resent a source (with its block)
+        whose result was written before its worker died."""
+        if not self.out.exists(f"{WORK_DIR}/{key}.parquet"):
+            return None
+        clear_attempts(self.out, key, "process")
+        return _summary_row(work_summary(self.out, key))
 
     def _attempt(self, source: dict[str, Any]) -> dict[str, Any]:
-        key = source["source_key"]
-        if self.out.exists(f"{WORK_DIR}/{key}.parquet"):
-            # Ray resent a source whose result was written just before its worker died.
-            clear_attempts(self.out, key, "process")
-            return work_summary(self.out, key)
-        return self.guard.run(key, lambda: self._process(source), lambda reason: self._crashed(source, reason))
+        finished = self._finished(source["source_key"])  # a retry after our storage failed past the commit
+        if finished is not None:
+            return finished
+        work = lambda: self._process(source)  # noqa: E731
+        return _summary_row(self.guard.run(source["source_key"], work, lambda reason: self._crashed(source, reason)))
 
     def _process(self, source: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -321,6 +353,10 @@ def _process(
     no result, and so no config record, behind)."""
     import ray
 
+    try:
+        logger.info("H.264 encoder: %s", h264_encoder())
+    except RuntimeError as exc:  # no working H.264 encoder: nothing could be written
+        raise IngestStopped(str(exc)) from None
     if not ray.is_initialized():
         started = time.monotonic()
         (start_ray or ray.init)()  # plain ray.init(): RAY_ADDRESS, when set, points it at a cluster
@@ -353,34 +389,40 @@ def _probe_and_process(
     import ray
     from tqdm import tqdm
 
-    good, rejected = _probe(todo, out, config.clips, max_attempts, workers, phase_s)
-    num_good = good.count()
-    if num_good:
-        results = good.map(
-            ProcessSource,
-            fn_constructor_args=(ingest_settings(config), out, max_attempts, record),
-            # A fixed pool: the number of sources is known, so start every actor at once instead of
-            # letting the autoscaler add them one backlog check at a time.
-            compute=ray.data.ActorPoolStrategy(size=min(workers, num_good)),
-            num_cpus=1,
-            # Left at Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1; passing
-            # them is deprecated): a dead actor is restarted and its row resent without limit, and
-            # CrashGuard's attempt markers are what bound a source that keeps killing workers.
-        )
-        started = time.monotonic()
+    items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=source_blocks(todo, workers))
+    results = items.map(
+        ProcessSource,
+        fn_constructor_args=(ingest_settings(config), out, max_attempts, record),
+        # A fixed pool: the number of sources is known, so start every actor at once instead of
+        # letting the autoscaler add them one backlog check at a time.
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
+        num_cpus=1,
+        # Left at Ray Data's actor-pool defaults (max_restarts=-1, max_task_retries=-1; passing
+        # them is deprecated): a dead actor is restarted and its rows resent without limit, and
+        # CrashGuard's attempt markers are what bound a source that keeps killing workers.
+    )
+    started = time.monotonic()
+    probed: list[dict[str, Any]] = []  # the probe facts the notes need, one small row per source
+    rejected: list[dict[str, Any]] = []  # probe and size rejects, written below
 
-        def drain() -> None:
-            for summary in tqdm(results.iter_rows(), total=num_good, desc="processing sources", unit="source"):
-                if summary["rejected"]:
-                    logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
+    def drain() -> None:
+        for summary in tqdm(results.iter_rows(), total=len(todo), desc="processing sources", unit="source"):
+            if summary["pending_reject"] is not None:
+                rejected.append(json.loads(summary["pending_reject"]))
+            else:
+                probed.append({"uri": summary["uri"], "codec": summary["codec"]})
+            if summary["rejected"]:
+                logger.warning("source %s rejected: %s", summary["uri"], summary["reject_reason"])
 
-        _run_stage(drain, "processing", out)
-        phase_s["process"] = time.monotonic() - started
-        logger.info("processed %d sources in %.1f s", num_good, phase_s["process"])
+    _run_stage(drain, "processing", out)
+    phase_s["process"] = time.monotonic() - started
+    logger.info("probed and processed %d sources in %.1f s", len(todo), phase_s["process"])
+    for line in probe_notes(probed + rejected, config.clips):
+        logger.info("probe: %s", line)
     if rejected:
         retry_storage("recording the config", lambda: record_config(out, *record))
     for row in rejected:
-        retry_storage(f"writing the reject of {row['uri']}", lambda row=row: write_source_result(out, dict(row), []))
+        retry_storage(f"writing the reject of {row['uri']}", lambda row=row: write_source_result(out, row, []))
 
 
 def _run_stage(stage: Callable[[], T], what: str, out: OutputDir) -> T:
@@ -404,31 +446,6 @@ def worker_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = ()
     while isinstance(getattr(exc, "cause", None), BaseException):
         exc = exc.cause  # type: ignore[attr-defined]
     return exc if isinstance(exc, (StorageError, Superseded, *kinds)) else None
-
-
-def _probe(
-    todo: list[SourceFile], out: OutputDir, clips: ClipsConfig, max_attempts: int, workers: int, phase_s: dict[str, float]
-) -> tuple[ray.data.Dataset, list[dict[str, Any]]]:
-    """(the probed sources that can be processed, the probe and size rejects)."""
-    import ray
-    from ray.data.expressions import col
-
-    items = ray.data.from_items([source.as_row() for source in todo], override_num_blocks=source_blocks(todo, workers))
-    # Probing reads each file once (sha256) and opens its container: I/O bound, so a fraction of a CPU.
-    started = time.monotonic()
-    mapped = items.map(probe_row, fn_kwargs={"clips": clips, "out": out, "max_attempts": max_attempts}, num_cpus=0.5)
-    probed = _run_stage(mapped.materialize, "probing", out)
-    phase_s["probe"] = time.monotonic() - started
-    logger.info("probed %d sources in %.1f s", len(todo), phase_s["probe"])
-    try:
-        columns = ["uri", "codec", "width", "height", "rotation", "reject_stage"]
-        lines = preflight(probed.select_columns(columns).iter_rows(), clips)
-    except RuntimeError as exc:  # no working H.264 encoder: nothing could be written
-        raise IngestStopped(str(exc)) from None
-    for line in lines:
-        logger.info("preflight: %s", line)
-    rejected = [dict(row) for row in probed.filter(expr=col("reject_stage").is_not_null()).iter_rows()]
-    return probed.filter(expr=col("reject_stage").is_null()), rejected
 
 
 def _versions() -> dict[str, str]:

@@ -244,7 +244,7 @@ def _display_size(row: dict[str, Any]) -> str:
     return f"{row['width']}x{row['height']}"
 
 
-# --- preflight: what this machine can do, checked once on the driver --------------------
+# --- what this machine can do: the encoder (checked on the driver before any work), decoders --
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,16 +288,15 @@ def can_decode(codec_name: str) -> bool:
         return False
 
 
-# Sources named one by one in the preflight's size line; the rest are counted.
-PREFLIGHT_NAMED = 5
+# Sources named one by one in the size line of probe_notes; the rest are counted.
+NOTES_NAMED = 5
 
 
-def preflight(rows: Iterable[dict[str, Any]], clips: ClipsConfig | None = None) -> list[str]:
-    """Human lines for the job's log before any worker starts: the H.264 encoder in use, the
-    probed source codecs this machine cannot decode and, given `clips`, the sources that will be
-    rejected for size (rows carry `uri`, `codec`, `reject_stage`, `reject_reason`; see size_reject).
-    Raises RuntimeError if no H.264 encoder works."""
-    lines = [f"H.264 encoder: {h264_encoder()}"]
+def probe_notes(rows: Iterable[dict[str, Any]], clips: ClipsConfig | None = None) -> list[str]:
+    """Human lines for the job's log about the probed sources: the codecs this machine cannot
+    decode and, given `clips`, the sources rejected for size (rows carry `uri`, `codec`,
+    `reject_stage` and, for size rejects, the stream facts; see size_reject)."""
+    lines = []
     undecodable: dict[str, int] = {}
     too_small: list[dict[str, Any]] = []
     for row in rows:
@@ -307,16 +306,14 @@ def preflight(rows: Iterable[dict[str, Any]], clips: ClipsConfig | None = None) 
         if row.get("reject_stage") == "size":
             too_small.append(row)
     for codec, count in sorted(undecodable.items()):
-        lines.append(f"cannot decode codec {codec} here ({count} source{'s' if count > 1 else ''} will be rejected)")
+        lines.append(f"cannot decode codec {codec} here ({count} source{'s' if count > 1 else ''} rejected)")
     if too_small and clips is not None:
         count = len(too_small)
         too_small.sort(key=lambda r: r["uri"])
-        named = ", ".join(
-            f"{r['uri']} ({_display_size(r)}, {upscale_factor(r, clips):.2f}x)" for r in too_small[:PREFLIGHT_NAMED]
-        )
-        more = f" and {count - PREFLIGHT_NAMED} more" if count > PREFLIGHT_NAMED else ""
+        named = ", ".join(f"{r['uri']} ({_display_size(r)}, {upscale_factor(r, clips):.2f}x)" for r in too_small[:NOTES_NAMED])
+        more = f" and {count - NOTES_NAMED} more" if count > NOTES_NAMED else ""
         lines.append(
             f"{count} source{'s' if count > 1 else ''} smaller than {clips.size} beyond clips.max_upscale "
-            f"{clips.max_upscale} will be rejected (stage size): {named}{more}"
+            f"{clips.max_upscale} rejected (stage size): {named}{more}"
         )
     return lines

@@ -7,8 +7,9 @@ imports Ray):
    `uri, size_bytes, sha256, duration_s, fps, num_frames, width, height, codec, pix_fmt,
    rotation, has_audio, container, reject_stage, reject_reason` (see probe.PROBE_FIELDS).
    Bad input never raises: it comes back with `reject_stage="probe"` and a human reason.
-   `pipelines.probe.preflight(rows) -> list[str]` reports the H.264 encoder in use and the
-   source codecs this machine cannot decode (raises RuntimeError if no H.264 encoder works).
+   `pipelines.probe.h264_encoder()` names the H.264 encoder clips are written with (RuntimeError
+   if none works); `probe_notes(rows, clips)` reports the probed sources' codecs this machine
+   cannot decode and those too small for `clips`.
 
 2. `SourceProcessor(settings, filesystem=None)` is a callable class: expensive setup
    (encoder check, captioner) in `__init__`, then `processor(row) -> list[dict]` for one

@@ -63,7 +63,7 @@ def write_source_result(
     except BaseException:
         out.discard(tar_temp, table_temp)
         raise
-    return _summary(source, rows)
+    return source_summary(source, rows)
 
 
 def _write_tar(out: OutputDir, temp: str, clips: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -115,10 +115,10 @@ def delete_work(out: OutputDir, key: str) -> None:
 def work_summary(out: OutputDir, key: str) -> dict[str, Any]:
     """The summary row write_source_result returned for an already finished work result."""
     source, rows = read_work(out, key)
-    return _summary(source, rows)
+    return source_summary(source, rows)
 
 
-def _summary(source: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def source_summary(source: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     kept = sum(1 for r in rows if r.get("status") == "kept")
     return {
         "source_key": source["source_key"],
@@ -126,6 +126,7 @@ def _summary(source: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, An
         "rejected": source.get("reject_stage") is not None,
         "reject_stage": source.get("reject_stage"),
         "reject_reason": source.get("reject_reason"),
+        "codec": source.get("codec"),
         "clips_kept": kept,
         "clips_rejected": len(rows) - kept,
     }

@@ -218,10 +218,10 @@ def test_process_source_streams_each_clip_into_the_work_tar(tmp_path: Path) -> N
     for 8 s. Lossless 256x256 clips (~100 kB each) make holding them all stand out."""
     settings = ingest_settings(load_config(None, [
         "clips.min_seconds=1.0", "clips.max_seconds=2.0", "clips.fps=8", "clips.size=256x256", "clips.crf=0",
-        "clips.x264_preset=ultrafast", "filters.mode=score", "caption.backend=none"]))  # fmt: skip
+        "clips.x264_preset=ultrafast", "clips.max_upscale=3", "filters.mode=score", "caption.backend=none"]))  # fmt: skip
     out = OutputDir(str(tmp_path / "out"))
     out.make_dirs()
-    actor = ProcessSource(settings, out)
+    actor = ProcessSource(settings, out)  # it probes each source too: 128x96 to 256x256 is 2.67x
     sources = {}
     for seconds in (8, 48):
         spec = FootageSpec(f"long{seconds}", "mp4", "libx264", 128, 96, Fraction(12), varied_shots([("moving", 4.0)] * (seconds // 4)))
@@ -330,7 +330,7 @@ def test_a_source_that_keeps_killing_its_worker_becomes_a_crash_reject(ray_local
     assert sources == {str(src / "ok.mp4"): "ok", str(src / "poison.mp4"): "rejected", str(src / "tiny.mp4"): "rejected"}
     assert not list((out / "_work").glob("*attempt*")), "markers go once the outcome is committed"
     text = log.read_text(errors="replace")
-    assert "will be rejected (stage size)" in text and f"{src / 'tiny.mp4'} (40x30, 2.13x)" in text  # preflight
+    assert "rejected (stage size)" in text and f"{src / 'tiny.mp4'} (40x30, 2.13x)" in text  # the probe's notes
     assert f"| {src / 'poison.mp4'} | crash | worker process died 3 times" in text  # end-of-run summary
 
     before = _files(out)
@@ -413,7 +413,7 @@ def test_only_the_source_makes_a_reject_never_our_storage(tmp_path: Path, monkey
     path = str(write_video(spec, tmp_path / spec.filename).path)
     row = discover_sources([path])[0].as_row() | probe_source(path)
 
-    broken = actor(row | {"source_key": "broken", "fps": "not a number"})
+    broken = actor.process(row | {"source_key": "broken", "fps": "not a number"})  # as if probed so
     assert broken["rejected"] and broken["reject_stage"] == "process" and "ValueError" in broken["reject_reason"]
 
     (tmp_path / "out" / "_work" / f"{row['source_key']}.tar").mkdir()
