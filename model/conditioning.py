@@ -18,15 +18,18 @@ offers is a pattern the model was trained on:
     (keyframes)      any subset                                       random
 
 Source frame indices are latent frames of each source's own latent (negative counts from its end).
-Imports torch only.
+Imports torch only, and only once a mask is built: configs that name ConditioningProbs (every
+`reelforge` command's) load without it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("text", "image", "extend", "extend-backward", "connect", "edit")
 
@@ -62,6 +65,8 @@ class ConditioningSpec:
 
     def mask(self, num_latent_frames: int) -> torch.Tensor:
         """(T,) bool, True where the latent frame is held clean."""
+        import torch
+
         mask = torch.zeros(num_latent_frames, dtype=torch.bool)
         for f in self.frames:
             if f.latent_index >= num_latent_frames:
@@ -155,6 +160,8 @@ class ConditioningProbs:
 
 def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
     """Uniform int in [low, high] (inclusive)."""
+    import torch
+
     return int(torch.randint(low, high + 1, (), generator=generator))
 
 
@@ -166,6 +173,8 @@ def sample_condition_mask(
     At least one frame is always left to generate; with T = 1 that means no conditioning, and with
     T = 2 `both_ends` falls back to the first frame.
     """
+    import torch
+
     T = num_latent_frames
     if T < 1:
         raise ValueError(f"num_latent_frames={T} must be >= 1")
@@ -204,4 +213,6 @@ def sample_condition_masks(
     batch: int, num_latent_frames: int, probs: ConditioningProbs, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(B, T) bool: `sample_condition_mask` for each sample of a batch."""
+    import torch
+
     return torch.stack([sample_condition_mask(num_latent_frames, probs, generator) for _ in range(batch)])
