@@ -4,6 +4,7 @@
     python benchmarks/ingest.py --footage DIR          # any folder of real video files instead
     python benchmarks/ingest.py --long-seconds 3600 --only-long   # memory on a 1-hour source
     python benchmarks/ingest.py --many 1000 --long-seconds 0      # per-source cost: many short small files
+    python benchmarks/ingest.py --many 500,1000 --long-seconds 0  # ... and the marginal cost of one more
 
 Methods, each over the same files with the same number of worker processes (`--workers`,
 default: CPU count), measured as source seconds per wall second:
@@ -15,7 +16,8 @@ default: CPU count), measured as source seconds per wall second:
                          `caption.backend=none`, default clips (256x256, 24 fps, 2-10 s), and
                          `filters.mode=score` so every clip is encoded like (c) splits every scene
   (d warm)               the same command against an already running Ray (`ray start --head`,
-                         RAY_ADDRESS), as production runs it (`ray job submit` to a cluster)
+                         RAY_ADDRESS), as production runs it (`ray job submit` to a cluster),
+                         after a 2-file ingest on it (so Ray Data's detached actors exist)
   (d warm net)           (d warm) less what the idle head uses anyway over the same wall time
                          (raylet, GCS, agents; measured for 20 s before the run)
   (d') the warm run's processing phase alone (from its stats.json phase timings)
@@ -454,6 +456,9 @@ def bench_group(label: str, paths: list[Path], workers: int, warm: bool, tools: 
         record("(d) reelforge ingest, cold (starts its own Ray)", wall, rss, phases(stats))
     if warm:
         with running_ray(workers) as (address, head), tempfile.TemporaryDirectory() as out:
+            # A cluster that has run a job before: Ray Data's detached actors (stats, autoscaling
+            # coordinator, actor locations) are started by the first job and stay for the next ones.
+            run_ingest(paths[:2], Path(out) / "warm-up", workers, address)
             idle_rate = idle_cpu_rate(head)
             # The head's raylet starts the workers: its tree's RSS counts with the ingest's.
             with PeakRss(head.pid) as head_rss:
@@ -507,6 +512,29 @@ def print_group(group: dict) -> None:
         print(f"- {stage['method']}: {len(info) / stage['cpu_s']:.1f} sources per CPU s; (a) decode: {len(info) / decode['cpu_s']:.1f}")
 
 
+def print_marginal(groups: list[dict]) -> None:
+    """Per source beyond the stage code, between the smallest and the largest `--many` run: what
+    each further source costs once the run's fixed costs (driver imports, Ray connect, worker and
+    actor start, pack's imports) are paid, which is what a collection of millions pays per file."""
+    small, large = groups[0], groups[-1]
+    extra = len(large["files"]) - len(small["files"])
+
+    def by_prefix(group: dict, prefix: str) -> dict | None:
+        return next((row for row in group["rows"] if row["method"].startswith(prefix)), None)
+
+    stage_s = by_prefix(large, "(e)")["cpu_s"] - by_prefix(small, "(e)")["cpu_s"]
+    print(f"\nMarginal cost, {len(small['files'])} → {len(large['files'])} files: the stage code (e) "
+          f"{1000 * stage_s / extra:.1f} ms CPU per source")
+    for prefix in ("(d)", "(d warm)", "(d warm net)"):
+        rows = by_prefix(small, prefix + " "), by_prefix(large, prefix + " ")
+        if None in rows:
+            continue
+        beyond_s = (rows[1]["cpu_s"] - rows[0]["cpu_s"]) - stage_s
+        fixed_s = rows[0]["cpu_s"] - by_prefix(small, "(e)")["cpu_s"] - beyond_s * len(small["files"]) / extra
+        print(f"- {rows[1]['method']}: {1000 * beyond_s / extra:.1f} ms CPU per source beyond (e) "
+              f"({100 * beyond_s / stage_s:.0f}% of it), plus {fixed_s:.1f} CPU s fixed per run")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=4)
@@ -516,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grain", type=float, default=2.5, help="film grain (luma levels) of the synthetic footage; 0: flat colour")
     parser.add_argument("--crf", type=int, default=20, help="x264 crf of grainy synthetic footage")
     parser.add_argument("--footage", type=Path, help="benchmark the video files in this folder instead of synthetic footage")
-    parser.add_argument("--many", type=int, default=0, help="benchmark N short small files of mixed codecs instead (per-source cost)")
+    parser.add_argument("--many", default="", help="benchmark N short small files of mixed codecs instead (per-source cost); "
+                        "several comma-separated counts (500,1000) also give the marginal cost per source")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the (d warm) row")
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the (d) cold row")
     parser.add_argument("--long-seconds", type=float, default=600.0, help="length of the long source (0: skip)")
@@ -531,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = []
     if not args.only_long:
         if args.many:
-            paths = make_many(args.cache, args.many, args.workers)
-            groups.append(bench_group(f"{args.many} short files (1-3 s, 160p-360p, mixed codecs)", paths, args.workers, args.warm, tools=False, cold=args.cold))
+            for count in sorted(int(n) for n in args.many.split(",")):
+                paths = make_many(args.cache, count, args.workers)
+                groups.append(bench_group(f"{count} short files (1-3 s, 160p-360p, mixed codecs)", paths, args.workers, args.warm, tools=False, cold=args.cold))
         elif args.footage:
             groups.append(bench_group(f"Real footage in {args.footage}", real_footage(args.footage), args.workers, args.warm, cold=args.cold))
         else:
@@ -560,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {load} at the end, commit {commit}")  # fmt: skip
     for group in groups:
         print_group(group)
+    if args.many and len(groups) > 1:
+        print_marginal(groups)
     if long_row:
         print(f"\nLong source ({long_row['source']}, {long_row['source_s']:.0f} s): reelforge ingest (cold) "
               f"{long_row['wall_s']:.1f} s wall, {long_row['cpu_s']:.0f} CPU s, peak RSS total {gib(long_row['peak_rss_total_bytes'])} GiB, "

@@ -99,11 +99,13 @@ def _write_tar(out: OutputDir, temp: str, clips: Iterable[dict[str, Any]]) -> li
 
 def read_work(out: OutputDir, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(source facts, clip rows without thumbnails) of one finished work result."""
-    path = out.path(f"{WORK_DIR}/{key}.parquet")
-    schema = pq.read_schema(path, filesystem=out.fs)
-    source = json.loads(schema.metadata[SOURCE_META_KEY])
-    columns = [name for name in schema.names if name != "thumbnail"]
-    rows = pq.read_table(path, filesystem=out.fs, columns=columns).to_pylist() if columns else []
+    # One open and one footer parse per result: the driver reads a result per source when packing.
+    with out.fs.open_input_file(out.path(f"{WORK_DIR}/{key}.parquet")) as handle:
+        table_file = pq.ParquetFile(handle)
+        schema = table_file.schema_arrow
+        source = json.loads(schema.metadata[SOURCE_META_KEY])
+        columns = [name for name in schema.names if name != "thumbnail"]
+        rows = table_file.read(columns=columns).to_pylist() if columns else []
     return source, [row | {"source_key": key} for row in rows]
 
 
