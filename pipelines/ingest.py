@@ -206,7 +206,7 @@ class ProcessSource:
         try:
             # A generator: write_source_result streams each clip's MP4 into the work tar as it is
             # finished, so an actor holds one clip's bytes, not a whole source's.
-            return self._write(source, _processed(self.processor.iter_rows(source)))
+            return self._write(source, self._rows(source))
         except _SourceFailed as failed:
             exc = failed.__cause__
             if isinstance(exc, StorageError):
@@ -218,6 +218,13 @@ class ProcessSource:
             # Bad input never stops the job: the source becomes a reject row.
             logger.error("reject %s: processing failed", source["uri"], exc_info=exc)
             return self._write(source | {"reject_stage": "process", "reject_reason": one_line(exc, with_type=True)}, [])
+
+    def _rows(self, source: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield from _processed(self.processor.iter_rows(source))
+        if source.get("duration_s") is None and self.processor.frames_decoded:
+            # A bare stream's container gives no duration (probe.RAW_STREAM_FORMATS): record what
+            # was decoded, read by write_source_result once the rows are out.
+            source.update(duration_s=self.processor.decoded_s, num_frames=self.processor.frames_decoded)
 
     def _crashed(self, source: dict[str, Any], reason: str) -> dict[str, Any]:
         return self._write(source | {"reject_stage": "crash", "reject_reason": reason}, [])

@@ -186,7 +186,15 @@ def _first_frame(container: av.container.InputContainer, stream: av.video.stream
     return "zero decodable frames"
 
 
+# Demuxers of bare elementary streams: no container, no timestamps, so FFmpeg's duration is a guess
+# from the bitrate, and a wild one (0.02 s for 5.4 s of MPEG-1 in a real .mpg). Unknown instead:
+# the processor decodes to the end anyway, and the ingest records the duration it decoded.
+RAW_STREAM_FORMATS = frozenset({"mpegvideo", "h261", "h263", "h264", "hevc", "vvc", "m4v", "cavsvideo", "vc1", "avs2", "avs3"})
+
+
 def _duration_s(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    if container.format.name in RAW_STREAM_FORMATS:
+        return None
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration:

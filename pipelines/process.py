@@ -143,8 +143,10 @@ class SourceProcessor:
         self.captioner = make_captioner(self.settings.caption, filesystem)
         self.scene_threshold = detector_threshold(self.settings.scenes)
         # Frames decoded so far from the source being processed (progress, and how tests see
-        # that rows stream out before the decode ends).
+        # that rows stream out before the decode ends), and where they end (s): the duration of a
+        # source whose container does not say (a bare elementary stream), once iter_rows is done.
         self.frames_decoded = 0
+        self.decoded_s = 0.0
 
     def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
         """All of one source's rows in a list: for tests and tools. A job streams `iter_rows`
@@ -154,7 +156,7 @@ class SourceProcessor:
     def iter_rows(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The same rows as `processor(row)`, each yielded as soon as its clip is finished, so a
         caller that streams them holds only one clip's MP4 bytes (a 1-hour source makes ~180 MiB)."""
-        self.frames_decoded = 0
+        self.frames_decoded, self.decoded_s = 0, 0.0
         if row.get("reject_stage"):
             yield self._source_reject(row, row["reject_stage"], row.get("reject_reason") or "rejected", 0.0, row.get("duration_s"))
             return
@@ -208,6 +210,7 @@ class SourceProcessor:
             decoded += 1
             self.frames_decoded = decoded
             last_time_s = time_s
+            self.decoded_s = time_s + 1.0 / source_fps
             context["recent"].append((time_s, detect_bgr))
             cuts = tracker.push(time_s, detect_bgr)
             while rgb is not None and next_slot / clips_cfg.fps <= time_s + 1e-6:

@@ -44,14 +44,16 @@ def write_source_result(
     Both files are written under temp names first; then the lease is checked (a worker of a
     superseded run raises Superseded here), `before_commit` runs, and both are renamed, the parquet
     last. An exception from `clips` (the source's processing) passes through unchanged; a failure
-    of our own storage comes out as StorageError. Either way the temp files go and nothing commits."""
+    of our own storage comes out as StorageError. Either way the temp files go and nothing commits.
+    `source` is read once `clips` is consumed, so the processing may complete its facts (the
+    duration of a bare stream is known when its decode ends)."""
     key = source["source_key"]
     tar_name, table_name = f"{WORK_DIR}/{key}.tar", f"{WORK_DIR}/{key}.parquet"
-    if out.lease is not None:  # which run wrote it: the source facts travel as file metadata
-        source = source | {"run_id": out.lease.run_id, "epoch": out.lease.epoch}
     tar_temp, table_temp = out.temp_name(tar_name), None
     try:
         rows = _write_tar(out, tar_temp, clips)
+        if out.lease is not None:  # which run wrote it: the source facts travel as file metadata
+            source = source | {"run_id": out.lease.run_id, "epoch": out.lease.epoch}
         table = rows_to_table(rows) if rows else pa.table({})
         table = table.replace_schema_metadata({SOURCE_META_KEY: json.dumps(source, default=str).encode()})
         table_temp = out.write_table(table_name, table, commit=False)

@@ -400,6 +400,24 @@ def test_process_source_skips_a_source_already_written_and_rejects_one_out_of_at
     assert not list((tmp_path / "out" / "_work").glob("*attempt*"))
 
 
+def test_a_bare_stream_is_recorded_with_the_duration_it_decoded_to(tmp_path: Path) -> None:
+    """A bare MPEG-1 stream (no container, like real .mpg/.m1v files) has no duration FFmpeg can
+    trust (it guesses ~0.02 s from the bitrate): the probe leaves it unknown, and the actor records
+    the duration and frame count it decoded, so sources.parquet and stats.json say 4 s, not 0.02."""
+    spec = FootageSpec("bare", "m1v", "mpeg1video", 320, 240, Fraction(25), varied_shots([("moving", 4.0)]), pix_fmt="yuv420p")
+    path = str(write_video(spec, tmp_path / spec.filename).path)
+    probed = probe_source(path)
+    assert (probed["container"], probed["duration_s"], probed["num_frames"], probed["reject_stage"]) == ("mpegvideo", None, None, None)
+    out = OutputDir(str(tmp_path / "out"))
+    out.make_dirs()
+    source = discover_sources([path])[0]
+    summary = ProcessSource(ingest_settings(load_config(None, SETTINGS)), out)(source.as_row())
+    assert not summary["rejected"] and summary["clips_kept"] + summary["clips_rejected"] >= 1
+    facts = json.loads(pq.read_schema(tmp_path / "out" / "_work" / f"{source.source_key}.parquet").metadata[b"reelforge.source"])
+    # 100 frames at 25 fps; the stream's timestamps start one frame in, so the last one ends at 4.04 s
+    assert facts["num_frames"] == 100 and facts["duration_s"] == pytest.approx(4.04)
+
+
 def test_only_the_source_makes_a_reject_never_our_storage(tmp_path: Path, monkeypatch) -> None:
     """The actor's error classes without Ray: an exception of the source's processing is a
     "process" reject, as before; a failure to write our output (here the tar's final name is
