@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 # Bump when a change alters clip bytes, spans or scores, so shards record what made them.
 # 2: 384-bit phash, resolution-independent motion/static scores, x264 superfast. 3: a cut storm (continuous,
 # fast-changing content) is one scene instead of hundreds of one-frame ones (pipelines/scenes.py).
-PIPELINE_VERSION = "reelforge-ingest/3"
+# 4: x264 without intra partition search (pipelines/transcode.py): other clip bytes, same spans and scores.
+PIPELINE_VERSION = "reelforge-ingest/4"
 
 CLIP_COLUMNS = (
     "id",

@@ -35,7 +35,10 @@ def encoder_options(encoder: str, crf: int, preset: str) -> dict[str, str]:
             # mbtree off: with it, x264 165 gave different bytes for the same frames at small sizes
             # (64x64, 96x64) depending on what the process had encoded before (it reads memory it did
             # not set). Costs a few percent of size at equal crf; reproducible shards are worth it.
-            return {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
+            # partitions=none: no search for 4x4/8x8 intra partitions. On 256x256 clips of five real
+            # files it cut x264's CPU by 13% for 0.5% more bytes and 0.03 dB less PSNR (36.84 → 36.81
+            # against the clip frames); on grainy 360p footage 16%, -0.2% bytes, -0.02 dB.
+            return {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0:partitions=none"}
         case "h264_nvenc":
             return {"cq": str(crf), "preset": "p4"}
         case "h264_qsv":
