@@ -1,31 +1,45 @@
-"""Where the ingest stage code's CPU goes, per component, and what cheaper variants would change.
+"""Where the ingest stage code's CPU goes, per component, and what cheaper variants would change (issue #15).
 
-    python benchmarks/stage_profile.py                       # 60 s synthetic 640x360 and 960x540 (cached)
+    python benchmarks/stage_profile.py                       # 60 s synthetic 640x360 and 960x540 (cached, as benchmarks/ingest.py draws them)
     python benchmarks/stage_profile.py FILE [FILE ...]       # any video files
-    python benchmarks/stage_profile.py --sections stage,breakdown --repeat 5
-    python benchmarks/stage_profile.py --cprofile /tmp/stage.prof    # also a cProfile (CPU clock) of one stage run
+    python benchmarks/stage_profile.py --sections paired --repeat 7          # x of the recommended variants, directly
+    python benchmarks/stage_profile.py --sections encoder-sweep --sweep-crfs 17,18,19,20
+    python benchmarks/stage_profile.py --sections none --suites              # cut/clip equivalence on the footage suites
+    python benchmarks/stage_profile.py --cprofile /tmp/stage.prof            # also a cProfile (CPU clock) of one stage run
 
-Single process, single thread, CPU seconds (`time.process_time`, all threads of this process),
-minimum over `--repeat` runs (the 2 CPUs here are shared: the minimum is the least disturbed run).
-The stage runs with the benchmark's settings (benchmarks/ingest.py INGEST_SETTINGS:
-caption.backend=none, filters.mode=score, so every clip is encoded). Sections:
+One process, CPU seconds (`time.process_time`: all threads of this process). The 2 CPUs here are shared
+with other jobs that inflate any run by up to ~50%, so every comparison alternates its variants round-robin
+over `--repeat` rounds and keeps the least disturbed cost of each piece of identical work:
+  segment-min   whole runs: CPU clock marks every 30 decoded frames; sum over segments of each one's fastest run
+  per-call-min  the instrumented breakdown: each component call's fastest run, summed
+  per-clip-min  encoder tables: each clip's fastest encode, summed
+The stage runs with the benchmark's settings (benchmarks/ingest.py INGEST_SETTINGS: caption.backend=none,
+filters.mode=score, so every clip is encoded). x = (a) decode CPU / (probe + stage CPU), as benchmarks/ingest.py
+row (e) against row (a) (there: 2 worker processes at once; here: one, so x here is not that table's x).
 
-  decode      (a) PyAV decode of every frame as benchmarks/ingest.py (a) does it (PyAV's default
-              threading) and (a') as the pipeline does (pipelines.decode.iter_frames: 1 slice thread)
-  stage       probe_source + SourceProcessor(row), as benchmarks/ingest.py (e) runs it; x = decode CPU / stage CPU
-  breakdown   one instrumented stage run: exclusive CPU per component (decode, detect/clip frame
-              conversion with swscale calls split out, ContentDetector, tracker bookkeeping, clip
-              assembly, filters, phash, RGB->I420, x264+mux, thumbnail, the rest)
-  encoder     the kept clips' frames (captured from the stage run) encoded with x264 presets / tunes /
-              crf values as the pipeline encodes them (pipelines.transcode: cv2 I420, 1 thread, mbtree=0,
-              faststart): CPU s, bytes, PSNR. PSNR reference: the I420 frames the encoder is given
-              (cv2 RGB->I420 of the clip frames), i.e. exactly what a lossless encode decodes to (the
-              `qp 0` row checks that: inf dB). Y = luma PSNR, avg = PSNR of the MSE over all Y, U and V
-              samples (x264's "Avg" weighting), both from MSE pooled over every frame of every clip;
-              worst = the lowest per-clip Y PSNR. `veryslow crf 20` is the slow reference encode.
-  prototypes  the stage with one change at a time (monkeypatched here, no pipeline file edited):
-              CPU s against the baseline, and whether cut times, kept clips, phashes and MP4 bytes
-              stay identical (when MP4 bytes differ: clip PSNR of each against the I420 input).
+Sections (--sections, comma-separated):
+  decode         (a) PyAV decode of every frame as benchmarks/ingest.py (a) does it (PyAV's default threading),
+                 (a') as the pipeline does (pipelines.decode.iter_frames: 1 slice thread)
+  stage          probe_source + SourceProcessor(row), as benchmarks/ingest.py (e) runs it, and x
+  breakdown      the instrumented stage: exclusive CPU per component (decode, detect/clip frame conversion with
+                 each swscale call split out, ContentDetector, tracker bookkeeping, clip assembly, filters,
+                 phash, RGB->I420, x264 per frame, per-clip encoder overhead, thumbnail, the per-frame rest)
+  prototypes     the instrumented stage with one change at a time (monkeypatched here; no pipeline file is
+                 edited): the saving in the components it changes (the others do identical work, so their
+                 differences are noise), and whether cut times, kept clips, scores, phashes and MP4 bytes stay
+                 identical (when MP4 bytes differ: clip PSNR); then x projected from the stage row
+  paired         (a) and whole uninstrumented stage runs of baseline and --paired variants alternated: x directly
+  encoder        the kept clips' frames (captured from the stage) encoded as pipelines.transcode does (cv2 I420,
+                 1 thread, the pipeline's x264-params, faststart) with other presets / tunes / params / crfs:
+                 CPU s, bytes, PSNR. PSNR reference: the I420 frames the encoder is given (cv2 RGB->I420 of the
+                 clip frames), i.e. exactly what a lossless encode decodes to (the `qp 0` row checks that: inf).
+                 Y = luma PSNR, avg = PSNR of the MSE over all Y, U and V samples (x264's "Avg" weighting), both
+                 from the MSE pooled over every frame of every clip; worst = the lowest per-clip Y PSNR.
+                 `veryslow crf 20` is the slow reference encode.
+  encoder-sweep  SWEEP_CANDIDATES x --sweep-crfs, and each candidate's CPU and bytes interpolated to the
+                 current encode's PSNR Y (quality per CPU at equal quality)
+  --suites       the output-changing prototypes on infra.footage's standard, storm and demo suites and --many
+                 cached short files: files whose cut times / kept clips / all rows stay identical
 
 Prints markdown tables; writes JSON (--json).
 """
@@ -68,17 +82,6 @@ from scenedetect import AdaptiveDetector, ContentDetector  # noqa: E402
 
 INGEST_SETTINGS = ["caption.backend=none", "filters.mode=score"]  # = benchmarks/ingest.py INGEST_SETTINGS
 cpu = time.process_time
-
-
-def min_cpu(function: Callable[[], Any], repeat: int) -> tuple[float, list[float], Any]:
-    """(min CPU s, all CPU s, last result) of `repeat` calls."""
-    times, result = [], None
-    for _ in range(repeat):
-        gc.collect()
-        start = cpu()
-        result = function()
-        times.append(cpu() - start)
-    return min(times), times, result
 
 
 # --- (a) decode --------------------------------------------------------------------------
@@ -417,15 +420,19 @@ def cprofile_stage(processor: SourceProcessor, path: str, out: Path) -> str:
 # --- encoder settings ----------------------------------------------------------------------
 
 
+_PIPELINE_ENCODER_OPTIONS = transcode_mod.encoder_options  # kept: proto_x264 patches the module's
+
+
 def x264_options(preset: str, crf: int | None, tune: str | None = None, params: str = "", qp: int | None = None) -> dict[str, str]:
-    """pipelines.transcode.encoder_options for libx264, plus a tune and extra x264-params."""
-    options = {"preset": preset, "threads": "1", "x264-params": ":".join(filter(None, ["mbtree=0", params]))}
+    """pipelines.transcode.encoder_options for libx264 (whatever x264-params the pipeline sets now), with this
+    preset and crf (or qp), a tune, and extra x264-params after the pipeline's (a later key wins in x264)."""
+    options = dict(_PIPELINE_ENCODER_OPTIONS("libx264", 20 if crf is None else crf, preset))
     if qp is not None:
+        options.pop("crf", None)
         options["qp"] = str(qp)
-    else:
-        options["crf"] = str(crf)
     if tune:
         options["tune"] = tune
+    options["x264-params"] = ":".join(filter(None, [options.get("x264-params", ""), params]))
     return options
 
 
@@ -505,6 +512,9 @@ ENCODER_CONFIGS: list[tuple[str, str, int | None, str | None, str, int | None]] 
     ("ultrafast crf 22", "ultrafast", 22, None, "", None),
     ("ultrafast+cabac crf 20 (cabac=1)", "ultrafast", 20, None, "cabac=1", None),
     ("ultrafast+cabac+deblock crf 20", "ultrafast", 20, None, "cabac=1:deblock=1", None),
+    ("ultrafast+cabac+deblock+bframes=3 crf 17", "ultrafast", 17, None, "cabac=1:deblock=1:bframes=3", None),
+    ("ultrafast+cabac+deblock+bframes=3 crf 18 (recommended)", "ultrafast", 18, None, "cabac=1:deblock=1:bframes=3", None),
+    ("ultrafast+cabac+deblock+bframes=3 crf 19", "ultrafast", 19, None, "cabac=1:deblock=1:bframes=3", None),
     ("superfast crf 19", "superfast", 19, None, "", None),
     ("superfast crf 21", "superfast", 21, None, "", None),
     ("veryfast crf 21", "veryfast", 21, None, "", None),
@@ -519,6 +529,7 @@ SWEEP_CANDIDATES: list[tuple[str, str, str | None, str]] = [
     ("superfast 8x8dct=0", "superfast", None, "8x8dct=0"),
     ("superfast weightp=0:scenecut=0:b-adapt=0", "superfast", None, "weightp=0:scenecut=0:b-adapt=0"),
     ("superfast partitions=none:weightp=0:scenecut=0:b-adapt=0", "superfast", None, "partitions=none:weightp=0:scenecut=0:b-adapt=0"),
+    ("superfast 8x8dct=0:weightp=0:scenecut=0:b-adapt=0", "superfast", None, "8x8dct=0:weightp=0:scenecut=0:b-adapt=0"),
     ("superfast aq-mode=0", "superfast", None, "aq-mode=0"),
     ("ultrafast", "ultrafast", None, ""),
     ("ultrafast cabac=1:deblock=1", "ultrafast", None, "cabac=1:deblock=1"),
@@ -723,20 +734,6 @@ def proto_gray_small_batched() -> contextlib.AbstractContextManager:
     return mock.patch.object(filters.ClipPixels, "gray_small", prop)
 
 
-def proto_gc_off() -> contextlib.AbstractContextManager:
-    """Python's cyclic GC off during the source (what the GC itself costs)."""
-
-    @contextlib.contextmanager
-    def off():
-        gc.disable()
-        try:
-            yield
-        finally:
-            gc.enable()
-
-    return off()
-
-
 def proto_x264(preset: str, tune: str | None = None, params: str = "", crf_delta: int = 0) -> Callable[[], contextlib.AbstractContextManager]:
     original = transcode_mod.encoder_options
 
@@ -759,6 +756,7 @@ def combine(*factories: Callable[[], contextlib.AbstractContextManager]) -> Call
 
 
 SAME_OUTPUT = (proto_fast_content, proto_gray_small_batched)
+RECOMMENDED = "recommended: fast ContentDetector + x264 ultrafast cabac=1:deblock=1:bframes=3 crf 18"
 DETECT, CLIP, SCENES, FILTERS_, ENCODE = ("convert detect",), ("convert clip",), ("scenes:",), ("filters:",), ("encode:",)
 # name -> (patch factory, the component name prefixes it changes: its saving is counted over those only, since the
 # other components do the same work as in the baseline and differ only by measurement noise)
@@ -775,6 +773,10 @@ PROTOTYPES: dict[str, tuple[Callable[[], contextlib.AbstractContextManager], tup
     "x264 ultrafast crf 20": (proto_x264("ultrafast"), ENCODE),
     "x264 ultrafast crf 19": (proto_x264("ultrafast", crf_delta=-1), ENCODE),
     "x264 ultrafast cabac=1:deblock=1 crf 19": (proto_x264("ultrafast", params="cabac=1:deblock=1", crf_delta=-1), ENCODE),
+    "x264 ultrafast cabac=1:deblock=1:bframes=3 crf 18": (proto_x264("ultrafast", params="cabac=1:deblock=1:bframes=3", crf_delta=-2), ENCODE),
+    RECOMMENDED: (combine(proto_fast_content, proto_x264("ultrafast", params="cabac=1:deblock=1:bframes=3", crf_delta=-2)), SCENES + ENCODE),
+    RECOMMENDED + " + detect_width 128": (combine(proto_fast_content, proto_x264("ultrafast", params="cabac=1:deblock=1:bframes=3", crf_delta=-2),
+                                                  proto_detect_width(128)), SCENES + ENCODE + DETECT),
     "same-output pair (fast ContentDetector + batched gray_small)": (combine(*SAME_OUTPUT), SCENES + FILTERS_),
     "same-output pair + detect_width 128": (combine(*SAME_OUTPUT, proto_detect_width(128)), SCENES + FILTERS_ + DETECT),
     "same-output pair + detect from the clip-size AREA frame": (combine(*SAME_OUTPUT, proto_detect_from_clip_scale), SCENES + FILTERS_ + DETECT + CLIP),
@@ -939,6 +941,37 @@ def profile_file(path: str, args: argparse.Namespace) -> dict:
               f"x = {a_s / (stage_s + probe_s):.3f} vs (a), {a2_s / (stage_s + probe_s):.3f} vs (a'); "
               f"from min totals {a_min / (stage_min + probe_s):.3f} vs (a)", flush=True)  # fmt: skip
 
+    if "paired" in sections:
+        # (a) decode and whole (uninstrumented) stage runs of each variant alternated in every repeat: x directly.
+        names = ["baseline", *[n for n in PROTOTYPES if n != "baseline" and any(k in n for k in args.paired.split(","))]]
+        decode_runs: list[list[float]] = []
+        stage_runs: dict[str, list] = defaultdict(list)
+        for _ in range(repeat):
+            decode_runs.append(timed_decode(decode_default, path)[1])
+            for name in names:
+                with PROTOTYPES[name][0]():
+                    stage_runs[name].append(run_stage(processor, path, Capture(frames=not stage_runs[name])))
+        a_s = segment_min(decode_runs)
+        base = stage_runs["baseline"][0]
+        base_summary, base_cuts = summarize(base[2]), sorted(base[3].cuts)
+        print(f"\nPaired runs ({repeat} rounds of (a) decode + each variant, uninstrumented; segment-min): (a) {a_s:.3f} CPU s\n")
+        print("| variant | stage CPU s (probe incl.) | x vs (a) | cuts same | kept same | MP4 bytes | PSNR Y / avg vs own input | worst clip Y |")
+        print("|---|---:|---:|---|---|---:|---|---:|")
+        paired = []
+        for name in names:
+            first = stage_runs[name][0]
+            stage_s = min(r[0] for r in stage_runs[name]) + segment_min([r[4] for r in stage_runs[name]])
+            summary, cuts = summarize(first[2]), sorted(first[3].cuts)
+            mp4s = [row["mp4"] for row in first[2] if row["mp4"]]
+            quality = clip_quality([reference_i420(f) for f in first[3].clip_frames], mp4s)
+            kept_same = [x[0] for x in summary if x[1] == "kept"] == [x[0] for x in base_summary if x[1] == "kept"]
+            paired.append({"variant": name, "stage_cpu_s": stage_s, "x": a_s / stage_s, "cuts_identical": cuts == base_cuts,
+                           "kept_identical": kept_same, "bytes": sum(len(m) for m in mp4s), **quality,
+                           "runs": [r[1] for r in stage_runs[name]]})  # fmt: skip
+            print(f"| {name} | {stage_s:.3f} | {a_s / stage_s:.3f} | {'yes' if cuts == base_cuts else 'NO'} | {'yes' if kept_same else 'NO'} | "
+                  f"{paired[-1]['bytes']} | {fmt_db(quality['psnr_y'])} / {fmt_db(quality['psnr_avg'])} | {fmt_db(quality['psnr_y_worst_clip'])} |")  # fmt: skip
+        result["paired"] = {"decode_cpu_s": a_s, "rows": paired}
+
     protos = None
     if "prototypes" in sections:
         names = list(PROTOTYPES) if not args.prototypes else ["baseline", *[n for n in PROTOTYPES if any(k in n for k in args.prototypes.split(","))]]
@@ -966,7 +999,8 @@ def profile_file(path: str, args: argparse.Namespace) -> dict:
         run_stage(processor, path, capture)
         clips = capture.clip_frames
         fps = processor.settings.clips.fps
-        configs = ENCODER_CONFIGS if not args.quick_encoder else [c for c in ENCODER_CONFIGS if "crf 20" in c[0] and "=" not in c[0]]
+        quick = ("(current)", "(slow reference", "ultrafast crf 20", "veryfast crf 20", "+bframes=3")
+        configs = ENCODER_CONFIGS if not args.quick_encoder else [c for c in ENCODER_CONFIGS if any(k in c[0] for k in quick)]
         table = encoder_table(clips, fps, repeat, configs)
         result["encoder"] = {"clips": len(clips), "frames": sum(len(c) for c in clips), "rows": table}
         current = next(r for r in table if "(current)" in r["config"])
@@ -1046,6 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="decode,stage,breakdown,prototypes,encoder",
                         help="comma-separated: decode, stage, breakdown, prototypes, encoder, encoder-sweep; none: only --suites")
     parser.add_argument("--prototypes", default="", help="comma-separated substrings of prototype names (default: all)")
+    parser.add_argument("--paired", default="recommended,ContentDetector:", help="paired section: substrings of PROTOTYPES names")
     parser.add_argument("--sweep-crfs", default="", help="comma-separated crfs of the encoder-sweep section (default 18-22)")
     parser.add_argument("--sweep-only", default="", help="semicolon-separated SWEEP_CANDIDATES names to sweep (default: all)")
     parser.add_argument("--quick-encoder", action="store_true", help="only the crf 20 preset/tune rows")
@@ -1055,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("/tmp/stage_profile.json"))
     args = parser.parse_args(argv)
     files = [] if args.sections == "none" else (args.files or default_files(args.seconds))
-    print(f"Stage profile: 1 process, CPU s = time.process_time, min of {args.repeat}; av {av.__version__}, "
+    print(f"Stage profile: 1 process, CPU s = time.process_time, {args.repeat} rounds (least disturbed of each piece of work); av {av.__version__}, "
           f"cv2 {cv2.__version__}, load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}")  # fmt: skip
     results = [profile_file(path, args) for path in files]
     if args.suites:

@@ -48,7 +48,7 @@ MAX_PATHS_CHARS = 100_000
 VIDEO_EXTENSIONS = frozenset(
     {
         "3g2", "3gp", "amv", "asf", "avi", "dv", "f4v", "flv", "gif", "h264", "hevc", "ivf", "m1v",
-        "m2t", "m2ts", "m2v", "m4a", "m4v", "mj2", "mjpeg", "mkv", "mov", "mp4", "mpe", "mpeg", "mpg", "mts",
+        "m2t", "m2ts", "m2v", "m4a", "m4v", "mj2", "mjpeg", "mkv", "mov", "mp4", "mpe", "mpeg", "mpg", "mpv", "mts",
         "mxf", "nut", "ogg", "ogm", "ogv", "qt", "rm", "rmvb", "ts", "vob", "webm", "wmv", "y4m",
     }
 )  # fmt: skip
